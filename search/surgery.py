@@ -1,0 +1,133 @@
+"""Layer surgery: remove a set of decoder layers in memory, and put them back.
+
+Removal must leave a model that behaves exactly like one built with fewer layers, or
+generation with the KV cache breaks: the cache is indexed by each attention module's
+`layer_idx` and sized from `config.num_hidden_layers` / `config.layer_types`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from search.errors import SearchError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where a family keeps its decoder stack, as a dotted attribute path from the model."""
+
+    name: str
+    layers_path: str
+
+
+# Keyed by `config.model_type`. Adding a family whose stack lives elsewhere is one line here.
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture("gpt2", "transformer.h"),
+    "llama": Architecture("llama", "model.layers"),
+    "mistral": Architecture("mistral", "model.layers"),
+    "qwen2": Architecture("qwen2", "model.layers"),
+}
+
+# Config fields that hold one entry per layer and must shrink with the stack.
+PER_LAYER_CONFIG_LISTS = ("layer_types",)
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise SearchError(
+            f"no decoder-layer stack known for model_type {model_type!r} (supported: {supported}); "
+            "add one line to ARCHITECTURES in search/surgery.py"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    *parents, attr = path.split(".")
+    owner = model
+    for name in parents:
+        owner = getattr(owner, name)
+    return owner, attr
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's current decoder stack."""
+    owner, attr = _parent_and_attr(model, architecture_of(model).layers_path)
+    layers = getattr(owner, attr, None)
+    if not isinstance(layers, nn.ModuleList):
+        raise SearchError(f"{type(model).__name__} has no decoder-layer list at {attr!r}")
+    return layers
+
+
+def _renumber(layer: nn.Module, index: int) -> None:
+    # Attention modules (and some decoder layers) carry the index the KV cache is keyed by.
+    for module in layer.modules():
+        if isinstance(getattr(module, "layer_idx", None), int):
+            module.layer_idx = index
+
+
+@dataclass
+class _Saved:
+    layers: nn.ModuleList
+    num_hidden_layers: int
+    lists: dict[str, list]
+
+
+def remove_layers(model: nn.Module, removed: Iterable[int]) -> _Saved:
+    """Drop the layers at `removed` (indices into the current stack); returns what restores it."""
+    layers = decoder_layers(model)
+    removed = sorted(set(removed))
+    n = len(layers)
+    if any(i < 0 or i >= n for i in removed):
+        raise SearchError(f"layer indices {removed} out of range for a {n}-layer model")
+    if len(removed) >= n:
+        raise SearchError("cannot remove every decoder layer")
+    config = model.config
+    saved = _Saved(
+        layers=layers,
+        num_hidden_layers=config.num_hidden_layers,
+        lists={k: list(getattr(config, k)) for k in PER_LAYER_CONFIG_LISTS if getattr(config, k, None)},
+    )
+    kept = [i for i in range(n) if i not in set(removed)]
+    owner, attr = _parent_and_attr(model, architecture_of(model).layers_path)
+    setattr(owner, attr, nn.ModuleList(layers[i] for i in kept))
+    for new_index, old_index in enumerate(kept):
+        _renumber(layers[old_index], new_index)
+    config.num_hidden_layers = len(kept)
+    for key, values in saved.lists.items():
+        setattr(config, key, [values[i] for i in kept])
+    return saved
+
+
+def restore_layers(model: nn.Module, saved: _Saved) -> None:
+    owner, attr = _parent_and_attr(model, architecture_of(model).layers_path)
+    setattr(owner, attr, saved.layers)
+    for index, layer in enumerate(saved.layers):
+        _renumber(layer, index)
+    model.config.num_hidden_layers = saved.num_hidden_layers
+    for key, values in saved.lists.items():
+        setattr(model.config, key, values)
+
+
+@contextmanager
+def layers_removed(model: nn.Module, removed: Iterable[int]) -> Iterator[nn.Module]:
+    """`with layers_removed(model, [3, 7]):` runs the block on the pruned model, then restores it."""
+    saved = remove_layers(model, removed)
+    try:
+        yield model
+    finally:
+        restore_layers(model, saved)
+
+
+def layer_param_counts(model: nn.Module) -> list[int]:
+    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+
+
+def total_param_count(model: nn.Module) -> int:
+    # parameters() yields tied tensors (embedding / LM head) once, which is what disk and memory hold.
+    return sum(p.numel() for p in model.parameters())

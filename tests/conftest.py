@@ -1,0 +1,88 @@
+"""Tiny randomly initialised GPT-2 and Llama models built from config, a word-level tokenizer, and a
+synthetic corpus: fast, offline stand-ins for the mechanics tests."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+WORDS = [f"w{i}" for i in range(90)]
+VOCAB = 128
+
+
+def tiny_model(family: str, layers: int = 6, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=256)
+        model = GPT2LMHeadModel(config)
+    elif family == "llama":
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        )
+        model = LlamaForCausalLM(config)
+    elif family == "qwen2":
+        config = Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            use_sliding_window=True, sliding_window=16, max_window_layers=layers // 2,
+        )
+        model = Qwen2ForCausalLM(config)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+
+
+def write_corpus(path: Path, lines: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    # Repeating phrases give the random models something learnable-looking; content is irrelevant.
+    text = "\n".join(" ".join(rng.choice(WORDS[: 10 + i % 80]) for _ in range(rng.randint(8, 40))) for i in range(lines))
+    path.write_text(text + "\n")
+    return path
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved 6-layer Llama with its tokenizer: loads through the real `from_pretrained` path."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_model("gpt2").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

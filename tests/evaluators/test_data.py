@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from evaluators.data import bos_to_prepend, make_splits
+from search.errors import SearchError
+from tests.conftest import tiny_tokenizer, write_corpus
+
+
+def test_splits_are_sized_and_disjoint(corpus):
+    splits = make_splits(tiny_tokenizer(), str(corpus), calib_tokens=256, test_tokens=128, seq_len=64)
+    assert splits.calib.shape == (4, 64) and splits.test.shape == (2, 64)
+    # Consecutive, non-overlapping slices of one token stream: no token is in both splits.
+    stream = torch.cat([splits.calib.reshape(-1), splits.test.reshape(-1)])
+    assert stream.numel() == 384
+    again = make_splits(tiny_tokenizer(), str(corpus), calib_tokens=640, test_tokens=64, seq_len=64)
+    assert torch.equal(again.calib.reshape(-1)[:384], stream)  # deterministic, calibration first
+    assert splits.fingerprint() != again.fingerprint()
+
+
+def test_folder_of_text_files(tmp_path):
+    write_corpus(tmp_path / "a.txt", lines=50, seed=1)
+    write_corpus(tmp_path / "b.txt", lines=50, seed=2)
+    splits = make_splits(tiny_tokenizer(), str(tmp_path), calib_tokens=64, test_tokens=64, seq_len=32)
+    assert splits.calib.shape == (2, 32)
+
+
+def test_too_small_dataset_is_a_clear_error(tmp_path):
+    small = write_corpus(tmp_path / "small.txt", lines=3)
+    with pytest.raises(SearchError, match="fewer than the"):
+        make_splits(tiny_tokenizer(), str(small), calib_tokens=4096, test_tokens=4096, seq_len=64)
+
+
+def test_unknown_hub_dataset_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SearchError, match="cannot load --dataset"):
+        make_splits(tiny_tokenizer(), "no-such-org/no-such-dataset", 64, 64, 32)
+
+
+def test_bos_only_when_tokenizer_adds_it():
+    tok = tiny_tokenizer()
+    assert bos_to_prepend(tok) is None  # this tokenizer has a BOS token but does not add it

@@ -1,0 +1,92 @@
+import pytest
+
+import search.study
+from search.errors import SearchError
+from search.front import front_report
+from search.objective import COMPLETE
+from search.sampler import removal_set
+from search.study import RunConfig, completed, run
+
+
+def tiny_config(tmp_path, model_dir, corpus, **overrides) -> RunConfig:
+    settings = dict(
+        model=str(model_dir), dataset=str(corpus), budget=0.4, trials=8, study="tiny",
+        storage=f"sqlite:///{tmp_path / 'store.db'}", calib_tokens=256, test_tokens=128,
+        sensitivity_tokens=128, seq_len=32, latency_tokens=16, latency_repeats=1, dtype="float32",
+    )
+    return RunConfig(**{**settings, **overrides})
+
+
+def snapshot(study):
+    return [(t.number, t.state.name, t.values, t.params, t.user_attrs) for t in study.get_trials(states=COMPLETE)]
+
+
+def check_schema(report: dict) -> None:
+    assert set(report) == {"study", "model", "budget", "baseline", "front"}
+    assert isinstance(report["study"], str) and isinstance(report["model"], str)
+    assert isinstance(report["budget"], float)
+    base = report["baseline"]
+    assert set(base) == {"layers", "params", "calib_ppl", "test_ppl", "latency_ms"}
+    assert isinstance(base["layers"], int) and isinstance(base["params"], int)
+    assert all(isinstance(base[k], float) for k in ("calib_ppl", "test_ppl", "latency_ms"))
+    assert report["front"]
+    for point in report["front"]:
+        assert set(point) == {"trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio"}
+        assert isinstance(point["trial"], int) and isinstance(point["layers"], int)
+        assert all(isinstance(i, int) for i in point["removed_layers"])
+        assert all(isinstance(point[k], float) for k in ("params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio"))
+        assert point["layers"] == base["layers"] - len(point["removed_layers"])
+
+
+def test_run_builds_a_study_from_the_greedy_path(tmp_path, tiny_model_dir, corpus):
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus))
+    assert completed(study) == 8
+    trials = study.get_trials(states=COMPLETE)
+    sets = [removal_set(t) for t in trials]
+    assert len(set(sets)) == len(sets)  # no set measured twice
+    greedy = [tuple(stage["removed_layers"]) for stage in study.user_attrs["greedy"]]
+    assert len(greedy) == 2  # a 40% budget allows two of six layers here
+    assert sets[: len(greedy)] == greedy  # the greedy path runs first
+    assert [t.user_attrs["proposed_by"] for t in trials[:2]] == ["greedy stage 1", "greedy stage 2"]
+    report = front_report(study)
+    check_schema(report)
+    assert all(p["params_reduction"] <= 0.4 for p in report["front"])
+    assert len({tuple(p["removed_layers"]) for p in report["front"]}) == len(report["front"])
+
+
+def test_rerun_finishes_at_once_and_changes_nothing(tmp_path, tiny_model_dir, corpus, monkeypatch):
+    config = tiny_config(tmp_path, tiny_model_dir, corpus, trials=5)
+    before = snapshot(run(config))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished study must not load the model")
+
+    monkeypatch.setattr(search.study, "load_model", no_model)
+    assert snapshot(run(config)) == before
+
+
+def test_resume_runs_only_the_missing_trials(tmp_path, tiny_model_dir, corpus):
+    first = snapshot(run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=4)))
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=7))
+    after = snapshot(study)
+    assert completed(study) == 7
+    assert after[:4] == first
+    assert len({removal_set(t) for t in study.get_trials(states=COMPLETE)}) == 7
+
+
+def test_study_with_other_settings_is_refused(tmp_path, tiny_model_dir, corpus):
+    before = snapshot(run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3)))
+    with pytest.raises(SearchError, match="created with other settings.*budget"):
+        run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3, budget=0.3))
+    assert snapshot(run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3))) == before
+
+
+def test_small_space_is_measured_exhaustively(tmp_path, tiny_model_dir, corpus):
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=100))
+    sets = {removal_set(t) for t in study.get_trials(states=COMPLETE)}
+    assert len(sets) == completed(study) == 6 + 15  # every single and every pair, once
+
+
+def test_gpt2_family_runs(tmp_path, tiny_gpt2_dir, corpus):
+    study = run(tiny_config(tmp_path, tiny_gpt2_dir, corpus, trials=4, study="gpt2"))
+    check_schema(front_report(study))
