@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 
@@ -32,14 +31,21 @@ def _budget(text: str) -> float:
     try:
         return parse_budget(text)
     except SearchError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--budget {text!r} ")) from None
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--budget ")) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line naming the problem and where help is, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from search.study import RunConfig
 
     d = RunConfig()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m search",
         description="Search which decoder layers to remove from a transformer LM: an Optuna study "
         "over removal sets, seeded by staged greedy sensitivity, stored in SQL.",
@@ -95,7 +101,7 @@ def _configure_logging() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     hf_logging.set_verbosity_error()
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging.disable_progress_bar()  # sub-second weight loading; our own bars cover the long work
 
 
 def _run(args: argparse.Namespace) -> None:

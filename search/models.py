@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from search.errors import SearchError
+
+log = logging.getLogger("search")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,6 +94,7 @@ def _gguf_as_safetensors(path: Path) -> Path:
     target = cache_dir() / "gguf" / f"{path.stem}-{_sha256(path)[:16]}"
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return target
+    log.info("converting %s to safetensors once (cached in %s)", path.name, target)
     model, tokenizer = _from_pretrained(str(path.parent), False, gguf_file=path.name)
     # The weights are already dequantised floats; drop the GGUF marker so they save as plain safetensors.
     model.hf_quantizer = None

@@ -15,16 +15,19 @@ from dataclasses import dataclass
 
 import optuna
 import torch
+from optuna.trial import TrialState
 from torch import nn
 
 from evaluators.data import Splits
 from evaluators.latency import Latency, measure_latency
 from evaluators.perplexity import perplexity
 from search import space
+from search.recovery import worker_id
 from search.space import Budget
 from search.surgery import layers_removed
 
-COMPLETE = (optuna.trial.TrialState.COMPLETE,)
+COMPLETE = (TrialState.COMPLETE,)
+DUPLICATE_POLL_S = 2.0
 
 
 @dataclass
@@ -39,6 +42,22 @@ class Bench:
     latency_repeats: int = 5
     base_calib_ppl: float = float("nan")
     base_test_ppl: float = float("nan")
+    layer_kinds: Sequence[str] = ()  # what each layer costs to run: parameter count and attention type
+
+    def shape_key(self, removed: Sequence[int]) -> str:
+        """Identical for removal sets that leave the same stack of layer kinds, e.g. `9280*4`.
+
+        Such models do the same arithmetic, so they share one latency measurement: timing each set
+        separately would only add noise that lets a set dominate its twin by chance.
+        """
+        kept = [kind for i, kind in enumerate(self.layer_kinds) if i not in set(removed)]
+        runs: list[list] = []
+        for kind in kept:
+            if runs and runs[-1][0] == kind:
+                runs[-1][1] += 1
+            else:
+                runs.append([kind, 1])
+        return " ".join(f"{kind}*{count}" for kind, count in runs)
 
     def ppl(self, removed: Sequence[int], windows: torch.Tensor) -> float:
         with layers_removed(self.model, removed):
@@ -60,17 +79,37 @@ def dominated(values: Sequence[float], by: Sequence[float]) -> bool:
     return all(b <= v for b, v in zip(by, values)) and any(b < v for b, v in zip(by, values))
 
 
-def find_duplicate(study: optuna.Study, removed: tuple[int, ...]) -> optuna.trial.FrozenTrial | None:
-    for trial in study.get_trials(deepcopy=False, states=COMPLETE):
-        if tuple(trial.user_attrs.get("removed_layers", ())) == removed:
-            return trial
-    return None
+def find_duplicate(study: optuna.Study, removed: tuple[int, ...], number: int) -> optuna.trial.FrozenTrial | None:
+    """A finished trial of the same set; waits while an earlier trial (another worker) is measuring it."""
+    while True:
+        earlier_running = False
+        for trial in study.get_trials(deepcopy=False, states=(*COMPLETE, TrialState.RUNNING)):
+            if tuple(trial.user_attrs.get("removed_layers", ())) != removed or trial.number == number:
+                continue
+            if trial.state == TrialState.COMPLETE:
+                return trial
+            earlier_running |= trial.number < number
+        if not earlier_running:
+            return None
+        time.sleep(DUPLICATE_POLL_S)  # the heartbeat fails it if that worker dies
+
+
+def _latency(study: optuna.Study, bench: Bench, removed: Sequence[int]) -> tuple[float, float]:
+    """Latency ratio and ms of the pruned shape, measured once per shape and kept in the study."""
+    key = f"latency:{bench.shape_key(removed)}"
+    stored = study.user_attrs.get(key)
+    if stored is None:
+        latency = bench.latency(removed)
+        stored = {"ratio": latency.ratio, "ms": latency.candidate_ms, "baseline_ms": latency.baseline_ms}
+        study.set_user_attr(key, stored)
+    return stored["ratio"], stored["ms"]
 
 
 def make_objective(
     bench: Bench, budget: Budget, on_result: Callable[[optuna.Trial, dict], None] | None = None
 ) -> Callable[[optuna.Trial], tuple[float, float]]:
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", worker_id())  # first: lets a restart prove this trial was interrupted
         removed = space.suggest(trial, budget.n_layers)
         reduction = budget.params_reduction(removed)
         trial.set_user_attr("removed_layers", list(removed))
@@ -81,11 +120,11 @@ def make_objective(
             # Free: no forward pass, and not counted towards --trials.
             raise optuna.TrialPruned("empty or over budget" if removed else "empty")
         study = trial.study
-        original = find_duplicate(study, removed)
+        original = find_duplicate(study, removed, trial.number)
         if original is not None:
             # The sampler proposed a set already measured: answer from the store, no forward pass.
             for key, value in original.user_attrs.items():
-                if key not in ("proposed_by", "duplicate_of"):
+                if key not in ("proposed_by", "duplicate_of", "worker"):
                     trial.set_user_attr(key, value)
             trial.set_user_attr("duplicate_of", original.number)
             result = {"removed": removed, "duplicate_of": original.number, **original.user_attrs}
@@ -94,11 +133,11 @@ def make_objective(
             return tuple(original.values)
         start = time.perf_counter()
         ppl_ratio = bench.calib_ratio(removed)
-        latency = bench.latency(removed)
-        values = (ppl_ratio, latency.ratio)
+        latency_ratio, latency_ms = _latency(study, bench, removed)
+        values = (ppl_ratio, latency_ratio)
         trial.set_user_attr("ppl_ratio", ppl_ratio)
-        trial.set_user_attr("latency_ratio", latency.ratio)
-        trial.set_user_attr("latency_ms", latency.candidate_ms)
+        trial.set_user_attr("latency_ratio", latency_ratio)
+        trial.set_user_attr("latency_ms", latency_ms)
         on_front = not any(dominated(values, t.values) for t in study.get_trials(deepcopy=False, states=COMPLETE))
         if on_front:
             trial.set_user_attr("test_ppl_ratio", bench.test_ratio(removed))

@@ -7,7 +7,12 @@ as study user attributes. Nothing else has to travel with a study.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -15,6 +20,8 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 
 from search.errors import SearchError
+
+log = logging.getLogger("search")
 
 STUDIES_DIR = Path("studies")
 HEARTBEAT_INTERVAL_S = 60
@@ -36,7 +43,11 @@ def redact(text: str) -> str:
 
 
 def sqlite_path(url: str) -> Path | None:
-    parsed = make_url(url)
+    """The database file of a SQLite URL; None for other backends. Raises on a malformed URL."""
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise SearchError(f"--storage {redact(url)!r} is not a valid SQLAlchemy URL") from None
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
     return Path(parsed.database)
@@ -44,15 +55,14 @@ def sqlite_path(url: str) -> Path | None:
 
 def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
     """Open (and for SQLite, create unless `create=False`) the store, turning failures into one line."""
-    try:
-        make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise SearchError(f"--storage {redact(url)!r} is not a valid SQLAlchemy URL") from None
     path = sqlite_path(url)
     if path is not None:
         if not path.exists() and not create:
             raise SearchError(f"no study store at {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SearchError(f"cannot create the folder for {path}: {exc.strerror}") from None
     try:
         return optuna.storages.RDBStorage(
             url,
@@ -94,3 +104,52 @@ def locate_store(study: str | None, storage: str | None) -> str:
         return f"sqlite:///{found[0]}"
     listing = ", ".join(p.stem for p in found) or "none"
     raise SearchError(f"pass --study NAME or --storage URL (studies in {STUDIES_DIR}/: {listing})")
+
+
+def _lock_key(name: str) -> int:
+    # A stable signed 64-bit key for pg_advisory_lock.
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def exclusive(url: str, name: str) -> Iterator[None]:
+    """Hold a lock named `name` across every process using the store at `url`.
+
+    Guards what Optuna cannot do concurrently: first-time schema creation, and creating and seeding
+    a study exactly once. The lock dies with its holder (a flock for SQLite, a session-level advisory
+    lock for PostgreSQL), so a killed worker never leaves it behind.
+    """
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another worker on %s (%s)", path, name)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    if make_url(url).get_backend_name() != "postgresql":
+        yield  # other backends: no cross-process guard; start one worker first
+        return
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        connection = engine.connect()
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SearchError(f"cannot open storage {redact(url)}: {redact(reason)}") from None
+    try:
+        key = _lock_key(name)
+        got = connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+        if not got:
+            log.info("waiting for another worker on %s (%s)", redact(url), name)
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        connection.commit()
+        yield
+    finally:
+        connection.close()  # closing the session releases the advisory lock
+        engine.dispose()

@@ -25,10 +25,19 @@ from search import space
 from search.errors import SearchError
 from search.models import load_model, model_name
 from search.objective import COMPLETE, Bench, make_objective
-from search.sampler import RemovalSetSampler
+from search.recovery import recover_interrupted
+from search.sampler import RemovalSetSampler, removal_set
 from search.seeding import seed_sets, staged_greedy
 from search.space import Budget
-from search.store import default_storage, default_study_name, open_storage, redact, study_names
+from search.store import (
+    default_storage,
+    default_study_name,
+    exclusive,
+    open_storage,
+    redact,
+    sqlite_path,
+    study_names,
+)
 from search.surgery import decoder_layers, layer_param_counts, total_param_count
 
 log = logging.getLogger("search")
@@ -54,7 +63,7 @@ class RunConfig:
     dtype: str = "bfloat16"
     device: str = "cpu"
     latency_tokens: int = 128
-    latency_repeats: int = 5
+    latency_repeats: int = 15
     seed: int = 0
     trust_remote_code: bool = False
 
@@ -95,42 +104,52 @@ def run(config: RunConfig) -> optuna.Study:
     if config.trials <= 0:
         raise SearchError("--trials must be a positive number of trials")
     name, url = config.study_name, config.storage_url
-    storage = open_storage(url)
-    if name in study_names(storage):
-        study = optuna.load_study(study_name=name, storage=storage)
-        _check_compatible(study, config)
-        if study.user_attrs.get("seeded") and completed(study) >= min(config.trials, _target(study, config)):
-            log.info("study %r already has %d finished trials; nothing to run", name, completed(study))
-            return study
+    path = sqlite_path(url)  # also rejects a malformed URL before anything is loaded
+    storage = None
+    if path is None or path.exists():
+        # Fail fast on an unreachable or foreign store; a new SQLite file waits until the model loads.
+        storage = _open(url)
+        if name in study_names(storage):
+            study = optuna.load_study(study_name=name, storage=storage)
+            _check_compatible(study, config)
+            if study.user_attrs.get("seeded") and completed(study) >= min(config.trials, _target(study, config)):
+                recover_interrupted(study)
+                log.info("study %r already has %d finished trials; nothing to run", name, completed(study))
+                return study
 
     loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
     model = loaded.model
     splits = make_splits(loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len)
     budget = Budget(config.budget, total_param_count(model), layer_param_counts(model))
     budget.check_removable()
+    types = getattr(model.config, "layer_types", None) or [""] * budget.n_layers
     bench = Bench(
         model, splits, latency_input(splits.calib, config.latency_tokens, model.device),
         batch_size=config.batch_size, latency_repeats=config.latency_repeats,
+        layer_kinds=[f"{size}{'/' + kind if kind else ''}" for size, kind in zip(budget.layer_params, types)],
     )
 
-    study = optuna.create_study(
-        study_name=name, storage=storage, directions=["minimize", "minimize"], load_if_exists=True,
-    )
-    _check_compatible(study, config)
+    storage = storage or _open(url)
     fingerprints = {"model_fingerprint": loaded.fingerprint, "data_fingerprint": splits.fingerprint()}
-    for key, value in fingerprints.items():
-        stored = study.user_attrs.get(key)
-        if stored is not None and stored != value:
-            what = "model weights" if key == "model_fingerprint" else "data windows"
-            raise SearchError(f"study {name!r} was measured on other {what}; use another --study NAME")
-
-    if study.user_attrs.get("seeded"):
-        baseline = study.user_attrs["baseline"]
-        bench.base_calib_ppl, bench.base_test_ppl = baseline["calib_ppl"], baseline["test_ppl"]
-        log.info("resuming study %r in %s (%d finished trials)", name, redact(url), completed(study))
-    else:
-        log.info("new study %r in %s", name, redact(url))
-        _seed(study, bench, budget, config, loaded.source, fingerprints)
+    # One worker creates and seeds the study; others wait here, then join the seeded study.
+    with exclusive(url, f"study:{name}"):
+        study = optuna.create_study(
+            study_name=name, storage=storage, directions=["minimize", "minimize"], load_if_exists=True,
+        )
+        _check_compatible(study, config)
+        for key, value in fingerprints.items():
+            stored = study.user_attrs.get(key)
+            if stored is not None and stored != value:
+                what = "model weights" if key == "model_fingerprint" else "data windows"
+                raise SearchError(f"study {name!r} was measured on other {what}; use another --study NAME")
+        if study.user_attrs.get("seeded"):
+            baseline = study.user_attrs["baseline"]
+            bench.base_calib_ppl, bench.base_test_ppl = baseline["calib_ppl"], baseline["test_ppl"]
+            log.info("resuming study %r in %s (%d finished trials)", name, redact(url), completed(study))
+        else:
+            log.info("new study %r in %s", name, redact(url))
+            _seed(study, bench, budget, config, loaded.source, fingerprints)
+    recover_interrupted(study)
 
     target = min(config.trials, _target(study, config))
     if target < config.trials:
@@ -141,6 +160,11 @@ def run(config: RunConfig) -> optuna.Study:
         study.sampler = RemovalSetSampler(budget, seed=config.seed + len(study.trials))
         _optimize(study, bench, budget, target)
     return study
+
+
+def _open(url: str) -> optuna.storages.RDBStorage:
+    with exclusive(url, "schema"):  # concurrent first-time table creation crashes Optuna
+        return open_storage(url)
 
 
 def _target(study: optuna.Study, config: RunConfig) -> int:
@@ -201,8 +225,10 @@ def _seed(study, bench: Bench, budget: Budget, config: RunConfig, source: str, f
     study.set_user_attr("layer_params", list(budget.layer_params))
     study.set_user_attr("sensitivity", {str(k): v for k, v in sorted(stages[0].scores.items())} if stages else {})
     study.set_user_attr("greedy", [{"removed_layers": list(s.removed), "ppl_ratio": s.score} for s in stages])
+    present = {removal_set(t) for t in study.get_trials(deepcopy=False)}  # a crash mid-seeding left some
     for removed, reason in seeds:
-        study.enqueue_trial(space.encode(removed, n_layers), user_attrs={"proposed_by": reason})
+        if removed not in present:
+            study.enqueue_trial(space.encode(removed, n_layers), user_attrs={"proposed_by": reason})
     study.set_user_attr("seeded", True)  # last: a crash before this redoes seeding on resume
     log.info("seeded %d trials in %.0f s", len(seeds), time.perf_counter() - started)
 

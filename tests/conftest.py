@@ -3,7 +3,9 @@ synthetic corpus: fast, offline stand-ins for the mechanics tests."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,19 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     tiny_model("gpt2").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A live PostgreSQL server for the session. Required in CI; skipped locally when not installed."""
+    from tests.postgres import throwaway_cluster
+
+    try:
+        cluster = throwaway_cluster()
+        url = cluster.__enter__()
+    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI and could not start: {exc}")
+        pytest.skip(f"no PostgreSQL server available: {exc}")
+    yield url
+    cluster.__exit__(None, None, None)

@@ -1,0 +1,194 @@
+"""The study store under stress: kill -9 mid-trial, several workers on one study, hostile inputs.
+
+Real SQLite files and a real PostgreSQL server (see tests/postgres.py), real worker processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.objective import COMPLETE
+from search.sampler import removal_set
+from search.store import exclusive, redact
+from tests.test_cli import ROOT, assert_one_line_error, cli, tiny_run_args
+
+
+def worker(model_dir, corpus, url, *extra) -> subprocess.Popen:
+    args = list(tiny_run_args(model_dir, corpus, "unused", *extra))
+    args[args.index("--storage") + 1] = url
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "search", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def trials(url, study="tiny"):
+    return optuna.load_study(study_name=study, storage=url).get_trials()
+
+
+def completed_snapshot(url, study="tiny"):
+    return {t.number: (t.values, t.params, t.user_attrs) for t in trials(url, study) if t.state == TrialState.COMPLETE}
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory):
+    """A wider 6-layer Llama: a trial over 8k tokens takes about a second, long enough to be killed mid-way."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("slow-llama")
+    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_kill_9_mid_trial_then_resume(tmp_path, slow_model_dir):
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "big.txt", lines=1200)
+    url = f"sqlite:///{tmp_path / 'kill.db'}"
+    slow = ("--trials", "12", "--calib-tokens", "8192", "--seq-len", "256")
+    proc = worker(slow_model_dir, corpus, url, *slow)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if not (tmp_path / "kill.db").exists():
+            continue
+        try:
+            states = [t.state for t in trials(url)]
+        except Exception:
+            continue  # study not created yet
+        if states.count(TrialState.COMPLETE) >= 3 and TrialState.RUNNING in states:
+            break
+    else:
+        proc.kill()
+        pytest.fail(f"worker never reached a running trial: {proc.communicate()[1][-2000:]}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = completed_snapshot(url)
+    interrupted = [t for t in trials(url) if t.state == TrialState.RUNNING]
+    assert len(interrupted) == 1 and len(before) >= 3
+
+    resumed = worker(slow_model_dir, corpus, url, *slow)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    after = completed_snapshot(url)
+    assert {n: after[n] for n in before} == before  # every completed trial untouched
+    final = trials(url)
+    assert not [t for t in final if t.state == TrialState.RUNNING]
+    assert len(after) == 12
+    lost = interrupted[0]
+    assert next(t for t in final if t.number == lost.number).state == TrialState.FAIL
+    retried = [t for t in final if t.state == TrialState.COMPLETE and t.system_attrs.get("failed_trial") == lost.number]
+    assert len(retried) == 1 and retried[0].params == lost.params  # its removal set ran again
+    assert "interrupted" in err
+
+
+def _check_shared_study(url, study, target):
+    final = optuna.load_study(study_name=study, storage=url).get_trials()
+    assert not [t for t in final if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    done = [t for t in final if t.state == TrialState.COMPLETE]
+    assert target <= len(done) <= target + 1  # a second worker may finish the trial it was running
+    measured = [removal_set(t) for t in done if "duplicate_of" not in t.user_attrs]
+    assert len(measured) == len(set(measured))  # no removal set measured twice
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers really ran trials
+    for stage in ("greedy stage 1", "greedy stage 2"):
+        assert sum(t.user_attrs.get("proposed_by") == stage for t in final) == 1  # seeded exactly once
+
+
+def test_two_workers_share_a_postgresql_study(postgres_url, tiny_model_dir, corpus):
+    extra = ("--trials", "14", "--study", "pg-two")
+    workers = [worker(tiny_model_dir, corpus, postgres_url, *extra) for _ in range(2)]
+    for proc in workers:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    _check_shared_study(postgres_url, "pg-two", 14)
+
+
+def test_two_workers_share_a_sqlite_study(tmp_path, tiny_model_dir, corpus):
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    extra = ("--trials", "14")
+    workers = [worker(tiny_model_dir, corpus, url, *extra) for _ in range(2)]
+    for proc in workers:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    _check_shared_study(url, "tiny", 14)
+
+
+def test_studies_and_front_work_on_postgresql(postgres_url, tiny_model_dir, corpus, tmp_path):
+    args = list(tiny_run_args(tiny_model_dir, corpus, "unused", "--trials", "3", "--study", "pg-front"))
+    args[args.index("--storage") + 1] = postgres_url
+    assert cli(*args, cwd=tmp_path).returncode == 0
+    result = cli("front", "--storage", postgres_url, "--study", "pg-front", "--format", "csv", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("trial,removed_layers")
+
+
+def test_exclusive_serialises_sqlite_workers(tmp_path):
+    url = f"sqlite:///{tmp_path / 'lock.db'}"
+    code = (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from search.store import exclusive\n"
+        "with exclusive(%r, 'x'):\n    print('in', flush=True); time.sleep(1.5)\n"
+    ) % (str(ROOT), url)
+    with exclusive(url, "x"):
+        other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert other.poll() is None  # blocked while we hold the lock
+    other.wait(timeout=30)
+    assert other.stdout.read().strip() == "in"
+
+
+def test_corrupt_sqlite_file_is_refused_untouched(tmp_path):
+    store = tmp_path / "broken.db"
+    store.write_bytes(b"this is not a database" * 100)
+    before = store.read_bytes()
+    result = cli("front", "--storage", f"sqlite:///{store}", cwd=tmp_path)
+    assert_one_line_error(result, "cannot open storage")
+    result = cli("run", "--storage", f"sqlite:///{store}", cwd=tmp_path)
+    assert_one_line_error(result, "cannot open storage")
+    assert store.read_bytes() == before
+
+
+def test_front_of_study_without_finished_trials(tmp_path):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    study = optuna.create_study(study_name="empty", storage=url, directions=["minimize", "minimize"])
+    study.set_user_attr("settings", {"model": "m", "budget": 0.1})
+    study.set_user_attr("baseline", {"layers": 2, "params": 1, "calib_ppl": 1.0, "test_ppl": 1.0, "latency_ms": 1.0})
+    assert_one_line_error(cli("front", "--storage", url, cwd=tmp_path), "no finished trials")
+
+
+def test_study_for_another_model_is_refused(tmp_path, tiny_model_dir, tiny_gpt2_dir, corpus):
+    store = tmp_path / "mix.db"
+    assert cli(*tiny_run_args(tiny_model_dir, corpus, store, "--trials", "2"), cwd=tmp_path).returncode == 0
+    before = completed_snapshot(f"sqlite:///{store}")
+    # Same study name, other model directory with the same folder name: caught by name or fingerprint.
+    result = cli(*tiny_run_args(tiny_gpt2_dir, corpus, store, "--trials", "2"), cwd=tmp_path)
+    assert_one_line_error(result, "--study")
+    assert completed_snapshot(f"sqlite:///{store}") == before
+
+
+def test_model_without_known_decoder_stack(tmp_path, corpus):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from tests.conftest import tiny_tokenizer
+
+    path = tmp_path / "neox"
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    result = cli(*tiny_run_args(path, corpus, tmp_path / "neox.db"), cwd=tmp_path)
+    assert_one_line_error(result, "gpt_neox", "supported: gpt2, llama")
+    assert not (tmp_path / "neox.db").exists()
+
+
+def test_redact_masks_passwords():
+    assert redact("postgresql+psycopg://me:pa55@db:5432/x") == "postgresql+psycopg://me:***@db:5432/x"
+    assert redact("sqlite:///studies/a.db") == "sqlite:///studies/a.db"

