@@ -47,25 +47,35 @@ def worker_gone(worker: str) -> bool:
     return bool(ticks) and _start_ticks(pid) not in ("", ticks)
 
 
-def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Fail the RUNNING trials of dead local workers and retry their sets; returns their numbers."""
+def recover_interrupted(study: optuna.Study, requeue: bool = True) -> list[int]:
+    """Fail RUNNING trials whose local worker is gone; with `requeue`, queue failed sets again.
+
+    Returns the numbers of the trials found interrupted. Call it from one worker at a time.
+    """
     storage = study._storage
-    retry = storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") else None
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
         if not worker or not worker_gone(worker):
             continue
         try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                continue
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                recovered.append(trial.number)
         except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker got there first
-        if retry is not None:
-            retry(study, storage.get_trial(trial._trial_id))
-        recovered.append(trial.number)
+            pass  # another worker got there first
     if recovered:
-        log.info("trials %s were interrupted (their worker is gone): failed them and queued their sets again", recovered)
-    # Stale trials of workers elsewhere: Optuna fails them once their heartbeat is older than the grace period.
+        log.info("trials %s were interrupted (their worker is gone): marked them failed", recovered)
+    if not requeue:
+        return recovered
+    # Workers elsewhere: Optuna fails (and retries) trials whose heartbeat is older than the grace period.
     optuna.storages.fail_stale_trials(study)
+    # Every failed trial (a dead worker, Ctrl-C, an error) gets its set queued again, within the retry
+    # callback's limit, so no removal set, seeds included, is lost to an interruption.
+    retry = storage.get_heartbeat_stale_trial_callback()
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    for trial in trials:
+        if retry is not None and trial.state == TrialState.FAIL and trial.number not in retried and trial.params:
+            retry(study, trial)
+            log.info("queued the removal set of failed trial %d again", trial.number)
     return recovered

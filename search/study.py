@@ -98,8 +98,6 @@ def _check_compatible(study: optuna.Study, config: RunConfig) -> None:
         )
 
 
-
-
 def run(config: RunConfig) -> optuna.Study:
     if config.trials <= 0:
         raise SearchError("--trials must be a positive number of trials")
@@ -113,7 +111,7 @@ def run(config: RunConfig) -> optuna.Study:
             study = optuna.load_study(study_name=name, storage=storage)
             _check_compatible(study, config)
             if study.user_attrs.get("seeded") and completed(study) >= min(config.trials, _target(study, config)):
-                recover_interrupted(study)
+                recover_interrupted(study, requeue=False)  # done: only make sure nothing stays RUNNING
                 log.info("study %r already has %d finished trials; nothing to run", name, completed(study))
                 return study
 
@@ -149,7 +147,7 @@ def run(config: RunConfig) -> optuna.Study:
         else:
             log.info("new study %r in %s", name, redact(url))
             _seed(study, bench, budget, config, loaded.source, fingerprints)
-    recover_interrupted(study)
+        recover_interrupted(study)
 
     target = min(config.trials, _target(study, config))
     if target < config.trials:

@@ -8,6 +8,10 @@ import random
 import subprocess
 from pathlib import Path
 
+# Tests never reach a hub: set before transformers/datasets read their configuration.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
