@@ -48,6 +48,8 @@ def test_help_explains_every_subcommand(tmp_path):
         (("run", "--budget", "abc"), ["--budget", "'abc'", "not a number"]),
         (("run", "--budget", "150%"), ["--budget", "below 100%"]),
         (("run", "--budget", "0"), ["--budget"]),
+        (("run", "--budget", "100%"), ["--budget", "below 100%"]),
+        (("run", "--budget", "-3%"), ["--budget"]),
         (("run", "--trials", "0"), ["--trials"]),
         (("run", "--model", "./no/such/model"), ["--model", "no such file"]),
         (("run", "--storage", "not a url"), ["--storage", "not a valid SQLAlchemy URL"]),
@@ -60,6 +62,21 @@ def test_bad_input_is_one_line_and_creates_nothing(tmp_path, args, needles):
     assert_one_line_error(result, *needles)
     assert "hunter2" not in result.stderr + result.stdout
     assert not (tmp_path / "studies").exists() or not any((tmp_path / "studies").iterdir())
+
+
+def test_unreadable_model_directory(tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    assert_one_line_error(cli("run", "--model", str(tmp_path / "empty-model"), cwd=tmp_path), "cannot load --model")
+    assert not (tmp_path / "studies").exists()
+
+
+def test_dataset_too_small_for_requested_tokens(tmp_path, tiny_model_dir):
+    from tests.conftest import write_corpus
+
+    small = write_corpus(tmp_path / "small.txt", lines=5)
+    result = cli(*tiny_run_args(tiny_model_dir, small, tmp_path / "s.db", "--calib-tokens", "100000"), cwd=tmp_path)
+    assert_one_line_error(result, "fewer than the", "--calib-tokens")
+    assert not (tmp_path / "s.db").exists()
 
 
 def test_not_a_gguf_file(tmp_path):

@@ -23,8 +23,10 @@ def worker(model_dir, corpus, url, *extra) -> subprocess.Popen:
     args = list(tiny_run_args(model_dir, corpus, "unused", *extra))
     args[args.index("--storage") + 1] = url
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # A runner that starts us in the background may ignore SIGINT; a worker gets the default, like a terminal's.
     return subprocess.Popen([sys.executable, "-m", "search", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def trials(url, study="tiny"):
