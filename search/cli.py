@@ -88,6 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
     front.add_argument("--study", help="study name (default: the only study in the store)")
     front.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)")
     front.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)")
+    front.add_argument("--plot", metavar="PNG", help="also draw the front (ppl ratio vs latency ratio) to this PNG file")
+
+    studies = sub.add_parser("studies", help="list the studies in a store",
+                             description="List the studies in a store: model, budget, trials by state, front size.")
+    studies.add_argument("--storage", help="SQLAlchemy URL (default: every .db in studies/)")
+
+    show = sub.add_parser("show", help="everything about one trial",
+                          description="Print one trial: removed layers, metrics on both splits, how it was proposed.")
+    show.add_argument("--trial", type=int, required=True, help="trial number")
+    show.add_argument("--study", help="study name (default: the only study in the store)")
+    show.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)")
+    show.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
+
+    export = sub.add_parser("export", help="write a pruned model directory that stock transformers loads",
+                            description="Write the pruned model of one trial (safetensors, shrunk config, tokenizer, "
+                            "pruning.json), reload it in a fresh model and verify held-out perplexity and KV-cache generation.")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="trial number to export")
+    which.add_argument("--pick", choices=["knee", "best-ppl", "fastest"],
+                       help="pick from the front: knee (best balance), best-ppl, or fastest")
+    export.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    export.add_argument("--study", help="study name (default: the only study in the store)")
+    export.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)")
+    export.add_argument("--device", default="cpu", help="device for the verification pass (default: cpu)")
+    export.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     return parser
 
 
@@ -114,13 +139,60 @@ def _run(args: argparse.Namespace) -> None:
     print(format_table(front_report(study)))
 
 
-def _front(args: argparse.Namespace) -> None:
-    from search.front import FORMATS, front_report
+def _stored_study(args: argparse.Namespace):
     from search.store import load_study, locate_store, open_storage
 
-    url = locate_store(args.study, args.storage)
-    study = load_study(open_storage(url, create=False), args.study)
+    return load_study(open_storage(locate_store(args.study, args.storage), create=False), args.study)
+
+
+def _front(args: argparse.Namespace) -> None:
+    from search.front import FORMATS, front_report
+
+    study = _stored_study(args)
     print(FORMATS[args.format](front_report(study)))
+    if args.plot:
+        from search.plot import plot_front
+
+        print(f"wrote {plot_front(study, args.plot)}", file=sys.stderr)
+
+
+def _studies(args: argparse.Namespace) -> None:
+    from search.store import STUDIES_DIR, open_storage
+    from search.summary import format_rows, study_summaries
+
+    urls = [args.storage] if args.storage else [f"sqlite:///{p}" for p in sorted(STUDIES_DIR.glob("*.db"))]
+    rows = [row for url in urls for row in study_summaries(open_storage(url, create=False))]
+    print(format_rows(rows))
+
+
+def _show(args: argparse.Namespace) -> None:
+    import json
+
+    from search.summary import format_details, trial_details
+
+    details = trial_details(_stored_study(args), args.trial)
+    print(json.dumps(details, indent=2) if args.format == "json" else format_details(details))
+
+
+def _export(args: argparse.Namespace) -> None:
+    import json
+
+    from search.export import export_trial, pick_trial
+
+    study = _stored_study(args)
+    number = args.trial if args.trial is not None else pick_trial(study, args.pick)
+    logging.getLogger("search").info("exporting trial %d of study %r to %s", number, study.study_name, args.out)
+    report = export_trial(study, number, args.out, args.device, args.trust_remote_code)
+    expected = "n/a" if report.expected_test_ppl is None else f"{report.expected_test_ppl:.3f}"
+    diff = "" if report.ppl_rel_diff is None else f" (diff {report.ppl_rel_diff:.2%}, limit 1%)"
+    print(json.dumps(report.to_dict(), indent=2))
+    print(
+        f"reloaded {report.out}: {report.layers} layers, held-out ppl {report.measured_test_ppl:.3f} vs reported "
+        f"{expected}{diff}; generation with and without KV cache {'identical' if report.kv_cache_match else 'DIFFERENT'}",
+        file=sys.stderr,
+    )
+    if not report.ok:
+        raise SearchError("verification failed: the exported model does not reproduce the trial (see above)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging()
     try:
-        {"run": _run, "front": _front}[args.command](args)
+        {"run": _run, "front": _front, "studies": _studies, "show": _show, "export": _export}[args.command](args)
     except SearchError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2

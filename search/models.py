@@ -33,7 +33,7 @@ class LoadedModel:
     tokenizer: object
     name: str  # short human name, used for default study names
     source: str  # what was loaded: path or hub id
-    fingerprint: str  # content hash of config and weights as loaded (before the dtype cast)
+    fingerprint: str  # names the weights (file hashes or hub commit), whatever the compute dtype
 
 
 def default_model_path() -> Path:
@@ -76,24 +76,23 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
 
 
-def _from_pretrained(source: str, trust_remote_code: bool, **kwargs):
+def _from_pretrained(source: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs
-    )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     return model, tokenizer
 
 
-def _gguf_as_safetensors(path: Path) -> Path:
-    """Directory holding the dequantised weights of `path`, converting on first use."""
+def _gguf_as_safetensors(path: Path) -> tuple[Path, str]:
+    """Directory holding the dequantised weights of `path` (converting on first use), and the file's sha256."""
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise SearchError(f"--model {path} is not a GGUF file (bad magic bytes)")
-    target = cache_dir() / "gguf" / f"{path.stem}-{_sha256(path)[:16]}"
+    digest = _sha256(path)
+    target = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
     if (target / "config.json").is_file() and (target / ".complete").is_file():
-        return target
+        return target, digest
     log.info("converting %s to safetensors once (cached in %s)", path.name, target)
     model, tokenizer = _from_pretrained(str(path.parent), False, gguf_file=path.name)
     # The weights are already dequantised floats; drop the GGUF marker so they save as plain safetensors.
@@ -111,46 +110,62 @@ def _gguf_as_safetensors(path: Path) -> Path:
         staging.rename(target)  # atomic: a killed conversion never leaves a half cache
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return target, digest
 
 
 def load_model(
     spec: str | None, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
 ) -> LoadedModel:
-    """Load weights (safetensors or GGUF only; no pickles) and move them to `dtype` on `device`."""
+    """Load weights (safetensors or GGUF only; no pickles) in `dtype` on `device`.
+
+    Loading straight into `dtype` (rather than casting afterwards) keeps buffers such as rotary
+    frequencies in the precision the model defines, exactly as a user's `from_pretrained` will.
+    """
     if dtype not in DTYPES:
         raise SearchError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path = default_model_path() if spec is None else Path(spec).expanduser()
+    fingerprint = None
     if path.suffix == ".gguf" or path.exists():
         if not path.exists():
             raise SearchError(f"--model {spec}: no such file or directory")
-        source = _gguf_as_safetensors(path) if path.is_file() else path
         if path.is_file() and path.suffix != ".gguf":
             raise SearchError(f"--model {spec} is a file but not a .gguf; pass a model directory or a .gguf file")
+        if path.is_file():
+            source, digest = _gguf_as_safetensors(path)
+            fingerprint = f"gguf:{digest[:16]}"
+        else:
+            source, fingerprint = path, f"dir:{_directory_fingerprint(path)}"
     elif spec is not None and _looks_like_path(spec):
         raise SearchError(f"--model {spec}: no such file or directory")
     else:
         source = spec
     try:
-        model, tokenizer = _from_pretrained(str(source), trust_remote_code, use_safetensors=True)
+        model, tokenizer = _from_pretrained(str(source), trust_remote_code, use_safetensors=True, dtype=DTYPES[dtype])
     except SearchError:
         raise
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SearchError(f"cannot load --model {spec}: {reason}") from None
-    fingerprint = model_fingerprint(model)
-    model.to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
+    if fingerprint is None:  # a hub id: the resolved commit names the weights
+        fingerprint = f"hub:{spec}@{getattr(model.config, '_commit_hash', None) or 'unknown'}"
+    model.to(torch.device(device)).eval()
     return LoadedModel(model, tokenizer, model_name(spec), str(spec or path), fingerprint)
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Content hash of architecture and weights, so a resumed study can prove it is the same model."""
-    config = {
-        k: v for k, v in model.config.to_dict().items()
-        if k not in ("_name_or_path", "dtype", "torch_dtype", "transformers_version")
-    }
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            digest.update(f"{name}{tuple(param.shape)}{param.double().sum().item():.6g}".encode())
+def _directory_fingerprint(path: Path) -> str:
+    """Config plus each weight file's size, safetensors header and first and last MiB.
+
+    Cheap for 10 GB checkpoints, yet any re-trained or re-quantised copy differs.
+    """
+    digest = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read())
     return digest.hexdigest()[:16]

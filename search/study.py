@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 import time
 from dataclasses import asdict, dataclass
 
@@ -78,7 +79,10 @@ class RunConfig:
     def fixed_settings(self) -> dict:
         """What must not change across resumes: it defines what the stored numbers mean."""
         keys = ("budget", "dataset", "calib_tokens", "test_tokens", "sensitivity_tokens", "seq_len", "dtype")
-        return {"model": model_name(self.model), **{k: asdict(self)[k] for k in keys}}
+        settings = {"model": model_name(self.model), **{k: asdict(self)[k] for k in keys}}
+        if self.dataset and Path(self.dataset).expanduser().exists():
+            settings["dataset"] = str(Path(self.dataset).expanduser().resolve())  # export reloads it from anywhere
+        return settings
 
 
 def completed(study: optuna.Study) -> int:
@@ -211,6 +215,9 @@ def _seed(study, bench: Bench, budget: Budget, config: RunConfig, source: str, f
     study.set_metric_names(OBJECTIVES)
     study.set_user_attr("settings", config.fixed_settings())
     study.set_user_attr("model_source", source)
+    # What `export` reloads: None is the embedded default; local paths are made absolute.
+    local = config.model is not None and Path(config.model).expanduser().exists()
+    study.set_user_attr("model_spec", str(Path(config.model).expanduser().resolve()) if local else config.model)
     for key, value in fingerprints.items():
         study.set_user_attr(key, value)
     study.set_user_attr("baseline", {

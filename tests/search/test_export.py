@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from search.errors import SearchError
+from search.export import export_trial, pick_trial
+from search.front import front_report
+from search.objective import COMPLETE
+from search.surgery import layers_removed
+from tests.search.test_study import tiny_config
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_study(request, tmp_path, tiny_model_dir, tiny_gpt2_dir, corpus):
+    from search.study import run
+
+    model_dir = {"llama": tiny_model_dir, "gpt2": tiny_gpt2_dir}[request.param]
+    return run(tiny_config(tmp_path, model_dir, corpus, trials=6)), model_dir
+
+
+def test_export_reloads_with_stock_transformers(tiny_study, tmp_path):
+    study, model_dir = tiny_study
+    trial = max(study.get_trials(states=COMPLETE), key=lambda t: len(t.user_attrs["removed_layers"]))
+    removed = trial.user_attrs["removed_layers"]
+    report = export_trial(study, trial.number, tmp_path / "out")
+    assert report.ok and report.kv_cache_match and report.ppl_rel_diff is not None and report.ppl_rel_diff <= 0.01
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    original = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert exported.config.num_hidden_layers == 6 - len(removed)
+    types = getattr(original.config, "layer_types", None)
+    if types:
+        assert exported.config.layer_types == [t for i, t in enumerate(types) if i not in removed]
+    ids = torch.randint(3, 90, (2, 20))
+    with torch.no_grad(), layers_removed(original, removed):
+        expected = original(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, expected)
+    record = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert record["removed_layers"] == removed and record["trial"] == trial.number
+    assert record["study"] == study.study_name and record["layers_after"] == 6 - len(removed)
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "pruning.json"}
+    assert not list((tmp_path / "out").glob("*.bin"))  # no pickles
+
+
+def test_pick_rules(tiny_study):
+    study, _ = tiny_study
+    front = front_report(study)["front"]
+    by_trial = {p["trial"]: p for p in front}
+    assert by_trial[pick_trial(study, "best-ppl")]["ppl_ratio"] == min(p["ppl_ratio"] for p in front)
+    assert by_trial[pick_trial(study, "fastest")]["latency_ratio"] == min(p["latency_ratio"] for p in front)
+    assert pick_trial(study, "knee") in by_trial
+
+
+def test_export_refuses_to_overwrite_and_unfinished_trials(tiny_study, tmp_path):
+    study, _ = tiny_study
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    number = study.get_trials(states=COMPLETE)[0].number
+    with pytest.raises(SearchError, match="not empty"):
+        export_trial(study, number, tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    with pytest.raises(SearchError, match="no trial 999"):
+        export_trial(study, 999, tmp_path / "new")
+
+
+def test_written_directory_shrinks_per_layer_lists(tmp_path):
+    """Qwen2 interleaves sliding and full attention: the saved `layer_types` must match the kept layers."""
+    from search.export import _write
+    from search.surgery import remove_layers
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    model = tiny_model("qwen2")
+    types = list(model.config.layer_types)
+    ids = torch.randint(3, 90, (1, 12))
+    remove_layers(model, [0, 3])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    _write(model, tiny_tokenizer(), tmp_path / "q", {"removed_layers": [0, 3]})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert reloaded.config.num_hidden_layers == 4
+    assert reloaded.config.layer_types == [t for i, t in enumerate(types) if i not in (0, 3)]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+        cached = reloaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = reloaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
