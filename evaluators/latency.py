@@ -1,9 +1,10 @@
 """Measured latency of a pruned model relative to the unpruned one, in the same process.
 
-Protocol: one fixed input; warm-up passes of both variants; then repetitions in A B B A order
-(baseline, candidate, candidate, baseline, ...) so slow drift of the machine (thermal, other
-load) hits both equally; the ratio of medians is reported. Removing layers is a pointer swap
-(`layers_removed`), so switching variants costs nothing measurable.
+Protocol: one fixed input; a warm-up pass of every variant; then rounds that time the baseline
+and every variant once each, in an order rotated and reversed from round to round, so slow
+drift of the machine (thermal, other load) hits all variants alike; ratios of medians are
+reported. Removing layers is a pointer swap (`layers_removed`), so switching variants costs
+nothing measurable.
 """
 
 from __future__ import annotations
@@ -51,26 +52,38 @@ def latency_input(windows: torch.Tensor, tokens: int, device: torch.device) -> t
     return flat.view(1, -1).to(device)
 
 
+def measure_latencies(
+    model: nn.Module, removal_sets: Sequence[Sequence[int]], input_ids: torch.Tensor, warmup: int = 1, repeats: int = 5
+) -> list[Latency]:
+    """Median forward time of the unpruned model and of each pruned variant, all timed round-robin.
+
+    Every round times the baseline and every variant once, in an order rotated each round, so
+    drift and bursts of load spread over all variants instead of landing on one.
+    """
+    variants: list[Sequence[int]] = [(), *removal_sets]
+    times: list[list[float]] = [[] for _ in variants]
+
+    def timed(index: int) -> float:
+        with layers_removed(model, variants[index]):
+            return time_forward(model, input_ids)
+
+    for _ in range(warmup):
+        for index in range(len(variants)):
+            timed(index)
+    for round_ in range(repeats):
+        order = list(range(len(variants)))
+        shift = round_ % len(order)
+        order = order[shift:] + order[:shift]
+        if round_ % 2:
+            order.reverse()
+        for index in order:
+            times[index].append(timed(index))
+    baseline = statistics.median(times[0])
+    return [Latency(baseline, statistics.median(t)) for t in times[1:]]
+
+
 def measure_latency(
     model: nn.Module, removed: Sequence[int], input_ids: torch.Tensor, warmup: int = 1, repeats: int = 5
 ) -> Latency:
     """Median forward time of the unpruned model and of the model without `removed`, interleaved."""
-    baseline: list[float] = []
-    candidate: list[float] = []
-
-    def run(which: str) -> None:
-        if which == "A":
-            baseline.append(time_forward(model, input_ids))
-        else:
-            with layers_removed(model, removed):
-                candidate.append(time_forward(model, input_ids))
-
-    for _ in range(warmup):
-        run("A")
-        run("B")
-    baseline.clear()
-    candidate.clear()
-    for rep in range(repeats):
-        for which in ("AB" if rep % 2 == 0 else "BA"):
-            run(which)
-    return Latency(statistics.median(baseline), statistics.median(candidate))
+    return measure_latencies(model, [removed], input_ids, warmup, repeats)[0]

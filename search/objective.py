@@ -9,7 +9,10 @@ so every front point ends up with its held-out figure without paying for the res
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,19 +48,30 @@ class Bench:
     layer_kinds: Sequence[str] = ()  # what each layer costs to run: parameter count and attention type
 
     def shape_key(self, removed: Sequence[int]) -> str:
-        """Identical for removal sets that leave the same stack of layer kinds, e.g. `9280*4`.
+        """Identical for removal sets that leave the same multiset of layer kinds, e.g. `9280*26`.
 
         Such models do the same arithmetic, so they share one latency measurement: timing each set
         separately would only add noise that lets a set dominate its twin by chance.
         """
-        kept = [kind for i, kind in enumerate(self.layer_kinds) if i not in set(removed)]
-        runs: list[list] = []
-        for kind in kept:
-            if runs and runs[-1][0] == kind:
-                runs[-1][1] += 1
-            else:
-                runs.append([kind, 1])
-        return " ".join(f"{kind}*{count}" for kind, count in runs)
+        kept = Counter(kind for i, kind in enumerate(self.layer_kinds) if i not in set(removed))
+        return " ".join(f"{kind}*{count}" for kind, count in sorted(kept.items()))
+
+    def shapes(self, budget: Budget, limit: int = 64) -> dict[str, tuple[int, ...]] | None:
+        """One removal set per shape the budget can reach; None when there are too many to time upfront."""
+        by_kind: dict[str, list[int]] = defaultdict(list)
+        for index, kind in enumerate(self.layer_kinds):
+            by_kind[kind].append(index)
+        kinds = sorted(by_kind)
+        if math.prod(len(by_kind[k]) + 1 for k in kinds) > 100 * limit:
+            return None
+        found: dict[str, tuple[int, ...]] = {}
+        for counts in itertools.product(*(range(len(by_kind[k]) + 1) for k in kinds)):
+            removed = tuple(sorted(i for k, c in zip(kinds, counts) for i in by_kind[k][len(by_kind[k]) - c:]))
+            if budget.allows(removed):
+                found[self.shape_key(removed)] = removed
+                if len(found) > limit:
+                    return None
+        return found
 
     def ppl(self, removed: Sequence[int], windows: torch.Tensor) -> float:
         with layers_removed(self.model, removed):
@@ -94,14 +108,16 @@ def find_duplicate(study: optuna.Study, removed: tuple[int, ...], number: int) -
         time.sleep(DUPLICATE_POLL_S)  # the heartbeat fails it if that worker dies
 
 
+def store_latency(study: optuna.Study, key: str, latency: Latency) -> dict:
+    stored = {"ratio": latency.ratio, "ms": latency.candidate_ms, "baseline_ms": latency.baseline_ms}
+    study.set_user_attr(f"latency:{key}", stored)
+    return stored
+
+
 def _latency(study: optuna.Study, bench: Bench, removed: Sequence[int]) -> tuple[float, float]:
-    """Latency ratio and ms of the pruned shape, measured once per shape and kept in the study."""
-    key = f"latency:{bench.shape_key(removed)}"
-    stored = study.user_attrs.get(key)
-    if stored is None:
-        latency = bench.latency(removed)
-        stored = {"ratio": latency.ratio, "ms": latency.candidate_ms, "baseline_ms": latency.baseline_ms}
-        study.set_user_attr(key, stored)
+    """Latency ratio and ms of the pruned shape: from the study's table (timed at seeding), else timed now."""
+    key = bench.shape_key(removed)
+    stored = study.user_attrs.get(f"latency:{key}") or store_latency(study, key, bench.latency(removed))
     return stored["ratio"], stored["ms"]
 
 

@@ -19,13 +19,13 @@ from optuna.study import MaxTrialsCallback
 from tqdm.auto import tqdm
 
 from evaluators.data import make_splits
-from evaluators.latency import latency_input, measure_latency
+from evaluators.latency import latency_input, measure_latencies, measure_latency
 from evaluators.perplexity import perplexity
 from evaluators.sensitivity import removal_sensitivity
 from search import space
 from search.errors import SearchError
 from search.models import load_model, model_name
-from search.objective import COMPLETE, Bench, make_objective
+from search.objective import COMPLETE, Bench, make_objective, store_latency
 from search.recovery import recover_interrupted
 from search.sampler import RemovalSetSampler, removal_set
 from search.seeding import seed_sets, staged_greedy
@@ -183,7 +183,10 @@ def _seed(study, bench: Bench, budget: Budget, config: RunConfig, source: str, f
         bar.update()
         bench.base_test_ppl = perplexity(model, splits.test, splits.bos_id, config.batch_size)
         bar.update()
-    base_latency = measure_latency(model, (), bench.latency_input, 1, config.latency_repeats)
+    # Latency of every shape the budget reaches, timed together round-robin against the baseline.
+    shapes = bench.shapes(budget) or {}
+    timed = measure_latencies(model, list(shapes.values()), bench.latency_input, 1, config.latency_repeats)
+    base_latency = timed[0] if timed else measure_latency(model, (), bench.latency_input, 1, config.latency_repeats)
     log.info(
         "baseline: %d layers, %.1fM params, calibration ppl %.3f, held-out ppl %.3f, %.1f ms/forward",
         n_layers, budget.total_params / 1e6, bench.base_calib_ppl, bench.base_test_ppl, base_latency.baseline_ms,
@@ -228,6 +231,8 @@ def _seed(study, bench: Bench, budget: Budget, config: RunConfig, source: str, f
         "latency_ms": base_latency.baseline_ms,
     })
     study.set_user_attr("layer_params", list(budget.layer_params))
+    for key, latency in zip(shapes, timed):
+        store_latency(study, key, latency)
     study.set_user_attr("sensitivity", {str(k): v for k, v in sorted(stages[0].scores.items())} if stages else {})
     study.set_user_attr("greedy", [{"removed_layers": list(s.removed), "ppl_ratio": s.score} for s in stages])
     present = {removal_set(t) for t in study.get_trials(deepcopy=False)}  # a crash mid-seeding left some

@@ -13,38 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from search.architectures import architecture_of
 from search.errors import SearchError
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Where a family keeps its decoder stack, as a dotted attribute path from the model."""
-
-    name: str
-    layers_path: str
-
-
-# Keyed by `config.model_type`. Adding a family whose stack lives elsewhere is one line here.
-ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2": Architecture("gpt2", "transformer.h"),
-    "llama": Architecture("llama", "model.layers"),
-    "mistral": Architecture("mistral", "model.layers"),
-    "qwen2": Architecture("qwen2", "model.layers"),
-}
-
-# Config fields that hold one entry per layer and must shrink with the stack.
-PER_LAYER_CONFIG_LISTS = ("layer_types",)
-
-
-def architecture_of(model: nn.Module) -> Architecture:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise SearchError(
-            f"no decoder-layer stack known for model_type {model_type!r} (supported: {supported}); "
-            "add one line to ARCHITECTURES in search/surgery.py"
-        )
-    return ARCHITECTURES[model_type]
 
 
 def _parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -64,11 +34,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _renumber(layer: nn.Module, index: int) -> None:
+def _renumber(layer: nn.Module, index: int, attrs: tuple[str, ...]) -> None:
     # Attention modules (and some decoder layers) carry the index the KV cache is keyed by.
     for module in layer.modules():
-        if isinstance(getattr(module, "layer_idx", None), int):
-            module.layer_idx = index
+        for attr in attrs:
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, index)
 
 
 @dataclass
@@ -87,17 +58,17 @@ def remove_layers(model: nn.Module, removed: Iterable[int]) -> _Saved:
         raise SearchError(f"layer indices {removed} out of range for a {n}-layer model")
     if len(removed) >= n:
         raise SearchError("cannot remove every decoder layer")
-    config = model.config
+    config, arch = model.config, architecture_of(model)
     saved = _Saved(
         layers=layers,
         num_hidden_layers=config.num_hidden_layers,
-        lists={k: list(getattr(config, k)) for k in PER_LAYER_CONFIG_LISTS if getattr(config, k, None)},
+        lists={k: list(getattr(config, k)) for k in arch.per_layer_lists if getattr(config, k, None)},
     )
     kept = [i for i in range(n) if i not in set(removed)]
-    owner, attr = _parent_and_attr(model, architecture_of(model).layers_path)
+    owner, attr = _parent_and_attr(model, arch.layers_path)
     setattr(owner, attr, nn.ModuleList(layers[i] for i in kept))
     for new_index, old_index in enumerate(kept):
-        _renumber(layers[old_index], new_index)
+        _renumber(layers[old_index], new_index, arch.index_attrs)
     config.num_hidden_layers = len(kept)
     for key, values in saved.lists.items():
         setattr(config, key, [values[i] for i in kept])
@@ -105,10 +76,11 @@ def remove_layers(model: nn.Module, removed: Iterable[int]) -> _Saved:
 
 
 def restore_layers(model: nn.Module, saved: _Saved) -> None:
-    owner, attr = _parent_and_attr(model, architecture_of(model).layers_path)
+    arch = architecture_of(model)
+    owner, attr = _parent_and_attr(model, arch.layers_path)
     setattr(owner, attr, saved.layers)
     for index, layer in enumerate(saved.layers):
-        _renumber(layer, index)
+        _renumber(layer, index, arch.index_attrs)
     model.config.num_hidden_layers = saved.num_hidden_layers
     for key, values in saved.lists.items():
         setattr(model.config, key, values)
@@ -125,7 +97,8 @@ def layers_removed(model: nn.Module, removed: Iterable[int]) -> Iterator[nn.Modu
 
 
 def layer_param_counts(model: nn.Module) -> list[int]:
-    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+    count = architecture_of(model).count_parameters
+    return [count(layer) for layer in decoder_layers(model)]
 
 
 def total_param_count(model: nn.Module) -> int:

@@ -15,41 +15,44 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import PreTrainedTokenizerFast
 
 WORDS = [f"w{i}" for i in range(90)]
 VOCAB = 128
 
 
-def tiny_model(family: str, layers: int = 6, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
+def _config(family: str, layers: int):
+    import transformers as tf
+
+    llama_like = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    # Interleaved sliding/full attention where a family has it, so `layer_types` is a real per-layer list.
+    alternating = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
     if family == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=256)
-        model = GPT2LMHeadModel(config)
-    elif family == "llama":
-        config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        )
-        model = LlamaForCausalLM(config)
-    elif family == "qwen2":
-        config = Qwen2Config(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            use_sliding_window=True, sliding_window=16, max_window_layers=layers // 2,
-        )
-        model = Qwen2ForCausalLM(config)
-    else:
-        raise ValueError(family)
-    return model.eval()
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=256)
+    if family == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=16)
+    if family == "qwen2":
+        return tf.Qwen2Config(**llama_like, use_sliding_window=True, sliding_window=16, max_window_layers=layers // 2)
+    if family == "qwen3":
+        return tf.Qwen3Config(**llama_like, head_dim=8, use_sliding_window=True, sliding_window=16, layer_types=alternating)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=8, layer_types=alternating)
+    if family == "phi3":
+        return tf.Phi3Config(**llama_like, pad_token_id=0)
+    raise ValueError(family)
+
+
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+
+
+def tiny_model(family: str, layers: int = 6, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(_config(family, layers)).eval()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

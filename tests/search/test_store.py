@@ -193,7 +193,7 @@ def test_model_without_known_decoder_stack(tmp_path, corpus):
                                      intermediate_size=64)).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     result = cli(*tiny_run_args(path, corpus, tmp_path / "neox.db"), cwd=tmp_path)
-    assert_one_line_error(result, "gpt_neox", "supported: gpt2, llama")
+    assert_one_line_error(result, "gpt_neox", "gpt2, llama", "search/architectures")
     assert not (tmp_path / "neox.db").exists()
 
 

@@ -90,3 +90,24 @@ def test_small_space_is_measured_exhaustively(tmp_path, tiny_model_dir, corpus):
 def test_gpt2_family_runs(tmp_path, tiny_gpt2_dir, corpus):
     study = run(tiny_config(tmp_path, tiny_gpt2_dir, corpus, trials=4, study="gpt2"))
     check_schema(front_report(study))
+
+
+def test_latency_is_timed_once_per_shape_at_seeding(tmp_path, tiny_model_dir, corpus):
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=8))
+    table = {k: v for k, v in study.user_attrs.items() if k.startswith("latency:")}
+    assert len(table) == 2  # five or four layers left: the only shapes a 40% budget reaches
+    by_size = {}
+    for t in study.get_trials(states=COMPLETE):
+        by_size.setdefault(len(removal_set(t)), set()).add(t.values[1])
+    assert all(len(ratios) == 1 for ratios in by_size.values())  # same shape, same latency
+
+
+def test_shapes_of_interleaved_layer_kinds():
+    from search.objective import Bench
+    from search.space import Budget
+
+    bench = Bench(model=None, splits=None, latency_input=None, layer_kinds=["a", "b", "a", "b", "a", "b"])
+    budget = Budget(0.35, total_params=600, layer_params=[100] * 6)  # up to two layers
+    shapes = bench.shapes(budget)
+    assert set(shapes) == {"a*2 b*3", "a*3 b*2", "a*1 b*3", "a*2 b*2", "a*3 b*1"}
+    assert bench.shape_key([0, 2]) == bench.shape_key([2, 4]) == "a*1 b*3"

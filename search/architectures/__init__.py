@@ -1,0 +1,54 @@
+"""Model families: where each keeps its decoder stack and what must change when layers go.
+
+One small module per family, each registering an `Architecture` for the `config.model_type`
+values it covers. To add a family: copy `llama.py`, set its model types and stack path, and add
+its name to the import line at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from search.errors import SearchError
+
+
+def count_parameters(layer: nn.Module) -> int:
+    return sum(p.numel() for p in layer.parameters())
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str  # dotted attribute path from the *ForCausalLM model to its nn.ModuleList
+    # Config fields holding one entry per layer; they shrink with the stack (num_hidden_layers always does).
+    per_layer_lists: tuple[str, ...] = ("layer_types",)
+    # Module attributes holding a layer's position in the stack (the KV cache is keyed by them).
+    index_attrs: tuple[str, ...] = ("layer_idx",)
+    count_parameters: Callable[[nn.Module], int] = count_parameters
+
+
+REGISTRY: dict[str, Architecture] = {}
+
+
+def register(architecture: Architecture) -> Architecture:
+    for model_type in architecture.model_types:
+        REGISTRY[model_type] = architecture
+    return architecture
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in REGISTRY:
+        supported = ", ".join(sorted(REGISTRY))
+        raise SearchError(
+            f"no decoder-layer stack known for model_type {model_type!r} (supported: {supported}); "
+            "to add one, copy search/architectures/llama.py and register the new module in its __init__.py"
+        )
+    return REGISTRY[model_type]
+
+
+from search.architectures import gemma3, gpt2, llama, mistral, phi3, qwen  # noqa: E402, F401  (the registry)

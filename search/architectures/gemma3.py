@@ -1,0 +1,10 @@
+"""Gemma 3 (text): interleaved sliding and global attention, one `layer_types` entry per layer.
+
+The model picks each layer's mask and rotary embedding from `config.layer_types[i]`, so the list
+must shrink with the stack. Gemma expects BOS at the start of every window (its tokenizer adds it,
+which the data pipeline detects).
+"""
+
+from search.architectures import Architecture, register
+
+GEMMA3 = register(Architecture("gemma3", ("gemma3_text",), "model.layers"))
