@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--study", help="study name (default: derived from model and budget)")
     study.add_argument("--storage", help="SQLAlchemy URL of the study store (default: sqlite:///studies/<study>.db)")
     study.add_argument("--seed", type=int, default=d.seed, help=f"sampler seed (default: {d.seed})")
+    study.add_argument("--warm-start-from", metavar="STUDY", help="seed a new study from another study's sensitivity "
+                       "profile and best sets, mapped by relative depth, instead of running staged greedy")
+    study.add_argument("--warm-start-storage", metavar="URL", help="store holding the --warm-start-from study "
+                       "(default: this run's store)")
     compute = run.add_argument_group("compute")
     compute.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=d.dtype, help=f"compute dtype (default: {d.dtype})")
     compute.add_argument("--device", default=d.device, help=f"torch device, e.g. cpu or cuda (default: {d.device})")

@@ -126,6 +126,8 @@ def make_objective(
 ) -> Callable[[optuna.Trial], tuple[float, float]]:
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("worker", worker_id())  # first: lets a restart prove this trial was interrupted
+        if "proposed_by" not in trial.user_attrs:  # seeds and retries carry theirs from the queue
+            trial.set_user_attr("proposed_by", "sampler")
         removed = space.suggest(trial, budget.n_layers)
         reduction = budget.params_reduction(removed)
         trial.set_user_attr("removed_layers", list(removed))

@@ -28,12 +28,13 @@ from search.models import load_model, model_name
 from search.objective import COMPLETE, Bench, make_objective, store_latency
 from search.recovery import recover_interrupted
 from search.sampler import RemovalSetSampler, removal_set
-from search.seeding import seed_sets, staged_greedy
+from search.seeding import seed_sets, staged_greedy, transferred_seeds
 from search.space import Budget
 from search.store import (
     default_storage,
     default_study_name,
     exclusive,
+    load_study,
     open_storage,
     redact,
     sqlite_path,
@@ -64,9 +65,11 @@ class RunConfig:
     dtype: str = "bfloat16"
     device: str = "cpu"
     latency_tokens: int = 128
-    latency_repeats: int = 15
+    latency_repeats: int = 30
     seed: int = 0
     trust_remote_code: bool = False
+    warm_start_from: str | None = None  # another study whose findings seed this one instead of greedy
+    warm_start_storage: str | None = None  # where that study lives (default: this run's store)
 
     @property
     def study_name(self) -> str:
@@ -131,6 +134,7 @@ def run(config: RunConfig) -> optuna.Study:
         layer_kinds=[f"{size}{'/' + kind if kind else ''}" for size, kind in zip(budget.layer_params, types)],
     )
 
+    transfer = _transfer(config, budget) if config.warm_start_from else None  # checked before any store change
     storage = storage or _open(url)
     fingerprints = {"model_fingerprint": loaded.fingerprint, "data_fingerprint": splits.fingerprint()}
     # One worker creates and seeds the study; others wait here, then join the seeded study.
@@ -150,7 +154,7 @@ def run(config: RunConfig) -> optuna.Study:
             log.info("resuming study %r in %s (%d finished trials)", name, redact(url), completed(study))
         else:
             log.info("new study %r in %s", name, redact(url))
-            _seed(study, bench, budget, config, loaded.source, fingerprints)
+            _seed(study, bench, budget, config, loaded.source, fingerprints, transfer)
         recover_interrupted(study)
 
     target = min(config.trials, _target(study, config))
@@ -173,7 +177,9 @@ def _target(study: optuna.Study, config: RunConfig) -> int:
     return study.user_attrs.get("feasible_sets") or config.trials
 
 
-def _seed(study, bench: Bench, budget: Budget, config: RunConfig, source: str, fingerprints: dict) -> None:
+def _seed(
+    study, bench: Bench, budget: Budget, config: RunConfig, source: str, fingerprints: dict, transfer: tuple | None
+) -> None:
     """Baseline, sensitivity, greedy path and seed trials: computed once, stored in the study."""
     model, splits = bench.model, bench.splits
     n_layers = len(decoder_layers(model))
@@ -192,28 +198,21 @@ def _seed(study, bench: Bench, budget: Budget, config: RunConfig, source: str, f
         n_layers, budget.total_params / 1e6, bench.base_calib_ppl, bench.base_test_ppl, base_latency.baseline_ms,
     )
 
-    n_sens = max(1, min(len(splits.calib), config.sensitivity_tokens // config.seq_len))
-    sens_windows = splits.calib[:n_sens]
-    sens_base = perplexity(model, sens_windows, splits.bos_id, config.batch_size)
-
-    def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
-        return removal_sensitivity(
-            model, sens_windows, sens_base, candidates, removed, splits.bos_id, config.batch_size,
-            desc=f"greedy stage {len(removed) + 1}/{budget.max_layers()}",
-        )
-
-    stages = staged_greedy(score, budget)
-    for n, stage in enumerate(stages, 1):
-        log.info("greedy stage %d: remove %s -> ppl x%.3f", n, list(stage.removed), stage.score)
+    if transfer is not None:
+        # Transfer: another study's findings, mapped by relative depth, replace the greedy search.
+        stages = []
+        seeds, profile = transfer
+        log.info("warm start from %r: %d seed sets mapped onto %d layers", config.warm_start_from, len(seeds), n_layers)
+    else:
+        stages = _greedy(bench, budget, config)
+        profile = stages[0].scores if stages else {}
+        seeds = seed_sets(stages, budget, count=2 * len(stages))
 
     everything = budget.enumerate_feasible(limit=config.trials)
     if everything is not None:
-        # The whole space fits in the trial count: measure all of it, greedy path first.
-        seeds = seed_sets(stages, budget, count=0)
+        # The whole space fits in the trial count: measure all of it, seeds first.
         seeds += [(s, "exhaustive") for s in everything if s not in dict(seeds)]
         study.set_user_attr("feasible_sets", len(everything))
-    else:
-        seeds = seed_sets(stages, budget, count=2 * len(stages))
 
     study.set_metric_names(OBJECTIVES)
     study.set_user_attr("settings", config.fixed_settings())
@@ -233,7 +232,9 @@ def _seed(study, bench: Bench, budget: Budget, config: RunConfig, source: str, f
     study.set_user_attr("layer_params", list(budget.layer_params))
     for key, latency in zip(shapes, timed):
         store_latency(study, key, latency)
-    study.set_user_attr("sensitivity", {str(k): v for k, v in sorted(stages[0].scores.items())} if stages else {})
+    study.set_user_attr("sensitivity", {str(k): v for k, v in sorted(profile.items())})
+    if config.warm_start_from:
+        study.set_user_attr("warm_start_from", config.warm_start_from)
     study.set_user_attr("greedy", [{"removed_layers": list(s.removed), "ppl_ratio": s.score} for s in stages])
     present = {removal_set(t) for t in study.get_trials(deepcopy=False)}  # a crash mid-seeding left some
     for removed, reason in seeds:
@@ -241,6 +242,44 @@ def _seed(study, bench: Bench, budget: Budget, config: RunConfig, source: str, f
             study.enqueue_trial(space.encode(removed, n_layers), user_attrs={"proposed_by": reason})
     study.set_user_attr("seeded", True)  # last: a crash before this redoes seeding on resume
     log.info("seeded %d trials in %.0f s", len(seeds), time.perf_counter() - started)
+
+
+def _greedy(bench: Bench, budget: Budget, config: RunConfig) -> list:
+    """Staged greedy removal scored on the first `--sensitivity-tokens` calibration tokens."""
+    model, splits = bench.model, bench.splits
+    n_sens = max(1, min(len(splits.calib), config.sensitivity_tokens // config.seq_len))
+    sens_windows = splits.calib[:n_sens]
+    sens_base = perplexity(model, sens_windows, splits.bos_id, config.batch_size)
+
+    def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
+        return removal_sensitivity(
+            model, sens_windows, sens_base, candidates, removed, splits.bos_id, config.batch_size,
+            desc=f"greedy stage {len(removed) + 1}/{budget.max_layers()}",
+        )
+
+    stages = staged_greedy(score, budget)
+    for n, stage in enumerate(stages, 1):
+        log.info("greedy stage %d: remove %s -> ppl x%.3f", n, list(stage.removed), stage.score)
+    return stages
+
+
+def _transfer(config: RunConfig, budget: Budget) -> tuple[list, dict[int, float]]:
+    """Seeds from another study: its greedy path and its best set of each size, mapped by depth."""
+    url = config.warm_start_storage or config.storage or default_storage(config.warm_start_from)
+    source = load_study(open_storage(url, create=False), config.warm_start_from)
+    attrs = source.user_attrs
+    if "baseline" not in attrs or not attrs.get("sensitivity"):
+        raise SearchError(f"--warm-start-from {config.warm_start_from!r} has no sensitivity profile to transfer")
+    layers = attrs["baseline"]["layers"]
+    sets = [(tuple(g["removed_layers"]), "greedy") for g in attrs.get("greedy", [])]
+    best: dict[int, tuple[float, tuple[int, ...]]] = {}
+    for trial in source.get_trials(deepcopy=False, states=COMPLETE):
+        removed = removal_set(trial)
+        if trial.values and (len(removed) not in best or trial.values[0] < best[len(removed)][0]):
+            best[len(removed)] = (trial.values[0], removed)
+    sets += [(removed, "best of its size") for _, removed in sorted(best.values(), key=lambda b: len(b[1]))]
+    profile = {int(k): v for k, v in attrs["sensitivity"].items()}
+    return transferred_seeds(sets, profile, layers, budget)
 
 
 def _optimize(study: optuna.Study, bench: Bench, budget: Budget, target: int) -> None:

@@ -45,3 +45,23 @@ def test_seed_sets_keep_greedy_path_first_and_distinct():
     assert seeds[0][1] == "greedy stage 1"
     # Count 0 still keeps every greedy stage.
     assert [s for s, _ in seed_sets(stages, budget, count=0)] == sets[:3]
+
+
+def test_map_layer_by_relative_depth():
+    from search.seeding import map_layer
+
+    assert map_layer(17, 30, 18) == 10  # 17 * 18 / 30 = 10.2
+    assert map_layer(29, 30, 18) == 17 and map_layer(0, 30, 18) == 0
+    assert [map_layer(i, 4, 8) for i in range(4)] == [0, 2, 4, 6]
+
+
+def test_transferred_seeds_map_sets_and_profile():
+    from search.seeding import transferred_seeds
+
+    budget = Budget(0.35, total_params=600, layer_params=[100] * 6)  # target: 6 layers, up to 2
+    profile = {i: 1.0 + abs(i - 7) for i in range(12)}  # source: 12 layers, layer 7 mildest
+    sets = [((7,), "greedy"), ((6, 7), "greedy"), ((6, 7, 8), "best of its size")]
+    seeds, mapped = transferred_seeds(sets, profile, 12, budget)
+    assert [s for s, _ in seeds][:2] == [(4,), (3, 4)]  # 7 -> round(3.5) = 4, 6 -> 3
+    assert all(budget.allows(s) for s, _ in seeds)  # the 3-layer set collapses or is dropped
+    assert set(mapped) == set(range(6)) and min(mapped, key=mapped.get) in (3, 4)

@@ -111,3 +111,15 @@ def test_shapes_of_interleaved_layer_kinds():
     shapes = bench.shapes(budget)
     assert set(shapes) == {"a*2 b*3", "a*3 b*2", "a*1 b*3", "a*2 b*2", "a*3 b*1"}
     assert bench.shape_key([0, 2]) == bench.shape_key([2, 4]) == "a*1 b*3"
+
+
+def test_warm_start_from_another_study(tmp_path, tiny_model_dir, tiny_gpt2_dir, corpus):
+    source = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=6, study="source"))
+    target = run(tiny_config(tmp_path, tiny_gpt2_dir, corpus, trials=4, study="target", warm_start_from="source"))
+    assert target.user_attrs["greedy"] == [] and target.user_attrs["warm_start_from"] == "source"
+    reasons = [t.user_attrs["proposed_by"] for t in target.get_trials(states=COMPLETE)]
+    assert reasons and all(r.startswith("transfer") for r in reasons[:2])
+    assert set(target.user_attrs["sensitivity"]) == {str(i) for i in range(6)}
+    assert source.user_attrs["sensitivity"]  # untouched source
+    with pytest.raises(SearchError, match="no study named 'nope'"):
+        run(tiny_config(tmp_path, tiny_gpt2_dir, corpus, trials=4, study="t2", warm_start_from="nope"))
