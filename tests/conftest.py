@@ -80,21 +80,22 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A saved 6-layer Llama with its tokenizer: loads through the real `from_pretrained` path."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
+def _saved(tmp_path_factory, family: str) -> Path:
+    """A saved 6-layer model with its tokenizer: loads through the real `from_pretrained` path."""
+    path = tmp_path_factory.mktemp(f"tiny-{family}")
+    tiny_model(family).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return _saved(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_model("gpt2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return _saved(tmp_path_factory, "gpt2")
 
 
 @pytest.fixture(scope="session")
