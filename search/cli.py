@@ -141,6 +141,8 @@ def _run(args: argparse.Namespace) -> None:
     config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
     study = run(config)
     print(format_table(front_report(study)))
+    where = f" --study {study.study_name}" + (f" --storage '{redact(config.storage)}'" if config.storage else "")
+    print(f"next: python -m search export --pick knee --out DIR{where}   (or front --plot, show --trial N)", file=sys.stderr)
 
 
 def _stored_study(args: argparse.Namespace):
