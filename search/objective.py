@@ -42,7 +42,7 @@ class Bench:
     latency_input: torch.Tensor
     batch_size: int = 4
     latency_warmup: int = 1
-    latency_repeats: int = 5
+    latency_repeats: int = 30
     base_calib_ppl: float = float("nan")
     base_test_ppl: float = float("nan")
     layer_kinds: Sequence[str] = ()  # what each layer costs to run: parameter count and attention type
