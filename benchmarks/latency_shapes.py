@@ -31,9 +31,15 @@ def smollm2_shaped(dtype: torch.dtype, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-        rope_theta=100000.0, tie_word_embeddings=True,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
@@ -65,16 +71,31 @@ def main() -> None:
         prompt = ids[:1, :8]
         cached = model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=True)
         uncached = model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=False)
-    print(json.dumps({
-        "model": name,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-        "dtype": args.dtype, "input": [args.batch, args.tokens], "repeats": args.repeats,
-        "baseline_ms": timed[0].baseline_ms,
-        "rows": [{"removed_layers": len(s), "layers": 30 - len(s), "latency_ms": t.candidate_ms, "latency_ratio": t.ratio,
-                  "layer_fraction": (30 - len(s)) / 30} for s, t in zip(sets, timed)],
-        "kv_cache_generation_match_after_removal": bool(torch.equal(cached, uncached)),
-        "wall_s": time.perf_counter() - started,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": name,
+                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+                "dtype": args.dtype,
+                "input": [args.batch, args.tokens],
+                "repeats": args.repeats,
+                "baseline_ms": timed[0].baseline_ms,
+                "rows": [
+                    {
+                        "removed_layers": len(s),
+                        "layers": 30 - len(s),
+                        "latency_ms": t.candidate_ms,
+                        "latency_ratio": t.ratio,
+                        "layer_fraction": (30 - len(s)) / 30,
+                    }
+                    for s, t in zip(sets, timed)
+                ],
+                "kv_cache_generation_match_after_removal": bool(torch.equal(cached, uncached)),
+                "wall_s": time.perf_counter() - started,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,11 @@ def history(spec: str) -> dict:
     for n, trial in enumerate(sorted(trials, key=lambda t: t.number), 1):
         k = len(removal_set(trial))
         if k not in best or trial.values[0] < best[k]["ppl_ratio"]:
-            best[k] = {"ppl_ratio": trial.values[0], "removed_layers": sorted(removal_set(trial)),
-                       "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio")}
+            best[k] = {
+                "ppl_ratio": trial.values[0],
+                "removed_layers": sorted(removal_set(trial)),
+                "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio"),
+            }
         steps.append((seeding + n, {k: b["ppl_ratio"] for k, b in best.items()}))
     return {"study": name, "seeding_evaluations": seeding, "trials": len(trials), "best": best, "steps": steps}
 
@@ -55,15 +58,27 @@ def main() -> None:
     for k in sorted(cold["best"]):
         target = cold["best"][k]["ppl_ratio"]
         reached = next((ev for ev, best in warm["steps"] if best.get(k, float("inf")) <= target), None)
-        rows.append({
-            "removed": k,
-            "cold": cold["best"][k], "warm": warm["best"].get(k),
-            "cold_evaluations": cold["steps"][-1][0],
-            "warm_evaluations_to_match_cold": reached,
-        })
+        rows.append(
+            {
+                "removed": k,
+                "cold": cold["best"][k],
+                "warm": warm["best"].get(k),
+                "cold_evaluations": cold["steps"][-1][0],
+                "warm_evaluations_to_match_cold": reached,
+            }
+        )
     summary = {k: cold[k] for k in ("study", "seeding_evaluations", "trials")}
-    print(json.dumps({"cold": summary, "warm": {k: warm[k] for k in ("study", "seeding_evaluations", "trials")},
-                      "warm_total_evaluations": warm["steps"][-1][0] if warm["steps"] else 0, "rows": rows}, indent=2))
+    print(
+        json.dumps(
+            {
+                "cold": summary,
+                "warm": {k: warm[k] for k in ("study", "seeding_evaluations", "trials")},
+                "warm_total_evaluations": warm["steps"][-1][0] if warm["steps"] else 0,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def default_corpus_path() -> Path:
 
 
 def load_texts(spec: str | None):
-    """A `datasets.Dataset` of documents for `spec`: None (default corpus), a file, a folder, or `name[:config[:split]]`."""
+    """A `datasets.Dataset` of documents: None (default corpus), a file, a folder, or `name[:config[:split]]`."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import datasets
 

@@ -1,8 +1,8 @@
 """search: find smaller, faster transformer LMs by searching which decoder layers to remove.
 
-    from search import RunConfig, run, front_report
-    study = run(RunConfig(budget=0.12, trials=24))
-    print(front_report(study)["front"])
+from search import RunConfig, run, front_report
+study = run(RunConfig(budget=0.12, trials=24))
+print(front_report(study)["front"])
 """
 
 from importlib import import_module

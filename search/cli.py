@@ -1,4 +1,4 @@
-"""`python -m search run|front`: thin argument parsing over the library; every error is one line."""
+"""`python -m search run|front|studies|show|export`: flag parsing over the library; errors are one line."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from search.space import parse_budget
 from search.store import redact
 
 DEFAULTS_NOTE = (
-    "Defaults use the embedded SmolLM2-135M-Instruct and the embedded Lee news corpus; "
-    "nothing is downloaded."
+    "Defaults use the embedded SmolLM2-135M-Instruct and the embedded Lee news corpus; nothing is downloaded."
 )
 
 
@@ -55,68 +54,155 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
-        "run", help="create or resume a study and run it to --trials finished trials",
+        "run",
+        help="create or resume a study and run it to --trials finished trials",
         description="Create a study (baseline, sensitivity, greedy seeds) or resume it, run trials until "
         "--trials are finished, then print the Pareto front. Re-running the same command resumes.",
         epilog=DEFAULTS_NOTE,
     )
     what = run.add_argument_group("what to prune")
-    what.add_argument("--model", help="hub id, local model directory, or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    what.add_argument("--budget", type=_budget, default=d.budget, help="largest fraction of parameters to remove, e.g. 12%% or 0.12 (default: 12%%)")
+    what.add_argument(
+        "--model", help="hub id, local model directory, or .gguf file (default: embedded SmolLM2-135M-Instruct)"
+    )
+    what.add_argument(
+        "--budget",
+        type=_budget,
+        default=d.budget,
+        help="largest fraction of parameters to remove, e.g. 12%% or 0.12 (default: 12%%)",
+    )
     what.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     data = run.add_argument_group("data")
-    data.add_argument("--dataset", help="text file, folder of text files, or datasets spec name[:config[:split]], "
-                      "e.g. wikitext:wikitext-2-raw-v1 (default: embedded Lee news corpus)")
-    data.add_argument("--calib-tokens", type=_positive_int, default=d.calib_tokens, help=f"calibration tokens the search optimises on (default: {d.calib_tokens})")
-    data.add_argument("--test-tokens", type=_positive_int, default=d.test_tokens, help=f"held-out tokens for reported figures (default: {d.test_tokens})")
-    data.add_argument("--sensitivity-tokens", type=_positive_int, default=d.sensitivity_tokens, help=f"calibration tokens used to score layers for greedy seeding (default: {d.sensitivity_tokens})")
-    data.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help=f"tokens per evaluation window (default: {d.seq_len})")
-    data.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"windows per forward pass (default: {d.batch_size})")
+    data.add_argument(
+        "--dataset",
+        help="text file, folder of text files, or datasets spec name[:config[:split]], "
+        "e.g. wikitext:wikitext-2-raw-v1 (default: embedded Lee news corpus)",
+    )
+    data.add_argument(
+        "--calib-tokens",
+        type=_positive_int,
+        default=d.calib_tokens,
+        help=f"calibration tokens the search optimises on (default: {d.calib_tokens})",
+    )
+    data.add_argument(
+        "--test-tokens",
+        type=_positive_int,
+        default=d.test_tokens,
+        help=f"held-out tokens for reported figures (default: {d.test_tokens})",
+    )
+    data.add_argument(
+        "--sensitivity-tokens",
+        type=_positive_int,
+        default=d.sensitivity_tokens,
+        help=f"calibration tokens used to score layers for greedy seeding (default: {d.sensitivity_tokens})",
+    )
+    data.add_argument(
+        "--seq-len", type=_positive_int, default=d.seq_len, help=f"tokens per evaluation window (default: {d.seq_len})"
+    )
+    data.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help=f"windows per forward pass (default: {d.batch_size})",
+    )
     study = run.add_argument_group("study")
-    study.add_argument("--trials", type=_positive_int, default=d.trials, help=f"finished trials the study should reach, seeds included (default: {d.trials})")
+    study.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=d.trials,
+        help=f"finished trials the study should reach, seeds included (default: {d.trials})",
+    )
     study.add_argument("--study", help="study name (default: derived from model and budget)")
     study.add_argument("--storage", help="SQLAlchemy URL of the study store (default: sqlite:///studies/<study>.db)")
     study.add_argument("--seed", type=int, default=d.seed, help=f"sampler seed (default: {d.seed})")
-    study.add_argument("--warm-start-from", metavar="STUDY", help="seed a new study from another study's sensitivity "
-                       "profile and best sets, mapped by relative depth, instead of running staged greedy")
-    study.add_argument("--warm-start-storage", metavar="URL", help="store holding the --warm-start-from study "
-                       "(default: this run's store)")
+    study.add_argument(
+        "--warm-start-from",
+        metavar="STUDY",
+        help="seed a new study from another study's sensitivity "
+        "profile and best sets, mapped by relative depth, instead of running staged greedy",
+    )
+    study.add_argument(
+        "--warm-start-storage",
+        metavar="URL",
+        help="store holding the --warm-start-from study (default: this run's store)",
+    )
     compute = run.add_argument_group("compute")
-    compute.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=d.dtype, help=f"compute dtype (default: {d.dtype})")
+    compute.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32", "float16"],
+        default=d.dtype,
+        help=f"compute dtype (default: {d.dtype})",
+    )
     compute.add_argument("--device", default=d.device, help=f"torch device, e.g. cpu or cuda (default: {d.device})")
-    compute.add_argument("--latency-tokens", type=_positive_int, default=d.latency_tokens, help=f"input length of the timed forward pass (default: {d.latency_tokens})")
-    compute.add_argument("--latency-repeats", type=_positive_int, default=d.latency_repeats, help=f"timed repetitions per variant; medians are compared (default: {d.latency_repeats})")
+    compute.add_argument(
+        "--latency-tokens",
+        type=_positive_int,
+        default=d.latency_tokens,
+        help=f"input length of the timed forward pass (default: {d.latency_tokens})",
+    )
+    compute.add_argument(
+        "--latency-repeats",
+        type=_positive_int,
+        default=d.latency_repeats,
+        help=f"timed repetitions per variant; medians are compared (default: {d.latency_repeats})",
+    )
 
-    front = sub.add_parser("front", help="print the Pareto front of a stored study",
-                           description="Print the Pareto front of a stored study; reads the store only.")
+    front = sub.add_parser(
+        "front",
+        help="print the Pareto front of a stored study",
+        description="Print the Pareto front of a stored study; reads the store only.",
+    )
     front.add_argument("--study", help="study name (default: the only study in the store)")
-    front.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)")
-    front.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)")
-    front.add_argument("--plot", metavar="PNG", help="also draw the front (ppl ratio vs latency ratio) to this PNG file")
+    front.add_argument(
+        "--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)"
+    )
+    front.add_argument(
+        "--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)"
+    )
+    front.add_argument(
+        "--plot", metavar="PNG", help="also draw the front (ppl ratio vs latency ratio) to this PNG file"
+    )
 
-    studies = sub.add_parser("studies", help="list the studies in a store",
-                             description="List the studies in a store: model, budget, trials by state, front size.")
+    studies = sub.add_parser(
+        "studies",
+        help="list the studies in a store",
+        description="List the studies in a store: model, budget, trials by state, front size.",
+    )
     studies.add_argument("--storage", help="SQLAlchemy URL (default: every .db in studies/)")
 
-    show = sub.add_parser("show", help="everything about one trial",
-                          description="Print one trial: removed layers, metrics on both splits, how it was proposed.")
+    show = sub.add_parser(
+        "show",
+        help="everything about one trial",
+        description="Print one trial: removed layers, metrics on both splits, how it was proposed.",
+    )
     show.add_argument("--trial", type=int, required=True, help="trial number")
     show.add_argument("--study", help="study name (default: the only study in the store)")
-    show.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)")
+    show.add_argument(
+        "--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)"
+    )
     show.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
 
-    export = sub.add_parser("export", help="write a pruned model directory that stock transformers loads",
-                            description="Write the pruned model of one trial (safetensors, shrunk config, tokenizer, "
-                            "pruning.json), reload it in a fresh model and verify held-out perplexity and KV-cache generation.")
+    export = sub.add_parser(
+        "export",
+        help="write a pruned model directory that stock transformers loads",
+        description="Write the pruned model of one trial (safetensors, shrunk config, tokenizer, "
+        "pruning.json), reload it in a fresh model and verify held-out perplexity and KV-cache generation.",
+    )
     which = export.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int, help="trial number to export")
-    which.add_argument("--pick", choices=["knee", "best-ppl", "fastest"],
-                       help="pick from the front: knee (best balance), best-ppl, or fastest")
+    which.add_argument(
+        "--pick",
+        choices=["knee", "best-ppl", "fastest"],
+        help="pick from the front: knee (best balance), best-ppl, or fastest",
+    )
     export.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     export.add_argument("--study", help="study name (default: the only study in the store)")
-    export.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)")
+    export.add_argument(
+        "--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)"
+    )
     export.add_argument("--device", default="cpu", help="device for the verification pass (default: cpu)")
-    export.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    export.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
+    )
     return parser
 
 
@@ -134,7 +220,7 @@ def _configure_logging() -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from search.front import front_report, format_table
+    from search.front import format_table, front_report
     from search.study import RunConfig, run
 
     fields = RunConfig.__dataclass_fields__
@@ -142,7 +228,10 @@ def _run(args: argparse.Namespace) -> None:
     study = run(config)
     print(format_table(front_report(study)))
     where = f" --study {study.study_name}" + (f" --storage '{redact(config.storage)}'" if config.storage else "")
-    print(f"next: python -m search export --pick knee --out DIR{where}   (or front --plot, show --trial N)", file=sys.stderr)
+    print(
+        f"next: python -m search export --pick knee --out DIR{where}   (or front --plot, show --trial N)",
+        file=sys.stderr,
+    )
 
 
 def _stored_study(args: argparse.Namespace):
@@ -194,7 +283,8 @@ def _export(args: argparse.Namespace) -> None:
     print(json.dumps(report.to_dict(), indent=2))
     print(
         f"reloaded {report.out}: {report.layers} layers, held-out ppl {report.measured_test_ppl:.3f} vs reported "
-        f"{expected}{diff}; generation with and without KV cache {'identical' if report.kv_cache_match else 'DIFFERENT'}",
+        f"{expected}{diff}; generation with and without KV cache "
+        f"{'identical' if report.kv_cache_match else 'DIFFERENT'}",
         file=sys.stderr,
     )
     if not report.ok:

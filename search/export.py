@@ -78,7 +78,9 @@ def _finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTria
     return trials[0]
 
 
-def export_trial(study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False) -> ExportReport:
+def export_trial(
+    study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
+) -> ExportReport:
     trial = _finished_trial(study, number)
     attrs = study.user_attrs
     settings, baseline = attrs["settings"], attrs["baseline"]
@@ -91,25 +93,34 @@ def export_trial(study: optuna.Study, number: int, out: Path, device: str = "cpu
     if attrs.get("model_fingerprint") not in (None, loaded.fingerprint):
         raise SearchError("the model found now differs from the one this study measured (fingerprint mismatch)")
     model = loaded.model
-    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and removed and min(removed) < max(
-        i for i in range(baseline["layers"]) if i not in removed
+    if (
+        getattr(model.config, "scale_attn_by_inverse_layer_idx", False)
+        and removed
+        and min(removed) < max(i for i in range(baseline["layers"]) if i not in removed)
     ):
-        raise SearchError("this GPT-2 config scales attention by layer index; a pruned copy would not reload identically")
+        raise SearchError(
+            "this GPT-2 config scales attention by layer index; a pruned copy would not reload identically"
+        )
     remove_layers(model, removed)
-    _write(model, loaded.tokenizer, out, {
-        "source_model": attrs.get("model_source"),
-        "model_fingerprint": attrs.get("model_fingerprint"),
-        "study": study.study_name,
-        "trial": trial.number,
-        "removed_layers": removed,
-        "layers_before": baseline["layers"],
-        "layers_after": baseline["layers"] - len(removed),
-        "params_reduction": trial.user_attrs["params_reduction"],
-        "ppl_ratio": trial.values[0],
-        "latency_ratio": trial.values[1],
-        "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio"),
-        "settings": settings,
-    })
+    _write(
+        model,
+        loaded.tokenizer,
+        out,
+        {
+            "source_model": attrs.get("model_source"),
+            "model_fingerprint": attrs.get("model_fingerprint"),
+            "study": study.study_name,
+            "trial": trial.number,
+            "removed_layers": removed,
+            "layers_before": baseline["layers"],
+            "layers_after": baseline["layers"] - len(removed),
+            "params_reduction": trial.user_attrs["params_reduction"],
+            "ppl_ratio": trial.values[0],
+            "latency_ratio": trial.values[1],
+            "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio"),
+            "settings": settings,
+        },
+    )
     del model, loaded
     return verify(out, study, trial, device)
 
@@ -135,7 +146,9 @@ def verify(out: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial, devi
     settings, baseline = study.user_attrs["settings"], study.user_attrs["baseline"]
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[settings["dtype"]]).to(device).eval()
-    splits = make_splits(tokenizer, settings["dataset"], settings["calib_tokens"], settings["test_tokens"], settings["seq_len"])
+    splits = make_splits(
+        tokenizer, settings["dataset"], settings["calib_tokens"], settings["test_tokens"], settings["seq_len"]
+    )
     if study.user_attrs.get("data_fingerprint") not in (None, splits.fingerprint()):
         raise SearchError("the held-out windows differ from the study's (dataset or tokenizer changed)")
     measured = perplexity(model, splits.test, splits.bos_id)
@@ -143,8 +156,12 @@ def verify(out: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial, devi
     expected = None if ratio is None else ratio * baseline["test_ppl"]
     prompt = splits.test[:1, :16].to(device)
     with torch.inference_mode():
-        cached = model.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=True, pad_token_id=tokenizer.eos_token_id)
-        uncached = model.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=False, pad_token_id=tokenizer.eos_token_id)
+        cached = model.generate(
+            prompt, max_new_tokens=24, do_sample=False, use_cache=True, pad_token_id=tokenizer.eos_token_id
+        )
+        uncached = model.generate(
+            prompt, max_new_tokens=24, do_sample=False, use_cache=False, pad_token_id=tokenizer.eos_token_id
+        )
     return ExportReport(
         out=str(out),
         trial=trial.number,

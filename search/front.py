@@ -31,15 +31,17 @@ def front_report(study: optuna.Study) -> dict:
         if removed in seen:  # a duplicate proposal answered from the store
             continue
         seen.add(removed)
-        front.append({
-            "trial": trial.number,
-            "removed_layers": list(removed),
-            "layers": trial.user_attrs["layers"],
-            "params_reduction": trial.user_attrs["params_reduction"],
-            "ppl_ratio": trial.values[0],
-            "latency_ratio": trial.values[1],
-            "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio"),
-        })
+        front.append(
+            {
+                "trial": trial.number,
+                "removed_layers": list(removed),
+                "layers": trial.user_attrs["layers"],
+                "params_reduction": trial.user_attrs["params_reduction"],
+                "ppl_ratio": trial.values[0],
+                "latency_ratio": trial.values[1],
+                "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio"),
+            }
+        )
     front.sort(key=lambda p: (-p["layers"], p["ppl_ratio"]))
     baseline = attrs["baseline"]
     return {

@@ -66,7 +66,7 @@ class Bench:
             return None
         found: dict[str, tuple[int, ...]] = {}
         for counts in itertools.product(*(range(len(by_kind[k]) + 1) for k in kinds)):
-            removed = tuple(sorted(i for k, c in zip(kinds, counts) for i in by_kind[k][len(by_kind[k]) - c:]))
+            removed = tuple(sorted(i for k, c in zip(kinds, counts) for i in by_kind[k][len(by_kind[k]) - c :]))
             if budget.allows(removed):
                 found[self.shape_key(removed)] = removed
                 if len(found) > limit:
@@ -84,9 +84,7 @@ class Bench:
         return self.ppl(removed, self.splits.test) / self.base_test_ppl
 
     def latency(self, removed: Sequence[int]) -> Latency:
-        return measure_latency(
-            self.model, removed, self.latency_input, self.latency_warmup, self.latency_repeats
-        )
+        return measure_latency(self.model, removed, self.latency_input, self.latency_warmup, self.latency_repeats)
 
 
 def dominated(values: Sequence[float], by: Sequence[float]) -> bool:

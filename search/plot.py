@@ -27,14 +27,32 @@ def plot_front(study: optuna.Study, path: Path) -> Path:
     top = max(1.1, 1.5 * max(p["ppl_ratio"] for p in front))
     off = sum(t.values[0] > top for t in trials)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter([t.values[1] for t in trials], [min(t.values[0], top) for t in trials], s=14, color="0.7",
-               label=f"trials ({off} above the top, drawn at its edge)" if off else "trials")
-    ax.plot([p["latency_ratio"] for p in front], [p["ppl_ratio"] for p in front], "-o", color="tab:blue",
-            label="Pareto front", zorder=3)
+    ax.scatter(
+        [t.values[1] for t in trials],
+        [min(t.values[0], top) for t in trials],
+        s=14,
+        color="0.7",
+        label=f"trials ({off} above the top, drawn at its edge)" if off else "trials",
+    )
+    ax.plot(
+        [p["latency_ratio"] for p in front],
+        [p["ppl_ratio"] for p in front],
+        "-o",
+        color="tab:blue",
+        label="Pareto front",
+        zorder=3,
+    )
     for p in front:
-        ax.annotate(f"{p['layers']}L", (p["latency_ratio"], p["ppl_ratio"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    ax.scatter([1.0], [1.0], marker="*", s=160, color="tab:red", label=f"baseline ({report['baseline']['layers']}L)", zorder=4)
+        ax.annotate(
+            f"{p['layers']}L",
+            (p["latency_ratio"], p["ppl_ratio"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    ax.scatter(
+        [1.0], [1.0], marker="*", s=160, color="tab:red", label=f"baseline ({report['baseline']['layers']}L)", zorder=4
+    )
     ax.set_ylim(min(0.98, *(p["ppl_ratio"] for p in front)) - 0.02, top * 1.02)
     ax.set_xlabel("latency ratio (pruned / unpruned)")
     ax.set_ylabel("perplexity ratio, calibration split")

@@ -29,9 +29,7 @@ def staged_greedy(score: ScoreFn, budget: Budget) -> list[Stage]:
     removed: tuple[int, ...] = ()
     stages: list[Stage] = []
     while True:
-        candidates = [
-            i for i in range(budget.n_layers) if i not in removed and budget.allows((*removed, i))
-        ]
+        candidates = [i for i in range(budget.n_layers) if i not in removed and budget.allows((*removed, i))]
         if not candidates:
             return stages
         scores = score(removed, candidates)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import optuna
 from optuna.study import MaxTrialsCallback
@@ -129,8 +129,11 @@ def run(config: RunConfig) -> optuna.Study:
     budget.check_removable()
     types = getattr(model.config, "layer_types", None) or [""] * budget.n_layers
     bench = Bench(
-        model, splits, latency_input(splits.calib, config.latency_tokens, model.device),
-        batch_size=config.batch_size, latency_repeats=config.latency_repeats,
+        model,
+        splits,
+        latency_input(splits.calib, config.latency_tokens, model.device),
+        batch_size=config.batch_size,
+        latency_repeats=config.latency_repeats,
         layer_kinds=[f"{size}{'/' + kind if kind else ''}" for size, kind in zip(budget.layer_params, types)],
     )
 
@@ -140,7 +143,10 @@ def run(config: RunConfig) -> optuna.Study:
     # One worker creates and seeds the study; others wait here, then join the seeded study.
     with exclusive(url, f"study:{name}"):
         study = optuna.create_study(
-            study_name=name, storage=storage, directions=["minimize", "minimize"], load_if_exists=True,
+            study_name=name,
+            storage=storage,
+            directions=["minimize", "minimize"],
+            load_if_exists=True,
         )
         _check_compatible(study, config)
         for key, value in fingerprints.items():
@@ -195,7 +201,11 @@ def _seed(
     base_latency = timed[0] if timed else measure_latency(model, (), bench.latency_input, 1, config.latency_repeats)
     log.info(
         "baseline: %d layers, %.1fM params, calibration ppl %.3f, held-out ppl %.3f, %.1f ms/forward",
-        n_layers, budget.total_params / 1e6, bench.base_calib_ppl, bench.base_test_ppl, base_latency.baseline_ms,
+        n_layers,
+        budget.total_params / 1e6,
+        bench.base_calib_ppl,
+        bench.base_test_ppl,
+        base_latency.baseline_ms,
     )
 
     if transfer is not None:
@@ -222,13 +232,16 @@ def _seed(
     study.set_user_attr("model_spec", str(Path(config.model).expanduser().resolve()) if local else config.model)
     for key, value in fingerprints.items():
         study.set_user_attr(key, value)
-    study.set_user_attr("baseline", {
-        "layers": n_layers,
-        "params": budget.total_params,
-        "calib_ppl": bench.base_calib_ppl,
-        "test_ppl": bench.base_test_ppl,
-        "latency_ms": base_latency.baseline_ms,
-    })
+    study.set_user_attr(
+        "baseline",
+        {
+            "layers": n_layers,
+            "params": budget.total_params,
+            "calib_ppl": bench.base_calib_ppl,
+            "test_ppl": bench.base_test_ppl,
+            "latency_ms": base_latency.baseline_ms,
+        },
+    )
     study.set_user_attr("layer_params", list(budget.layer_params))
     for key, latency in zip(shapes, timed):
         store_latency(study, key, latency)
@@ -255,7 +268,13 @@ def _greedy(bench: Bench, budget: Budget, config: RunConfig) -> list:
 
     def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
         return removal_sensitivity(
-            model, sens_windows, sens_base, candidates, removed, splits.bos_id, config.batch_size,
+            model,
+            sens_windows,
+            sens_base,
+            candidates,
+            removed,
+            splits.bos_id,
+            config.batch_size,
             desc=f"greedy stage {len(removed) + 1}/{budget.max_layers()}",
         )
 
@@ -307,7 +326,9 @@ def _optimize(study: optuna.Study, bench: Bench, budget: Budget, target: int) ->
         else:
             free_streak += 1
             if free_streak >= MAX_FREE_PROPOSALS:
-                bar.write(f"the sampler proposed {free_streak} infeasible sets in a row; stopping early", file=sys.stderr)
+                bar.write(
+                    f"the sampler proposed {free_streak} infeasible sets in a row; stopping early", file=sys.stderr
+                )
                 study.stop()
 
     try:

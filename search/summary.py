@@ -20,16 +20,18 @@ def study_summaries(storage: optuna.storages.BaseStorage) -> list[dict]:
             front = len(front_report(study)["front"])
         except SearchError:
             front = 0
-        rows.append({
-            "study": summary.study_name,
-            "model": settings.get("model", "?"),
-            "budget": settings.get("budget"),
-            "complete": count[TrialState.COMPLETE],
-            "failed": count[TrialState.FAIL],
-            "running": count[TrialState.RUNNING],
-            "waiting": count[TrialState.WAITING],
-            "front": front,
-        })
+        rows.append(
+            {
+                "study": summary.study_name,
+                "model": settings.get("model", "?"),
+                "budget": settings.get("budget"),
+                "complete": count[TrialState.COMPLETE],
+                "failed": count[TrialState.FAIL],
+                "running": count[TrialState.RUNNING],
+                "waiting": count[TrialState.WAITING],
+                "front": front,
+            }
+        )
     return rows
 
 

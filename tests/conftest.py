@@ -24,8 +24,15 @@ VOCAB = 128
 def _config(family: str, layers: int):
     import transformers as tf
 
-    llama_like = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    llama_like = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     # Interleaved sliding/full attention where a family has it, so `layer_types` is a real per-layer list.
     alternating = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
     if family == "gpt2":
@@ -37,7 +44,9 @@ def _config(family: str, layers: int):
     if family == "qwen2":
         return tf.Qwen2Config(**llama_like, use_sliding_window=True, sliding_window=16, max_window_layers=layers // 2)
     if family == "qwen3":
-        return tf.Qwen3Config(**llama_like, head_dim=8, use_sliding_window=True, sliding_window=16, layer_types=alternating)
+        return tf.Qwen3Config(
+            **llama_like, head_dim=8, use_sliding_window=True, sliding_window=16, layer_types=alternating
+        )
     if family == "gemma3":
         return tf.Gemma3TextConfig(**llama_like, head_dim=8, sliding_window=8, layer_types=alternating)
     if family == "phi3":
@@ -65,7 +74,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def write_corpus(path: Path, lines: int = 400, seed: int = 0) -> Path:
     rng = random.Random(seed)
     # Repeating phrases give the random models something learnable-looking; content is irrelevant.
-    text = "\n".join(" ".join(rng.choice(WORDS[: 10 + i % 80]) for _ in range(rng.randint(8, 40))) for i in range(lines))
+    text = "\n".join(
+        " ".join(rng.choice(WORDS[: 10 + i % 80]) for _ in range(rng.randint(8, 40))) for i in range(lines)
+    )
     path.write_text(text + "\n")
     return path
 
@@ -112,4 +123,3 @@ def postgres_url():
         pytest.skip(f"no PostgreSQL server available: {exc}")
     yield url
     cluster.__exit__(None, None, None)
-

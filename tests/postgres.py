@@ -41,8 +41,17 @@ def throwaway_cluster() -> Iterator[str]:
         subprocess.run([*as_user, f"{bin_dir}/{tool}", *args], check=True, capture_output=True, timeout=60)
 
     pg("initdb", "-D", data, "-U", "search", "--auth=trust", "-E", "UTF8", "--no-sync")
-    pg("pg_ctl", "-D", data, "-l", os.path.join(root, "log"), "-w",
-       "-o", f"-p {port} -h 127.0.0.1 -k {root} -c fsync=off", "start")
+    pg(
+        "pg_ctl",
+        "-D",
+        data,
+        "-l",
+        os.path.join(root, "log"),
+        "-w",
+        "-o",
+        f"-p {port} -h 127.0.0.1 -k {root} -c fsync=off",
+        "start",
+    )
     try:
         pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "search", "search")
         yield f"postgresql+psycopg://search@127.0.0.1:{port}/search"

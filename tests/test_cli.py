@@ -13,14 +13,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "search", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def tiny_run_args(model_dir, corpus, store, *extra):
     return (
-        "run", "--model", str(model_dir), "--dataset", str(corpus), "--budget", "40%", "--storage", f"sqlite:///{store}",
-        "--study", "tiny", "--calib-tokens", "256", "--test-tokens", "128", "--sensitivity-tokens", "128",
-        "--seq-len", "32", "--latency-tokens", "16", "--latency-repeats", "1", "--dtype", "float32", *extra,
+        "run",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(corpus),
+        "--budget",
+        "40%",
+        "--storage",
+        f"sqlite:///{store}",
+        "--study",
+        "tiny",
+        "--calib-tokens",
+        "256",
+        "--test-tokens",
+        "128",
+        "--sensitivity-tokens",
+        "128",
+        "--seq-len",
+        "32",
+        "--latency-tokens",
+        "16",
+        "--latency-repeats",
+        "1",
+        "--dtype",
+        "float32",
+        *extra,
     )
 
 
@@ -37,7 +62,17 @@ def test_help_explains_every_subcommand(tmp_path):
     top = cli("--help", cwd=tmp_path)
     assert top.returncode == 0 and "run" in top.stdout and "front" in top.stdout
     run_help = cli("run", "--help", cwd=tmp_path).stdout
-    for flag in ("--model", "--dataset", "--budget", "--trials", "--study", "--storage", "--calib-tokens", "--test-tokens", "--dtype"):
+    for flag in (
+        "--model",
+        "--dataset",
+        "--budget",
+        "--trials",
+        "--study",
+        "--storage",
+        "--calib-tokens",
+        "--test-tokens",
+        "--dtype",
+    ):
         assert flag in run_help
     assert "--format" in cli("front", "--help", cwd=tmp_path).stdout
 
@@ -93,12 +128,16 @@ def test_run_then_front_in_every_format(tmp_path, tiny_model_dir, corpus):
     report = json.loads(cli("front", "--storage", f"sqlite:///{store}", "--format", "json", cwd=tmp_path).stdout)
     assert report["study"] == "tiny" and report["front"]
     csv_out = cli("front", "--storage", f"sqlite:///{store}", "--study", "tiny", "--format", "csv", cwd=tmp_path).stdout
-    assert csv_out.splitlines()[0] == "trial,removed_layers,layers,params_reduction,ppl_ratio,latency_ratio,test_ppl_ratio"
+    assert (
+        csv_out.splitlines()[0] == "trial,removed_layers,layers,params_reduction,ppl_ratio,latency_ratio,test_ppl_ratio"
+    )
     assert len(csv_out.splitlines()) == len(report["front"]) + 1
     # The same command again: nothing to do, same front.
     again = cli(*tiny_run_args(tiny_model_dir, corpus, store, "--trials", "5"), cwd=tmp_path)
     assert again.returncode == 0 and "nothing to run" in again.stderr
-    assert json.loads(cli("front", "--storage", f"sqlite:///{store}", "--format", "json", cwd=tmp_path).stdout) == report
+    assert (
+        json.loads(cli("front", "--storage", f"sqlite:///{store}", "--format", "json", cwd=tmp_path).stdout) == report
+    )
     # Budget too small for one layer of this model: one line, store untouched.
     small = cli(*tiny_run_args(tiny_model_dir, corpus, tmp_path / "other.db", "--budget", "5%"), cwd=tmp_path)
     assert_one_line_error(small, "too small to remove even one layer")
@@ -108,4 +147,6 @@ def test_run_then_front_in_every_format(tmp_path, tiny_model_dir, corpus):
 def test_front_of_unknown_study_lists_the_known_ones(tmp_path, tiny_model_dir, corpus):
     store = tmp_path / "s.db"
     assert cli(*tiny_run_args(tiny_model_dir, corpus, store, "--trials", "2"), cwd=tmp_path).returncode == 0
-    assert_one_line_error(cli("front", "--storage", f"sqlite:///{store}", "--study", "nope", cwd=tmp_path), "studies: tiny")
+    assert_one_line_error(
+        cli("front", "--storage", f"sqlite:///{store}", "--study", "nope", cwd=tmp_path), "studies: tiny"
+    )

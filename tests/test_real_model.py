@@ -47,8 +47,16 @@ def test_kv_cache_generation_after_removing_two_layers(smollm):
 
 def test_run_on_the_default_model(tmp_path):
     config = RunConfig(
-        budget=0.12, trials=6, study="e2e", storage=f"sqlite:///{tmp_path / 'e2e.db'}",
-        calib_tokens=512, test_tokens=512, sensitivity_tokens=128, seq_len=128, latency_tokens=32, latency_repeats=3,
+        budget=0.12,
+        trials=6,
+        study="e2e",
+        storage=f"sqlite:///{tmp_path / 'e2e.db'}",
+        calib_tokens=512,
+        test_tokens=512,
+        sensitivity_tokens=128,
+        seq_len=128,
+        latency_tokens=32,
+        latency_repeats=3,
     )
     study = run(config)
     assert completed(study) == 6
@@ -75,6 +83,8 @@ def test_run_on_the_default_model(tmp_path):
         "out = m.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)\n"
         "print(json.dumps({'layers': m.config.num_hidden_layers, 'new_tokens': out.shape[1] - ids.shape[1]}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pruned")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "pruned")], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"layers": 28, "new_tokens": 8}

@@ -28,4 +28,6 @@ def test_bos_is_context_never_target(family):
 def test_batch_size_does_not_change_result(family):
     model = tiny_model(family)
     windows = torch.randint(0, VOCAB, (7, 12))
-    assert math.isclose(perplexity(model, windows, batch_size=1), perplexity(model, windows, batch_size=4), rel_tol=1e-5)
+    assert math.isclose(
+        perplexity(model, windows, batch_size=1), perplexity(model, windows, batch_size=4), rel_tol=1e-5
+    )

@@ -41,7 +41,12 @@ def test_export_reloads_with_stock_transformers(tiny_study, tmp_path):
     record = json.loads((tmp_path / "out" / "pruning.json").read_text())
     assert record["removed_layers"] == removed and record["trial"] == trial.number
     assert record["study"] == study.study_name and record["layers_after"] == 6 - len(removed)
-    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "pruning.json"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "pruning.json",
+    }
     assert not list((tmp_path / "out").glob("*.bin"))  # no pickles
 
 

@@ -7,13 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.objective import COMPLETE
 from search.sampler import removal_set
 from search.store import exclusive, redact
 from tests.test_cli import ROOT, assert_one_line_error, cli, tiny_run_args
@@ -24,9 +22,15 @@ def worker(model_dir, corpus, url, *extra) -> subprocess.Popen:
     args[args.index("--storage") + 1] = url
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     # A runner that starts us in the background may ignore SIGINT; a worker gets the default, like a terminal's.
-    return subprocess.Popen([sys.executable, "-m", "search", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "search", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def trials(url, study="tiny"):
@@ -45,8 +49,15 @@ def slow_model_dir(tmp_path_factory):
     from tests.conftest import tiny_tokenizer
 
     path = tmp_path_factory.mktemp("slow-llama")
-    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
@@ -189,8 +200,9 @@ def test_model_without_known_decoder_stack(tmp_path, corpus):
     from tests.conftest import tiny_tokenizer
 
     path = tmp_path / "neox"
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64)).save_pretrained(path)
+    GPTNeoXForCausalLM(
+        GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    ).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     result = cli(*tiny_run_args(path, corpus, tmp_path / "neox.db"), cwd=tmp_path)
     assert_one_line_error(result, "gpt_neox", "gpt2, llama", "search/architectures")

@@ -10,9 +10,19 @@ from search.study import RunConfig, completed, run
 
 def tiny_config(tmp_path, model_dir, corpus, **overrides) -> RunConfig:
     settings = dict(
-        model=str(model_dir), dataset=str(corpus), budget=0.4, trials=8, study="tiny",
-        storage=f"sqlite:///{tmp_path / 'store.db'}", calib_tokens=256, test_tokens=128,
-        sensitivity_tokens=128, seq_len=32, latency_tokens=16, latency_repeats=1, dtype="float32",
+        model=str(model_dir),
+        dataset=str(corpus),
+        budget=0.4,
+        trials=8,
+        study="tiny",
+        storage=f"sqlite:///{tmp_path / 'store.db'}",
+        calib_tokens=256,
+        test_tokens=128,
+        sensitivity_tokens=128,
+        seq_len=32,
+        latency_tokens=16,
+        latency_repeats=1,
+        dtype="float32",
     )
     return RunConfig(**{**settings, **overrides})
 
@@ -31,10 +41,20 @@ def check_schema(report: dict) -> None:
     assert all(isinstance(base[k], float) for k in ("calib_ppl", "test_ppl", "latency_ms"))
     assert report["front"]
     for point in report["front"]:
-        assert set(point) == {"trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio"}
+        assert set(point) == {
+            "trial",
+            "removed_layers",
+            "layers",
+            "params_reduction",
+            "ppl_ratio",
+            "latency_ratio",
+            "test_ppl_ratio",
+        }
         assert isinstance(point["trial"], int) and isinstance(point["layers"], int)
         assert all(isinstance(i, int) for i in point["removed_layers"])
-        assert all(isinstance(point[k], float) for k in ("params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio"))
+        assert all(
+            isinstance(point[k], float) for k in ("params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
+        )
         assert point["layers"] == base["layers"] - len(point["removed_layers"])
 
 

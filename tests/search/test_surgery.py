@@ -26,7 +26,7 @@ def _smaller_copy(family: str, model, kept: list[int]):
     remapped = {}
     for key, value in state.items():
         if key.startswith(prefix):
-            index, rest = key[len(prefix):].split(".", 1)
+            index, rest = key[len(prefix) :].split(".", 1)
             if int(index) in kept:
                 remapped[f"{prefix}{kept.index(int(index))}.{rest}"] = value
         else:
