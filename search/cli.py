@@ -278,7 +278,11 @@ def _export(args: argparse.Namespace) -> None:
     number = args.trial if args.trial is not None else pick_trial(study, args.pick)
     logging.getLogger("search").info("exporting trial %d of study %r to %s", number, study.study_name, args.out)
     report = export_trial(study, number, args.out, args.device, args.trust_remote_code)
-    expected = "n/a" if report.expected_test_ppl is None else f"{report.expected_test_ppl:.3f}"
+    expected = (
+        "nothing (this trial was never on the front, so no held-out figure was stored: check skipped)"
+        if report.expected_test_ppl is None
+        else f"{report.expected_test_ppl:.3f}"
+    )
     diff = "" if report.ppl_rel_diff is None else f" (diff {report.ppl_rel_diff:.2%}, limit 1%)"
     print(json.dumps(report.to_dict(), indent=2))
     print(

@@ -6,6 +6,7 @@ file's sha256, so later runs load in seconds instead of re-converting.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -82,8 +83,17 @@ def _gguf_as_safetensors(path: Path) -> tuple[Path, str]:
             raise SearchError(f"--model {path} is not a GGUF file (bad magic bytes)")
     digest = _sha256(path)
     target = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
-    if (target / "config.json").is_file() and (target / ".complete").is_file():
+    if (target / ".complete").is_file():
         return target, digest
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting the same file: wait for it
+        if not (target / ".complete").is_file():
+            _convert_gguf(path, target)
+    return target, digest
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
     log.info("converting %s to safetensors once (cached in %s)", path.name, target)
     model, tokenizer = _from_pretrained(str(path.parent), False, gguf_file=path.name)
     # The weights are already dequantised floats; drop the GGUF marker so they save as plain safetensors.
@@ -101,7 +111,6 @@ def _gguf_as_safetensors(path: Path) -> tuple[Path, str]:
         staging.rename(target)  # atomic: a killed conversion never leaves a half cache
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target, digest
 
 
 def load_model(

@@ -25,7 +25,7 @@ from evaluators.data import Splits
 from evaluators.latency import Latency, measure_latency
 from evaluators.perplexity import perplexity
 from search import space
-from search.recovery import worker_id
+from search.recovery import worker_gone, worker_id
 from search.space import Budget
 from search.surgery import layers_removed
 
@@ -100,10 +100,11 @@ def find_duplicate(study: optuna.Study, removed: tuple[int, ...], number: int) -
                 continue
             if trial.state == TrialState.COMPLETE:
                 return trial
-            earlier_running |= trial.number < number
+            earlier_running |= trial.number < number and not worker_gone(trial.user_attrs.get("worker", ""))
         if not earlier_running:
             return None
-        time.sleep(DUPLICATE_POLL_S)  # the heartbeat fails it if that worker dies
+        time.sleep(DUPLICATE_POLL_S)
+        optuna.storages.fail_stale_trials(study)  # a worker elsewhere that died: failed after the grace period
 
 
 def store_latency(study: optuna.Study, key: str, latency: Latency) -> dict:

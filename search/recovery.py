@@ -27,16 +27,26 @@ def _start_ticks(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _machine() -> str:
+    """Host, boot and PID namespace: a pid means the same process only when all three match."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        boot = namespace = "?"
+    return f"{socket.gethostname()}/{boot}/{namespace}"
+
+
 def worker_id() -> str:
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+    return f"{_machine()}:{pid}:{_start_ticks(pid)}"
 
 
 def worker_gone(worker: str) -> bool:
-    """True only when `worker` ran on this host and provably no longer runs."""
-    host, pid_text, ticks = (worker.split(":") + ["", ""])[:3]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
+    """True only when `worker` ran on this machine (same host, boot, PID namespace) and provably no longer runs."""
+    machine, pid_text, ticks = (worker.split(":") + ["", ""])[:3]
+    if machine != _machine() or "?" in machine or not pid_text.isdigit():
+        return False  # elsewhere, or unknowable here: Optuna's heartbeat decides
     pid = int(pid_text)
     try:
         os.kill(pid, 0)
@@ -76,6 +86,8 @@ def recover_interrupted(study: optuna.Study, requeue: bool = True) -> list[int]:
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     for trial in trials:
         if retry is not None and trial.state == TrialState.FAIL and trial.number not in retried and trial.params:
+            before = len(study.get_trials(deepcopy=False))
             retry(study, trial)
-            log.info("queued the removal set of failed trial %d again", trial.number)
+            if len(study.get_trials(deepcopy=False)) > before:
+                log.info("queued the removal set of failed trial %d again", trial.number)
     return recovered

@@ -39,7 +39,7 @@ def default_storage(study: str) -> str:
 
 def redact(text: str) -> str:
     """`text` with the password of any URL in it masked, for every message and log line."""
-    return re.sub(r"(//[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
+    return re.sub(r"(//[^:/@\s]+):\S*@", r"\1:***@", text)  # greedy: a raw '@' in the password stays hidden
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -137,7 +137,9 @@ def exclusive(url: str, name: str) -> Iterator[None]:
         yield  # other backends: no cross-process guard; start one worker first
         return
     try:
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        # TCP keepalives: if the holder's machine vanishes, the server drops its session (and lock) in ~1 min.
+        keepalive = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=keepalive)
         connection = engine.connect()
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

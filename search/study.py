@@ -8,6 +8,7 @@ without loading the model.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
@@ -26,7 +27,7 @@ from search import space
 from search.errors import SearchError
 from search.models import load_model, model_name
 from search.objective import COMPLETE, Bench, make_objective, store_latency
-from search.recovery import recover_interrupted
+from search.recovery import recover_interrupted, worker_id
 from search.sampler import RemovalSetSampler, removal_set
 from search.seeding import seed_sets, staged_greedy, transferred_seeds
 from search.space import Budget
@@ -110,14 +111,15 @@ def run(config: RunConfig) -> optuna.Study:
         raise SearchError("--trials must be a positive number of trials")
     name, url = config.study_name, config.storage_url
     path = sqlite_path(url)  # also rejects a malformed URL before anything is loaded
-    storage = None
+    storage, seeded = None, False
     if path is None or path.exists():
         # Fail fast on an unreachable or foreign store; a new SQLite file waits until the model loads.
         storage = _open(url)
         if name in study_names(storage):
             study = optuna.load_study(study_name=name, storage=storage)
             _check_compatible(study, config)
-            if study.user_attrs.get("seeded") and completed(study) >= min(config.trials, _target(study, config)):
+            seeded = bool(study.user_attrs.get("seeded"))
+            if seeded and completed(study) >= min(config.trials, _target(study, config)):
                 recover_interrupted(study, requeue=False)  # done: only make sure nothing stays RUNNING
                 log.info("study %r already has %d finished trials; nothing to run", name, completed(study))
                 return study
@@ -137,7 +139,8 @@ def run(config: RunConfig) -> optuna.Study:
         layer_kinds=[f"{size}{'/' + kind if kind else ''}" for size, kind in zip(budget.layer_params, types)],
     )
 
-    transfer = _transfer(config, budget) if config.warm_start_from else None  # checked before any store change
+    # Checked before any store change; a study seeded already needs no source any more.
+    transfer = _transfer(config, budget) if config.warm_start_from and not seeded else None
     storage = storage or _open(url)
     fingerprints = {"model_fingerprint": loaded.fingerprint, "data_fingerprint": splits.fingerprint()}
     # One worker creates and seeds the study; others wait here, then join the seeded study.
@@ -162,6 +165,7 @@ def run(config: RunConfig) -> optuna.Study:
             log.info("new study %r in %s", name, redact(url))
             _seed(study, bench, budget, config, loaded.source, fingerprints, transfer)
         recover_interrupted(study)
+        _queue_whole_space(study, budget, config.trials)
 
     target = min(config.trials, _target(study, config))
     if target < config.trials:
@@ -169,7 +173,9 @@ def run(config: RunConfig) -> optuna.Study:
     missing = target - completed(study)
     if missing > 0:
         # Seed offset by progress, so a resumed run does not replay the proposals it already made.
-        study.sampler = RemovalSetSampler(budget, seed=config.seed + len(study.trials))
+        # ... and the worker's identity, so workers released together do not propose in lockstep.
+        offset = len(study.trials) + int(hashlib.sha256(worker_id().encode()).hexdigest()[:6], 16)
+        study.sampler = RemovalSetSampler(budget, seed=config.seed + offset)
         _optimize(study, bench, budget, target)
     return study
 
@@ -218,12 +224,6 @@ def _seed(
         profile = stages[0].scores if stages else {}
         seeds = seed_sets(stages, budget, count=2 * len(stages))
 
-    everything = budget.enumerate_feasible(limit=config.trials)
-    if everything is not None:
-        # The whole space fits in the trial count: measure all of it, seeds first.
-        seeds += [(s, "exhaustive") for s in everything if s not in dict(seeds)]
-        study.set_user_attr("feasible_sets", len(everything))
-
     study.set_metric_names(OBJECTIVES)
     study.set_user_attr("settings", config.fixed_settings())
     study.set_user_attr("model_source", source)
@@ -257,6 +257,18 @@ def _seed(
             study.enqueue_trial(space.encode(removed, n_layers), user_attrs={"proposed_by": reason})
     study.set_user_attr("seeded", True)  # last: a crash before this redoes seeding on resume
     log.info("seeded %d trials in %.0f s", len(seeds), time.perf_counter() - started)
+
+
+def _queue_whole_space(study: optuna.Study, budget: Budget, trials: int) -> None:
+    """When every feasible set fits in `trials`, queue the ones not tried yet (after the seeds)."""
+    everything = budget.enumerate_feasible(limit=trials)
+    if everything is None:
+        return
+    present = {removal_set(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.PRUNED}
+    for removed in everything:
+        if removed not in present:
+            study.enqueue_trial(space.encode(removed, budget.n_layers), user_attrs={"proposed_by": "exhaustive"})
+    study.set_user_attr("feasible_sets", len(everything))
 
 
 def _greedy(bench: Bench, budget: Budget, config: RunConfig) -> list:

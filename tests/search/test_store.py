@@ -212,3 +212,17 @@ def test_model_without_known_decoder_stack(tmp_path, corpus):
 def test_redact_masks_passwords():
     assert redact("postgresql+psycopg://me:pa55@db:5432/x") == "postgresql+psycopg://me:***@db:5432/x"
     assert redact("sqlite:///studies/a.db") == "sqlite:///studies/a.db"
+
+
+def test_redact_hides_a_password_containing_at_signs():
+    assert redact("postgresql+psycopg://me:p@ss@db:5432/x") == "postgresql+psycopg://me:***@db:5432/x"
+
+
+def test_a_worker_elsewhere_is_never_declared_gone():
+    from search.recovery import worker_gone, worker_id
+
+    me = worker_id()
+    assert not worker_gone(me)  # alive
+    machine, pid, ticks = me.split(":")
+    assert not worker_gone(f"other-host/x/1:{pid}:{ticks}")  # another machine: only the heartbeat decides
+    assert worker_gone(f"{machine}:999999999:1")  # this machine, no such process

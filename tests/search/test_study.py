@@ -143,3 +143,10 @@ def test_warm_start_from_another_study(tmp_path, tiny_model_dir, tiny_gpt2_dir, 
     assert source.user_attrs["sensitivity"]  # untouched source
     with pytest.raises(SearchError, match="no study named 'nope'"):
         run(tiny_config(tmp_path, tiny_gpt2_dir, corpus, trials=4, study="t2", warm_start_from="nope"))
+
+
+def test_resume_with_more_trials_completes_a_small_space(tmp_path, tiny_model_dir, corpus):
+    run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=10))  # 21 feasible sets: too many to enumerate
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=100))
+    sets = {removal_set(t) for t in study.get_trials(states=COMPLETE)}
+    assert len(sets) == completed(study) == 21
