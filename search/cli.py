@@ -40,6 +40,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
+def _stored_study_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `_stored_study` reads, shared by every command that inspects an existing study."""
+    parser.add_argument("--study", help="study name (default: the only study in the store)")
+    parser.add_argument(
+        "--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from search.study import RunConfig
 
@@ -143,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--latency-repeats",
         type=_positive_int,
         default=d.latency_repeats,
-        help=f"timed repetitions per variant; medians are compared (default: {d.latency_repeats})",
+        help=f"timed rounds of the per-shape latency table; medians are compared (default: {d.latency_repeats})",
     )
 
     front = sub.add_parser(
@@ -151,10 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the Pareto front of a stored study",
         description="Print the Pareto front of a stored study; reads the store only.",
     )
-    front.add_argument("--study", help="study name (default: the only study in the store)")
-    front.add_argument(
-        "--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)"
-    )
+    _stored_study_flags(front)
     front.add_argument(
         "--format", choices=["table", "json", "csv"], default="table", help="output format (default: table)"
     )
@@ -175,10 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one trial: removed layers, metrics on both splits, how it was proposed.",
     )
     show.add_argument("--trial", type=int, required=True, help="trial number")
-    show.add_argument("--study", help="study name (default: the only study in the store)")
-    show.add_argument(
-        "--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)"
-    )
+    _stored_study_flags(show)
     show.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
 
     export = sub.add_parser(
@@ -195,10 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pick from the front: knee (best balance), best-ppl, or fastest",
     )
     export.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    export.add_argument("--study", help="study name (default: the only study in the store)")
-    export.add_argument(
-        "--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db, or the only .db in studies/)"
-    )
+    _stored_study_flags(export)
     export.add_argument("--device", default="cpu", help="device for the verification pass (default: cpu)")
     export.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
