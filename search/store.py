@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,16 +64,29 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SearchError(f"cannot create the folder for {path}: {exc.strerror}") from None
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_INTERVAL_S,
-            grace_period=GRACE_PERIOD_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
-    except Exception as exc:  # SQLAlchemy/driver errors of every kind: unreachable, auth, not a DB
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SearchError(f"cannot open storage {redact(url)}: {redact(reason)}") from None
+    # Opening creates Optuna's tables on first use; two processes doing it at once (a worker and a
+    # `front` reader, or two workers) collide on a unique key. Every opener therefore takes the
+    # store's lock, and a collision with a plain-Optuna opener outside it is retried once.
+    for attempt in range(2):
+        try:
+            with exclusive(url, "schema"):
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=GRACE_PERIOD_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                )
+        except SearchError:
+            raise
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == 0:
+                time.sleep(1.0)
+                continue
+            raise SearchError(f"cannot open storage {redact(url)}: another process is creating it; retry") from None
+        except Exception as exc:  # SQLAlchemy/driver errors of every kind: unreachable, auth, not a DB
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SearchError(f"cannot open storage {redact(url)}: {redact(reason)}") from None
+    raise AssertionError("unreachable")
 
 
 def study_names(storage: optuna.storages.RDBStorage) -> list[str]:

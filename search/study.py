@@ -114,7 +114,7 @@ def run(config: RunConfig) -> optuna.Study:
     storage, seeded = None, False
     if path is None or path.exists():
         # Fail fast on an unreachable or foreign store; a new SQLite file waits until the model loads.
-        storage = _open(url)
+        storage = open_storage(url)
         if name in study_names(storage):
             study = optuna.load_study(study_name=name, storage=storage)
             _check_compatible(study, config)
@@ -141,7 +141,7 @@ def run(config: RunConfig) -> optuna.Study:
 
     # Checked before any store change; a study seeded already needs no source any more.
     transfer = _transfer(config, budget) if config.warm_start_from and not seeded else None
-    storage = storage or _open(url)
+    storage = storage or open_storage(url)
     fingerprints = {"model_fingerprint": loaded.fingerprint, "data_fingerprint": splits.fingerprint()}
     # One worker creates and seeds the study; others wait here, then join the seeded study.
     with exclusive(url, f"study:{name}"):
@@ -178,11 +178,6 @@ def run(config: RunConfig) -> optuna.Study:
         study.sampler = RemovalSetSampler(budget, seed=config.seed + offset)
         _optimize(study, bench, budget, target)
     return study
-
-
-def _open(url: str) -> optuna.storages.RDBStorage:
-    with exclusive(url, "schema"):  # concurrent first-time table creation crashes Optuna
-        return open_storage(url)
 
 
 def _target(study: optuna.Study, config: RunConfig) -> int:

@@ -165,6 +165,36 @@ def test_exclusive_serialises_sqlite_workers(tmp_path):
     assert other.stdout.read().strip() == "in"
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_simultaneous_first_opens_all_succeed(tmp_path, request, backend):
+    # A worker and a `front` reader (or two workers) opening a brand-new store at once both try to
+    # create Optuna's tables; without the store lock one died on a unique-key collision (CI, once).
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url").rsplit("/", 1)[0] + "/fresh_race"
+        base = request.getfixturevalue("postgres_url")
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("CREATE DATABASE fresh_race"))
+        engine.dispose()
+    start = time.time() + 2.0
+    code = (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from search.store import open_storage\n"
+        "time.sleep(max(0.0, %r - time.time()))\n"
+        "open_storage(%r).get_all_studies(); print('ok')\n"
+    ) % (str(ROOT), start, url)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [out.strip() for out, _ in results] == ["ok"] * 6, [err[-500:] for _, err in results]
+
+
 def test_corrupt_sqlite_file_is_refused_untouched(tmp_path):
     store = tmp_path / "broken.db"
     store.write_bytes(b"this is not a database" * 100)
