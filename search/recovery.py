@@ -57,9 +57,12 @@ def worker_gone(worker: str) -> bool:
     return bool(ticks) and _start_ticks(pid) not in ("", ticks)
 
 
-def recover_interrupted(study: optuna.Study, requeue: bool = True) -> list[int]:
+def recover_interrupted(study: optuna.Study, requeue: bool = True, n_layers: int | None = None) -> list[int]:
     """Fail RUNNING trials whose local worker is gone; with `requeue`, queue failed sets again.
 
+    Only a decided set is queued again: an enqueued one (its fixed parameters), or one whose
+    `n_layers` parameters were all suggested. A trial killed half-way through its suggestions was
+    never measured and names no set, so retrying its first few parameters would be a random set.
     Returns the numbers of the trials found interrupted. Call it from one worker at a time.
     """
     storage = study._storage
@@ -85,7 +88,8 @@ def recover_interrupted(study: optuna.Study, requeue: bool = True) -> list[int]:
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     for trial in trials:
-        if retry is not None and trial.state == TrialState.FAIL and trial.number not in retried and trial.params:
+        decided = "fixed_params" in trial.system_attrs or (n_layers is not None and len(trial.params) == n_layers)
+        if retry is not None and trial.state == TrialState.FAIL and trial.number not in retried and decided:
             before = len(study.get_trials(deepcopy=False))
             retry(study, trial)
             if len(study.get_trials(deepcopy=False)) > before:

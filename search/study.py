@@ -164,7 +164,7 @@ def run(config: RunConfig) -> optuna.Study:
         else:
             log.info("new study %r in %s", name, redact(url))
             _seed(study, bench, budget, config, loaded.source, fingerprints, transfer)
-        recover_interrupted(study)
+        recover_interrupted(study, n_layers=budget.n_layers)
         _queue_whole_space(study, budget, config.trials)
 
     target = min(config.trials, _target(study, config))

@@ -106,7 +106,11 @@ def test_interrupt_mid_trial_then_resume(tmp_path, slow_model_dir, sig):
     lost = interrupted[0]
     assert next(t for t in final if t.number == lost.number).state == TrialState.FAIL
     retried = [t for t in final if t.state == TrialState.COMPLETE and t.system_attrs.get("failed_trial") == lost.number]
-    assert len(retried) == 1 and retried[0].params == lost.params  # its removal set ran again
+    decided = lost.system_attrs.get("fixed_params") or (lost.params if len(lost.params) == 6 else None)
+    if decided:
+        assert len(retried) == 1 and retried[0].params == decided  # its removal set ran again
+    else:  # stopped between two suggestions: no set was decided, so none is retried
+        assert retried == []
     if sig == signal.SIGKILL:
         assert "interrupted" in err  # recovered at once: the dead worker proves it, no grace period
 
@@ -256,3 +260,26 @@ def test_a_worker_elsewhere_is_never_declared_gone():
     machine, pid, ticks = me.split(":")
     assert not worker_gone(f"other-host/x/1:{pid}:{ticks}")  # another machine: only the heartbeat decides
     assert worker_gone(f"{machine}:999999999:1")  # this machine, no such process
+
+
+def test_recovery_requeues_decided_sets_only(tmp_path):
+    from search.recovery import recover_interrupted, worker_id
+    from search.store import open_storage
+
+    machine, _, _ = worker_id().split(":")
+    dead = f"{machine}:999999999:1"
+    study = optuna.create_study(study_name="r", storage=open_storage(f"sqlite:///{tmp_path / 'r.db'}"))
+    flag = optuna.distributions.CategoricalDistribution([False, True])
+    # Three workers died mid-trial: one after all 3 suggestions, one after 1, one on an enqueued seed after 1.
+    full = study.ask({f"drop_0{i}": flag for i in range(3)})
+    partial = study.ask({"drop_00": flag})
+    study.enqueue_trial({"drop_00": True, "drop_01": True, "drop_02": False})
+    seed = study.ask({"drop_00": flag})
+    for trial in (full, partial, seed):
+        trial.set_user_attr("worker", dead)
+
+    assert sorted(recover_interrupted(study, n_layers=3)) == [0, 1, 2]
+    queued = {t.system_attrs["failed_trial"]: t for t in study.get_trials(states=(TrialState.WAITING,))}
+    assert set(queued) == {0, 2}  # the half-suggested free proposal named no set
+    assert queued[0].params == full.params
+    assert queued[2].system_attrs["fixed_params"] == {"drop_00": True, "drop_01": True, "drop_02": False}
