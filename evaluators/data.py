@@ -64,6 +64,13 @@ class Splits:
     test: torch.Tensor
     bos_id: int | None  # prepended as context to every window when the model was trained with it
 
+    def split_fingerprint(self, split: str) -> str:
+        """The token windows of one split ("calib" or "test") and how BOS is added: what a ppl depends on."""
+        windows = self.calib if split == "calib" else self.test
+        digest = hashlib.sha256(windows.numpy().tobytes())
+        digest.update(f"{tuple(windows.shape)}:{self.bos_id}".encode())
+        return digest.hexdigest()[:32]
+
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for part in (self.calib, self.test):

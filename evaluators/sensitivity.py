@@ -1,38 +1,113 @@
-"""Per-layer sensitivity: how much perplexity rises when one more layer is removed.
+"""Per-layer sensitivity: how much a layer matters, by three criteria.
 
-This is the removal-perplexity criterion (Shortened LLaMA's PPL score, SLEB's re-scored greedy
-step): direct, model-agnostic, and measured on calibration windows only.
+- `ppl`: the perplexity ratio after removing the layer (Shortened LLaMA's PPL criterion; SLEB's
+  re-scored greedy step). Direct and model-agnostic, one evaluation per candidate layer.
+- `bi`: Block Influence (ShortGPT), 1 - cos(layer input, layer output), averaged over tokens.
+- `angular`: angular distance arccos(cos)/pi between the input of layer l and the input of layer
+  l+n (Gromov et al. 2024); with n = 1 it ranks single layers, larger n scores contiguous blocks.
+
+`bi` and `angular` come from one forward pass for every layer at once. The raw output of the last
+layer is captured with a hook, because `output_hidden_states`' last entry is after the final norm.
+Token position 0 (BOS, or the first token: an attention sink with outsized norms) is left out.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from evaluators.perplexity import perplexity
-from search.surgery import layers_removed
+from evaluators.perplexity import window_batches
+from evaluators.prefix import build_prefix_cache
+from search.surgery import decoder_layers, layers_removed
+
+CRITERIA = ("ppl", "angular", "bi")
 
 
 def removal_sensitivity(
     model: nn.Module,
     windows: torch.Tensor,
-    base_ppl: float,
     candidates: Iterable[int],
     already_removed: Sequence[int] = (),
     bos_id: int | None = None,
     batch_size: int = 4,
     desc: str | None = None,
 ) -> dict[int, float]:
-    """Perplexity ratio to `base_ppl` for removing each candidate on top of `already_removed`.
+    """Perplexity ratio, to the model with `already_removed`, of removing each candidate as well.
 
-    All indices refer to the unpruned model.
+    All indices refer to the unpruned model. One prefix-cache pass over the already pruned model
+    gives its perplexity and lets each candidate run only from its own layer onwards.
     """
+    cache = build_prefix_cache(model, windows, bos_id, batch_size, base=already_removed)
+    base_ppl = cache.base_ppl
     candidates = list(candidates)
     scores: dict[int, float] = {}
     for layer in tqdm(candidates, desc=desc, leave=False, disable=desc is None):
-        with layers_removed(model, [*already_removed, layer]):
-            scores[layer] = perplexity(model, windows, bos_id, batch_size) / base_ppl
+        scores[layer] = cache.perplexity([*already_removed, layer]) / base_ppl
     return scores
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """One-pass criteria of a (possibly already pruned) model, keyed by unpruned layer index."""
+
+    bi: dict[int, float]  # layer -> Block Influence
+    angular: dict[int, dict[int, float]]  # block length n -> first layer of the block -> angular distance
+
+    def criterion(self, name: str) -> dict[int, float]:
+        return self.bi if name == "bi" else self.angular[1]
+
+
+@torch.inference_mode()
+def similarity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    already_removed: Sequence[int] = (),
+    bos_id: int | None = None,
+    batch_size: int = 4,
+    max_block: int = 1,
+) -> Similarity:
+    """Block Influence and angular distances (blocks of 1..`max_block` layers) from one forward pass."""
+    n_layers = len(decoder_layers(model))
+    kept = [i for i in range(n_layers) if i not in set(already_removed)]
+    m = len(kept)
+    max_block = max(1, min(max_block, m))
+    cos_sum = {(a, n): 0.0 for n in range(1, max_block + 1) for a in range(m - n + 1)}
+    ang_sum = dict.fromkeys(cos_sum, 0.0)
+    tokens = 0
+    device = next(model.parameters()).device
+    with layers_removed(model, already_removed):
+        layers = decoder_layers(model)
+        boundaries: list[torch.Tensor | None] = [None] * (m + 1)  # input of each layer, then the last output
+
+        def take_input(index):
+            def hook(module, args, kwargs):
+                boundaries[index] = args[0] if args else kwargs["hidden_states"]
+
+            return hook
+
+        def take_output(module, args, kwargs, output):
+            boundaries[m] = output[0] if isinstance(output, tuple) else output
+
+        handles = [layer.register_forward_pre_hook(take_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        handles.append(layers[-1].register_forward_hook(take_output, with_kwargs=True))
+        try:
+            for inputs in window_batches(windows, bos_id, batch_size, device):
+                model(input_ids=inputs, use_cache=False)
+                states = [F.normalize(h[:, 1:].float(), dim=-1) for h in boundaries]  # drop position 0
+                tokens += states[0].shape[0] * states[0].shape[1]
+                for a, n in cos_sum:
+                    cos = (states[a] * states[a + n]).sum(-1).clamp(-1.0, 1.0)
+                    cos_sum[a, n] += cos.sum().item()
+                    ang_sum[a, n] += (torch.arccos(cos) / math.pi).sum().item()
+        finally:
+            for handle in handles:
+                handle.remove()
+    bi = {kept[a]: 1.0 - cos_sum[a, 1] / tokens for a in range(m)}
+    angular = {n: {kept[a]: ang_sum[a, n] / tokens for a in range(m - n + 1)} for n in range(1, max_block + 1)}
+    return Similarity(bi, angular)

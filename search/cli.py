@@ -33,6 +33,16 @@ def _budget(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--budget ")) from None
 
 
+def _ratio_cap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a perplexity ratio above 1, e.g. 2.0")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags get one line naming the problem and where help is, not a usage dump."""
 
@@ -122,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--study", help="study name (default: derived from model and budget)")
     study.add_argument("--storage", help="SQLAlchemy URL of the study store (default: sqlite:///studies/<study>.db)")
     study.add_argument("--seed", type=int, default=d.seed, help=f"sampler seed (default: {d.seed})")
+    study.add_argument(
+        "--criterion",
+        choices=["ppl", "angular", "bi"],
+        default=d.criterion,
+        help="what staged greedy seeding ranks layers by: ppl (removal perplexity), angular (angular distance, "
+        "Gromov et al.) or bi (Block Influence, ShortGPT); the one-pass picks of angular and bi seed the study "
+        f"either way (default: {d.criterion})",
+    )
+    study.add_argument(
+        "--max-ppl-ratio",
+        type=_ratio_cap,
+        metavar="R",
+        help="stop evaluating a candidate once its perplexity ratio is above R on the windows seen so far; "
+        "it is recorded as rejected (default: no cap; a candidate that provably cannot reach the front "
+        "is always stopped)",
+    )
     study.add_argument(
         "--warm-start-from",
         metavar="STUDY",

@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 import torch
@@ -23,19 +23,39 @@ from torch import nn
 
 from evaluators.data import Splits
 from evaluators.latency import Latency, measure_latency
-from evaluators.perplexity import perplexity
+from evaluators.perplexity import target_count
+from evaluators.prefix import PrefixCache, build_prefix_cache
 from search import space
+from search.evaluations import EvalCache
 from search.recovery import worker_gone, worker_id
 from search.space import Budget
-from search.surgery import layers_removed
 
 COMPLETE = (TrialState.COMPLETE,)
+
+
+def finished(trial: optuna.trial.FrozenTrial) -> bool:
+    """Measured to the end, or rejected part-way by a proven bound: either way a trial that ran."""
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED and "rejected" in trial.user_attrs)
+
+
 DUPLICATE_POLL_S = 2.0
+
+
+class Rejected(Exception):
+    """A candidate stopped part-way: its perplexity provably cannot reach the front (or the cap)."""
+
+    def __init__(self, reason: str, lower_bound: float, windows: int):
+        super().__init__(reason)
+        self.reason, self.lower_bound, self.windows = reason, lower_bound, windows
 
 
 @dataclass
 class Bench:
-    """A loaded model and its data, ready to evaluate removal sets against the unpruned baseline."""
+    """A loaded model and its data, ready to evaluate removal sets against the unpruned baseline.
+
+    Perplexity is evaluated from a prefix cache per split (see evaluators/prefix.py) and recorded
+    in the store's evaluation cache (`stores`, one per split), which is consulted first.
+    """
 
     model: nn.Module
     splits: Splits
@@ -46,6 +66,11 @@ class Bench:
     base_calib_ppl: float = float("nan")
     base_test_ppl: float = float("nan")
     layer_kinds: Sequence[str] = ()  # what each layer costs to run: parameter count and attention type
+    stores: dict[str, EvalCache] = field(default_factory=dict)  # split -> the store's evaluation cache
+    max_ppl_ratio: float | None = None  # --max-ppl-ratio: stop a candidate once it is proven above
+    evaluations: int = 0  # perplexity evaluations this process ran (forward passes over a split)
+    store_hits: int = 0  # perplexities answered by the store's evaluation cache instead
+    _prefix: dict[str, PrefixCache] = field(default_factory=dict, repr=False)
 
     def shape_key(self, removed: Sequence[int]) -> str:
         """Identical for removal sets that leave the same multiset of layer kinds, e.g. `9280*26`.
@@ -73,15 +98,64 @@ class Bench:
                     return None
         return found
 
-    def ppl(self, removed: Sequence[int], windows: torch.Tensor) -> float:
-        with layers_removed(self.model, removed):
-            return perplexity(self.model, windows, self.splits.bos_id, self.batch_size)
+    def prefix(self, split: str) -> PrefixCache:
+        """The split's prefix cache, built on first use (one forward pass of the unpruned model)."""
+        if split not in self._prefix:
+            windows = self.splits.calib if split == "calib" else self.splits.test
+            self._prefix[split] = build_prefix_cache(self.model, windows, self.splits.bos_id, self.batch_size)
+            self.evaluations += 1
+            store = self.stores.get(split)
+            if store is not None:
+                store.put((), self._prefix[split].base_ppl)
+        return self._prefix[split]
 
-    def calib_ratio(self, removed: Sequence[int]) -> float:
-        return self.ppl(removed, self.splits.calib) / self.base_calib_ppl
+    def baseline(self) -> None:
+        """Unpruned perplexities: from the store's cache, else from building the prefix caches."""
+        for split in ("calib", "test"):
+            store = self.stores.get(split)
+            ppl = store.get(()) if store is not None else None
+            if ppl is None:
+                ppl = self.prefix(split).base_ppl
+            setattr(self, f"base_{split}_ppl", ppl)
+
+    def ppl(self, removed: Sequence[int], split: str, ceiling: float | None = None) -> float:
+        """Perplexity of the pruned model on a split; raises Rejected once it provably exceeds `ceiling`.
+
+        `ceiling` is a perplexity *ratio*. The proof: NLL is never negative, so the windows still to
+        come can only add to the sum, and exp(sum so far / all targets) is a lower bound.
+        """
+        store = self.stores.get(split)
+        cached = store.get(removed) if store is not None else None
+        if cached is not None:
+            self.store_hits += 1
+            return cached
+        started = time.perf_counter()
+        cache = self.prefix(split)
+        base = self.base_calib_ppl if split == "calib" else self.base_test_ppl
+        total_targets = target_count(cache.windows, cache.bos_id)
+        self.evaluations += 1
+        nll, seen, base_nll, batches = 0.0, 0, 0.0, 0
+        for (batch_nll, count), (base_batch, _) in zip(cache.nll_batches(removed), cache.base_nll):
+            nll, seen, base_nll, batches = nll + batch_nll, seen + count, base_nll + base_batch, batches + 1
+            if seen == total_targets:
+                break
+            lower = math.exp(nll / total_targets) / base
+            windows = min(len(cache.windows), batches * self.batch_size)
+            if ceiling is not None and lower > ceiling:
+                raise Rejected(f"proven above ppl x{ceiling:.3f} after {windows} windows", lower, windows)
+            partial = math.exp((nll - base_nll) / seen)  # ratio over the windows seen so far
+            if self.max_ppl_ratio is not None and partial > self.max_ppl_ratio:
+                raise Rejected(f"ppl x{partial:.3f} over the first {windows} windows > --max-ppl-ratio", lower, windows)
+        ppl = math.exp(nll / seen)
+        if store is not None:
+            store.put(removed, ppl, time.perf_counter() - started)
+        return ppl
+
+    def calib_ratio(self, removed: Sequence[int], ceiling: float | None = None) -> float:
+        return self.ppl(removed, "calib", ceiling) / self.base_calib_ppl
 
     def test_ratio(self, removed: Sequence[int]) -> float:
-        return self.ppl(removed, self.splits.test) / self.base_test_ppl
+        return self.ppl(removed, "test") / self.base_test_ppl
 
     def latency(self, removed: Sequence[int]) -> Latency:
         return measure_latency(self.model, removed, self.latency_input, self.latency_warmup, self.latency_repeats)
@@ -148,10 +222,28 @@ def make_objective(
             if on_result:
                 on_result(trial, result)
             return tuple(original.values)
-        start = time.perf_counter()
-        ppl_ratio = bench.calib_ratio(removed)
-        latency_ratio, latency_ms = _latency(study, bench, removed)
+        start, hits = time.perf_counter(), bench.store_hits
+        latency_ratio, latency_ms = _latency(study, bench, removed)  # first: it decides what can still win
+        finished = study.get_trials(deepcopy=False, states=COMPLETE)
+        # A set is dominated once its ppl ratio provably exceeds that of a finished set at least as fast.
+        ceiling = min((t.values[0] for t in finished if t.values[1] <= latency_ratio), default=None)
+        if bench.max_ppl_ratio is not None:
+            ceiling = min(bench.max_ppl_ratio, ceiling if ceiling is not None else math.inf)
+        try:
+            ppl_ratio = bench.calib_ratio(removed, ceiling)
+        except Rejected as rejected:
+            # Recorded as what it is: pruned, with the bound that condemned it; it counts as a trial.
+            trial.set_user_attr("rejected", rejected.reason)
+            trial.set_user_attr("ppl_ratio_lower_bound", rejected.lower_bound)
+            trial.set_user_attr("windows_evaluated", rejected.windows)
+            trial.set_user_attr("latency_ratio", latency_ratio)
+            trial.set_user_attr("eval_s", time.perf_counter() - start)
+            if on_result:
+                on_result(trial, {"removed": removed, **trial.user_attrs})
+            raise optuna.TrialPruned(rejected.reason) from None
         values = (ppl_ratio, latency_ratio)
+        # Measured, or an earlier evaluation of the same set on the same model, data and numerics.
+        trial.set_user_attr("ppl_from", "store" if bench.store_hits > hits else "computed")
         trial.set_user_attr("ppl_ratio", ppl_ratio)
         trial.set_user_attr("latency_ratio", latency_ratio)
         trial.set_user_attr("latency_ms", latency_ms)

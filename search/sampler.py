@@ -45,7 +45,11 @@ class RemovalSetSampler(optuna.samplers.BaseSampler):
         if not search_space:
             return {}
         trials = study.get_trials(deepcopy=False)
-        tried = {removal_set(t) for t in trials if t.state != TrialState.PRUNED and t.number != trial.number}
+        tried = {
+            removal_set(t)
+            for t in trials
+            if (t.state != TrialState.PRUNED or "rejected" in t.user_attrs) and t.number != trial.number
+        }
         elites = self._elites(trials)
         for _ in range(ATTEMPTS):
             child = self._move(self._rng.choice(elites)) if elites else self._random_set()

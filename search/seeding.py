@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 from search.space import Budget
 
-# (already removed, candidate layers) -> perplexity ratio for removing each candidate as well
+# (already removed, candidate layers) -> each candidate's score on the pruned model (lower: safer to remove)
 ScoreFn = Callable[[tuple[int, ...], list[int]], dict[int, float]]
 
 
 @dataclass(frozen=True)
 class Stage:
     removed: tuple[int, ...]
-    score: float  # perplexity ratio of `removed` on the sensitivity windows
+    score: float  # the criterion's score of the layer this stage removed (ppl: the ratio after removing it)
     scores: dict[int, float]  # every candidate's ratio at this stage (stage 1: the sensitivity profile)
 
 
@@ -38,12 +38,16 @@ def staged_greedy(score: ScoreFn, budget: Budget) -> list[Stage]:
         stages.append(Stage(removed, scores[best], scores))
 
 
-def seed_sets(stages: Sequence[Stage], budget: Budget, count: int) -> list[tuple[tuple[int, ...], str]]:
-    """At least the greedy stages, topped up to `count` distinct feasible sets with a reason each.
-
-    Top-ups, in order: one-shot ranking by stage-1 sensitivity (the k least sensitive layers), then
-    neighbours of greedy sets (one removed layer shifted to an adjacent layer), which start the
-    sampler's population close to the greedy path instead of at random.
+def seed_sets(
+    stages: Sequence[Stage],
+    budget: Budget,
+    count: int,
+    others: Sequence[tuple[tuple[int, ...], str]] = (),
+) -> list[tuple[tuple[int, ...], str]]:
+    """Distinct feasible sets with a reason each: the greedy stages, the one-shot ranking by stage-1
+    sensitivity (the k least sensitive layers) and `others` (other methods' picks), then neighbours
+    of greedy sets (one removed layer shifted to an adjacent layer) up to `count` in all, which start
+    the sampler's population close to the greedy path instead of at random.
     """
     seeds: dict[tuple[int, ...], str] = {}
 
@@ -57,8 +61,9 @@ def seed_sets(stages: Sequence[Stage], budget: Budget, count: int) -> list[tuple
     if stages:
         ranking = sorted(stages[0].scores, key=lambda i: (stages[0].scores[i], i))
         for k in range(1, len(stages) + 1):
-            if len(seeds) < count:
-                add(ranking[:k], f"one-shot top {k}")
+            add(ranking[:k], f"one-shot top {k}")
+    for removed, reason in others:
+        add(removed, reason)
     for stage in reversed(stages):
         for layer in stage.removed:
             for shifted in (layer - 1, layer + 1):

@@ -21,6 +21,7 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 
 from search.errors import SearchError
+from search.evaluations import create_tables
 
 log = logging.getLogger("search")
 
@@ -70,12 +71,14 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
     for attempt in range(2):
         try:
             with exclusive(url, "schema"):
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url,
                     heartbeat_interval=HEARTBEAT_INTERVAL_S,
                     grace_period=GRACE_PERIOD_S,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
                 )
+                create_tables(storage.engine)  # the evaluation cache, beside Optuna's tables
+                return storage
         except SearchError:
             raise
         except sqlalchemy.exc.IntegrityError:

@@ -16,20 +16,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
-from optuna.study import MaxTrialsCallback
 from tqdm.auto import tqdm
 
 from evaluators.data import make_splits
 from evaluators.latency import latency_input, measure_latencies, measure_latency
-from evaluators.perplexity import perplexity
-from evaluators.sensitivity import removal_sensitivity
-from search import space
+from evaluators.sensitivity import removal_sensitivity, similarity
+from search import baselines, space
 from search.errors import SearchError
+from search.evaluations import EvalCache
 from search.models import load_model, model_name
-from search.objective import COMPLETE, Bench, make_objective, store_latency
+from search.objective import COMPLETE, Bench, finished, make_objective, store_latency
 from search.recovery import recover_interrupted, worker_id
 from search.sampler import RemovalSetSampler, removal_set
-from search.seeding import seed_sets, staged_greedy, transferred_seeds
+from search.seeding import Stage, seed_sets, staged_greedy, transferred_seeds
 from search.space import Budget
 from search.store import (
     default_storage,
@@ -71,6 +70,8 @@ class RunConfig:
     trust_remote_code: bool = False
     warm_start_from: str | None = None  # another study whose findings seed this one instead of greedy
     warm_start_storage: str | None = None  # where that study lives (default: this run's store)
+    criterion: str = "ppl"  # what staged greedy seeding ranks layers by: ppl, angular or bi
+    max_ppl_ratio: float | None = None  # stop evaluating a candidate once it is proven above this
 
     @property
     def study_name(self) -> str:
@@ -90,7 +91,8 @@ class RunConfig:
 
 
 def completed(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=COMPLETE))
+    """Trials that count towards --trials: measured, or rejected part-way (they cost a forward pass)."""
+    return sum(finished(t) for t in study.get_trials(deepcopy=False))
 
 
 def _check_compatible(study: optuna.Study, config: RunConfig) -> None:
@@ -137,11 +139,17 @@ def run(config: RunConfig) -> optuna.Study:
         batch_size=config.batch_size,
         latency_repeats=config.latency_repeats,
         layer_kinds=[f"{size}{'/' + kind if kind else ''}" for size, kind in zip(budget.layer_params, types)],
+        max_ppl_ratio=config.max_ppl_ratio,
     )
 
     # Checked before any store change; a study seeded already needs no source any more.
     transfer = _transfer(config, budget) if config.warm_start_from and not seeded else None
     storage = storage or open_storage(url)
+    numerics = f"{config.dtype}@{model.device.type}/b{config.batch_size}"
+    bench.stores = {
+        split: EvalCache(storage.engine, loaded.fingerprint, splits.split_fingerprint(split), numerics)
+        for split in ("calib", "test")
+    }
     fingerprints = {"model_fingerprint": loaded.fingerprint, "data_fingerprint": splits.fingerprint()}
     # One worker creates and seeds the study; others wait here, then join the seeded study.
     with exclusive(url, f"study:{name}"):
@@ -188,14 +196,10 @@ def _seed(
     study, bench: Bench, budget: Budget, config: RunConfig, source: str, fingerprints: dict, transfer: tuple | None
 ) -> None:
     """Baseline, sensitivity, greedy path and seed trials: computed once, stored in the study."""
-    model, splits = bench.model, bench.splits
+    model = bench.model
     n_layers = len(decoder_layers(model))
     started = time.perf_counter()
-    with tqdm(total=2, desc="baseline perplexity", leave=False) as bar:
-        bench.base_calib_ppl = perplexity(model, splits.calib, splits.bos_id, config.batch_size)
-        bar.update()
-        bench.base_test_ppl = perplexity(model, splits.test, splits.bos_id, config.batch_size)
-        bar.update()
+    bench.baseline()  # builds the prefix caches: the unpruned pass every later evaluation starts from
     # Latency of every shape the budget reaches, timed together round-robin against the baseline.
     shapes = bench.shapes(budget) or {}
     timed = measure_latencies(model, list(shapes.values()), bench.latency_input, 1, config.latency_repeats)
@@ -215,9 +219,9 @@ def _seed(
         seeds, profile = transfer
         log.info("warm start from %r: %d seed sets mapped onto %d layers", config.warm_start_from, len(seeds), n_layers)
     else:
-        stages = _greedy(bench, budget, config)
+        stages, others = _greedy(bench, budget, config)
         profile = stages[0].scores if stages else {}
-        seeds = seed_sets(stages, budget, count=2 * len(stages))
+        seeds = seed_sets(stages, budget, count=2 * len(stages), others=others)
 
     study.set_metric_names(OBJECTIVES)
     study.set_user_attr("settings", config.fixed_settings())
@@ -243,9 +247,11 @@ def _seed(
     study.set_user_attr("sensitivity", {str(k): v for k, v in sorted(profile.items())})
     if config.warm_start_from:
         study.set_user_attr("warm_start_from", config.warm_start_from)
-    study.set_user_attr("greedy", [{"removed_layers": list(s.removed), "ppl_ratio": s.score} for s in stages])
+    study.set_user_attr("criterion", config.criterion if transfer is None else "transfer")
+    study.set_user_attr("greedy", [{"removed_layers": list(s.removed), "score": s.score} for s in stages])
     # Seeding cost in forward passes over --sensitivity-tokens, for comparisons with warm starts.
-    study.set_user_attr("sensitivity_passes", sum(len(s.scores) for s in stages))
+    passes = sum(len(s.scores) if config.criterion == "ppl" else 1 for s in stages)
+    study.set_user_attr("sensitivity_passes", passes + (1 if transfer is None else 0))
     present = {removal_set(t) for t in study.get_trials(deepcopy=False)}  # a crash mid-seeding left some
     for removed, reason in seeds:
         if removed not in present:
@@ -259,36 +265,39 @@ def _queue_whole_space(study: optuna.Study, budget: Budget, trials: int) -> None
     everything = budget.enumerate_feasible(limit=trials)
     if everything is None:
         return
-    present = {removal_set(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.PRUNED}
+    trials = study.get_trials(deepcopy=False)
+    present = {removal_set(t) for t in trials if t.state != optuna.trial.TrialState.PRUNED or finished(t)}
     for removed in everything:
         if removed not in present:
             study.enqueue_trial(space.encode(removed, budget.n_layers), user_attrs={"proposed_by": "exhaustive"})
     study.set_user_attr("feasible_sets", len(everything))
 
 
-def _greedy(bench: Bench, budget: Budget, config: RunConfig) -> list:
-    """Staged greedy removal scored on the first `--sensitivity-tokens` calibration tokens."""
+def _greedy(bench: Bench, budget: Budget, config: RunConfig) -> tuple[list[Stage], list[tuple[tuple[int, ...], str]]]:
+    """Staged greedy removal by `--criterion`, and the one-pass methods' picks, on the first
+    `--sensitivity-tokens` calibration tokens."""
     model, splits = bench.model, bench.splits
     n_sens = max(1, min(len(splits.calib), config.sensitivity_tokens // config.seq_len))
     sens_windows = splits.calib[:n_sens]
-    sens_base = perplexity(model, sens_windows, splits.bos_id, config.batch_size)
+    most = budget.max_layers()
 
     def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
-        return removal_sensitivity(
-            model,
-            sens_windows,
-            sens_base,
-            candidates,
-            removed,
-            splits.bos_id,
-            config.batch_size,
-            desc=f"greedy stage {len(removed) + 1}/{budget.max_layers()}",
-        )
+        desc = f"greedy stage {len(removed) + 1}/{most} ({config.criterion})"
+        if config.criterion == "ppl":
+            return removal_sensitivity(
+                model, sens_windows, candidates, removed, splits.bos_id, config.batch_size, desc=desc
+            )
+        scores = similarity(model, sens_windows, removed, splits.bos_id, config.batch_size).criterion(config.criterion)
+        return {i: scores[i] for i in candidates}
 
     stages = staged_greedy(score, budget)
     for n, stage in enumerate(stages, 1):
-        log.info("greedy stage %d: remove %s -> ppl x%.3f", n, list(stage.removed), stage.score)
-    return stages
+        log.info("greedy stage %d (%s): remove %s (score %.4g)", n, config.criterion, list(stage.removed), stage.score)
+    # The one-pass criteria of the unpruned model seed the study too (one forward pass for all of them).
+    found = similarity(model, sens_windows, (), splits.bos_id, config.batch_size, max_block=most)
+    others = [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in range(1, most + 1)]
+    others += [(baselines.angular_block(found.angular[k], k), f"angular block of {k}") for k in found.angular]
+    return stages, others
 
 
 def _transfer(config: RunConfig, budget: Budget) -> tuple[list, dict[int, float]]:
@@ -317,19 +326,22 @@ def _optimize(study: optuna.Study, bench: Bench, budget: Budget, target: int) ->
 
     def on_result(trial: optuna.Trial, result: dict) -> None:
         how = f"= trial {result['duplicate_of']}" if "duplicate_of" in result else f"{result.get('eval_s', 0):.1f} s"
-        test = f", held-out x{result['test_ppl_ratio']:.3f}" if "test_ppl_ratio" in result else ""
-        bar.write(
-            f"trial {trial.number}: remove {list(result['removed'])} -> ppl x{result['ppl_ratio']:.3f}, "
-            f"latency x{result['latency_ratio']:.3f}{test} ({how})",
-            file=sys.stderr,
-        )
+        if "rejected" in result:
+            outcome = f"rejected: {result['rejected']}"
+        else:
+            test = f", held-out x{result['test_ppl_ratio']:.3f}" if "test_ppl_ratio" in result else ""
+            outcome = f"ppl x{result['ppl_ratio']:.3f}, latency x{result['latency_ratio']:.3f}{test}"
+        bar.write(f"trial {trial.number}: remove {list(result['removed'])} -> {outcome} ({how})", file=sys.stderr)
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal free_streak
-        if trial.state == optuna.trial.TrialState.COMPLETE:
+        if finished(trial):
             free_streak = 0
-            bar.n = min(target, completed(study))
+            done = completed(study)
+            bar.n = min(target, done)
             bar.refresh()
+            if done >= target:
+                study.stop()
         else:
             free_streak += 1
             if free_streak >= MAX_FREE_PROPOSALS:
@@ -341,7 +353,7 @@ def _optimize(study: optuna.Study, bench: Bench, budget: Budget, target: int) ->
     try:
         study.optimize(
             make_objective(bench, budget, on_result),
-            callbacks=[MaxTrialsCallback(target, states=COMPLETE), progress],
+            callbacks=[progress],
             gc_after_trial=False,
             show_progress_bar=False,
         )

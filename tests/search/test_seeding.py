@@ -43,8 +43,20 @@ def test_seed_sets_keep_greedy_path_first_and_distinct():
     assert len(sets) == len(set(sets)) == 8
     assert all(budget.allows(s) for s in sets)
     assert seeds[0][1] == "greedy stage 1"
-    # Count 0 still keeps every greedy stage.
-    assert [s for s, _ in seed_sets(stages, budget, count=0)] == sets[:3]
+    # Count 0 still keeps every greedy stage and one-shot set; only neighbours are top-ups.
+    kept = seed_sets(stages, budget, count=0)
+    assert [s for s, _ in kept][:3] == sets[:3]
+    assert {reason.split(" ")[0] for _, reason in kept} == {"greedy", "one-shot"}
+
+
+def test_seed_sets_take_other_methods_before_neighbours():
+    budget = Budget(0.35, total_params=1000, layer_params=[100] * 8)
+    stages = staged_greedy(fake_score, budget)
+    others = [((0, 1), "angular block of 2"), ((4,), "block influence top 1"), ((0, 1, 2, 3), "over budget")]
+    seeds = dict(seed_sets(stages, budget, count=0, others=others))
+    assert seeds[(0, 1)] == "angular block of 2"
+    assert seeds[(4,)] == "greedy stage 1"  # a set already present keeps its first reason
+    assert (0, 1, 2, 3) not in seeds  # infeasible sets are dropped
 
 
 def test_map_layer_by_relative_depth():

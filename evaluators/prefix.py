@@ -1,0 +1,162 @@
+"""Prefix hidden-state cache: start each pruned model's forward pass at its first removed layer.
+
+A model with layers S removed computes exactly what the unpruned model computes up to layer
+min(S): same weights, same inputs, same batch shapes. So the input of every layer is taken once
+(the baseline pass, which the study needs anyway) and each candidate runs only the layers from its
+first removed one onwards, fed the stored input of that layer. The result is the plain forward
+pass's perplexity, not an approximation (the tests compare both on random removal sets).
+
+A cache may also be taken on an already pruned model (`base`): staged greedy re-scores layers on
+the model pruned so far, so each stage caches that model once and scores its candidates from there.
+
+Memory: one `[windows, seq, hidden]` tensor per layer boundary. When that exceeds the budget, only
+every s-th boundary is kept and a candidate starts from the nearest kept one at or before its first
+removed layer (still exact, a few layers dearer); below one boundary's size the cache is off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from evaluators.perplexity import batch_nll, from_batches, nll_batches, window_batches
+from search.surgery import decoder_layers, layers_removed
+
+log = logging.getLogger("search")
+
+MEMORY_FRACTION = 0.25  # of the memory available when the cache is built
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # unknown: assume a modest machine
+
+
+@dataclass
+class PrefixCache:
+    model: nn.Module
+    windows: torch.Tensor
+    bos_id: int | None
+    batch_size: int
+    base: tuple[int, ...]  # layers removed in the model the states were taken from
+    n_layers: int
+    states: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> its input, per batch
+    base_nll: list[tuple[float, int]] = field(default_factory=list)  # the base model's NLL, per batch
+
+    @property
+    def base_ppl(self) -> float:
+        return from_batches(self.base_nll)
+
+    def start(self, removed: Sequence[int]) -> int | None:
+        """The stored boundary a pruned model with `removed` starts from; None: from the embedding."""
+        removed = set(removed)
+        if not set(self.base) <= removed:
+            raise ValueError(f"removal set {sorted(removed)} does not contain the cache's base {list(self.base)}")
+        extra = removed - set(self.base)
+        kept = [i for i in range(self.n_layers) if i not in removed]
+        # At least one layer must run after the start (the layer hook is where the state goes in).
+        limit = min(min(extra, default=self.n_layers), max(kept))
+        return max((b for b in self.states if b <= limit), default=None)
+
+    def layers_run(self, removed: Sequence[int]) -> int:
+        """Decoder layers the cached evaluation of `removed` runs (the arithmetic it cannot avoid)."""
+        start = self.start(removed) or 0
+        return sum(1 for i in range(start, self.n_layers) if i not in set(removed))
+
+    def nll_batches(self, removed: Sequence[int]) -> Iterator[tuple[float, int]]:
+        start = self.start(removed)
+        if start is None:
+            with layers_removed(self.model, removed):
+                yield from nll_batches(self.model, self.windows, self.bos_id, self.batch_size)
+            return
+        states = self.states[start]
+        current: list[torch.Tensor] = []
+
+        def feed(module, args, kwargs):
+            state = current[0]
+            if args:
+                assert args[0].shape == state.shape, "cached state does not fit this batch"
+                return (state, *args[1:]), kwargs
+            kwargs["hidden_states"] = state
+            return args, kwargs
+
+        with layers_removed(self.model, sorted(set(range(start)) | set(removed))), torch.inference_mode():
+            handle = decoder_layers(self.model)[0].register_forward_pre_hook(feed, with_kwargs=True)
+            try:
+                device = next(self.model.parameters()).device
+                for index, inputs in enumerate(window_batches(self.windows, self.bos_id, self.batch_size, device)):
+                    current[:] = [states[index]]
+                    yield batch_nll(self.model(input_ids=inputs, use_cache=False).logits, inputs)
+            finally:
+                handle.remove()
+
+    def perplexity(self, removed: Sequence[int]) -> float:
+        return from_batches(self.nll_batches(removed))
+
+
+@torch.inference_mode()
+def build_prefix_cache(
+    model: nn.Module,
+    windows: torch.Tensor,
+    bos_id: int | None = None,
+    batch_size: int = 4,
+    base: Sequence[int] = (),
+    max_bytes: int | None = None,
+) -> PrefixCache:
+    """One forward pass of the model with `base` removed, keeping every layer's input (memory permitting)."""
+    n_layers = len(decoder_layers(model))
+    base = tuple(sorted(set(base)))
+    cache = PrefixCache(model, windows, bos_id, batch_size, base, n_layers)
+    kept = [i for i in range(n_layers) if i not in base]
+    param = next(model.parameters())
+    tokens = windows.shape[0] * (windows.shape[1] + (1 if bos_id is not None else 0))
+    per_boundary = tokens * model.config.hidden_size * param.element_size()
+    budget = max_bytes if max_bytes is not None else int(available_bytes(param.device) * MEMORY_FRACTION)
+    # The first kept layer's input is the embedding output: nothing to save by storing it.
+    candidates = kept[1:]
+    fit = budget // per_boundary if per_boundary else 0
+    if not candidates or fit == 0:
+        if candidates:
+            log.info(
+                "prefix cache off: one layer boundary needs %.0f MiB, budget %.0f MiB",
+                per_boundary / 2**20,
+                budget / 2**20,
+            )
+        stored: list[int] = []
+    else:
+        stride = math.ceil(len(candidates) / fit)
+        stored = candidates[::stride]
+        if stride > 1:
+            log.info("prefix cache: every %d-th layer boundary fits in %.0f MiB", stride, budget / 2**20)
+    cache.states = {b: [] for b in stored}
+    position = {b: kept.index(b) for b in stored}  # index in the pruned stack
+    handles = []
+    with layers_removed(model, base):
+        layers = decoder_layers(model)
+        for boundary, index in position.items():
+
+            def keep(module, args, kwargs, boundary=boundary):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                cache.states[boundary].append(hidden.detach().clone())
+
+            handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))
+        try:
+            for inputs in window_batches(windows, bos_id, batch_size, param.device):
+                cache.base_nll.append(batch_nll(model(input_ids=inputs, use_cache=False).logits, inputs))
+        finally:
+            for handle in handles:
+                handle.remove()
+    return cache
