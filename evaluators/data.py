@@ -56,6 +56,12 @@ def _text_column(dataset) -> str:
     raise SearchError(f"dataset has no text column (columns: {dataset.column_names})")
 
 
+def windows_fingerprint(windows: torch.Tensor, bos_id: int | None) -> str:
+    digest = hashlib.sha256(windows.numpy().tobytes())
+    digest.update(f"{tuple(windows.shape)}:{bos_id}".encode())
+    return digest.hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class Splits:
     """Calibration and held-out windows, `[n_windows, seq_len]` token ids each."""
@@ -66,10 +72,7 @@ class Splits:
 
     def split_fingerprint(self, split: str) -> str:
         """The token windows of one split ("calib" or "test") and how BOS is added: what a ppl depends on."""
-        windows = self.calib if split == "calib" else self.test
-        digest = hashlib.sha256(windows.numpy().tobytes())
-        digest.update(f"{tuple(windows.shape)}:{self.bos_id}".encode())
-        return digest.hexdigest()[:32]
+        return windows_fingerprint(self.calib if split == "calib" else self.test, self.bos_id)
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()

@@ -37,18 +37,35 @@ def removal_sensitivity(
     bos_id: int | None = None,
     batch_size: int = 4,
     desc: str | None = None,
+    store=None,
 ) -> dict[int, float]:
     """Perplexity ratio, to the model with `already_removed`, of removing each candidate as well.
 
     All indices refer to the unpruned model. One prefix-cache pass over the already pruned model
-    gives its perplexity and lets each candidate run only from its own layer onwards.
+    gives its perplexity and lets each candidate run only from its own layer onwards. With a
+    `store` (an EvalCache for these windows), perplexities measured before are read, not measured.
     """
-    cache = build_prefix_cache(model, windows, bos_id, batch_size, base=already_removed)
-    base_ppl = cache.base_ppl
+    cache = None
+
+    def measure(removed: Sequence[int]) -> float:
+        nonlocal cache
+        found = store.get(removed) if store is not None else None
+        if found is not None:
+            return found
+        if cache is None:
+            cache = build_prefix_cache(model, windows, bos_id, batch_size, base=already_removed)
+            if store is not None:
+                store.put(already_removed, cache.base_ppl)
+        value = cache.base_ppl if set(removed) == set(already_removed) else cache.perplexity(removed)
+        if store is not None:
+            store.put(removed, value)
+        return value
+
+    base_ppl = measure(already_removed)
     candidates = list(candidates)
     scores: dict[int, float] = {}
     for layer in tqdm(candidates, desc=desc, leave=False, disable=desc is None):
-        scores[layer] = cache.perplexity([*already_removed, layer]) / base_ppl
+        scores[layer] = measure([*already_removed, layer]) / base_ppl
     return scores
 
 

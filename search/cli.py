@@ -1,12 +1,14 @@
-"""`python -m search run|front|studies|show|export`: flag parsing over the library; errors are one line."""
+"""`python -m search run|baseline|front|studies|show|export`: flag parsing over the library; errors are one line."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
 
+from search.baselines import METHODS
 from search.errors import SearchError
 from search.space import parse_budget
 from search.store import redact
@@ -58,38 +60,14 @@ def _stored_study_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from search.study import RunConfig
-
-    d = RunConfig()
-    parser = _Parser(
-        prog="python -m search",
-        description="Search which decoder layers to remove from a transformer LM: an Optuna study "
-        "over removal sets, seeded by staged greedy sensitivity, stored in SQL.",
-        epilog=DEFAULTS_NOTE,
-    )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser(
-        "run",
-        help="create or resume a study and run it to --trials finished trials",
-        description="Create a study (baseline, sensitivity, greedy seeds) or resume it, run trials until "
-        "--trials are finished, then print the Pareto front. Re-running the same command resumes.",
-        epilog=DEFAULTS_NOTE,
-    )
-    what = run.add_argument_group("what to prune")
+def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentGroup:
+    """Model, data and compute flags: shared by `run` and `baseline`, which evaluate the same way."""
+    what = parser.add_argument_group("what to prune")
     what.add_argument(
         "--model", help="hub id, local model directory, or .gguf file (default: embedded SmolLM2-135M-Instruct)"
     )
-    what.add_argument(
-        "--budget",
-        type=_budget,
-        default=d.budget,
-        help="largest fraction of parameters to remove, e.g. 12%% or 0.12 (default: 12%%)",
-    )
     what.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    data = run.add_argument_group("data")
+    data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset",
         help="text file, folder of text files, or datasets spec name[:config[:split]], "
@@ -122,6 +100,57 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.batch_size,
         help=f"windows per forward pass (default: {d.batch_size})",
     )
+    compute = parser.add_argument_group("compute")
+    compute.add_argument(
+        "--dtype",
+        choices=["bf16-mixed", "bfloat16", "float32", "float16"],
+        default=d.dtype,
+        help=f"compute dtype (default: {d.dtype})",
+    )
+    compute.add_argument("--device", default=d.device, help=f"torch device, e.g. cpu or cuda (default: {d.device})")
+    compute.add_argument(
+        "--latency-tokens",
+        type=_positive_int,
+        default=d.latency_tokens,
+        help=f"input length of the timed forward pass (default: {d.latency_tokens})",
+    )
+    compute.add_argument(
+        "--latency-repeats",
+        type=_positive_int,
+        default=d.latency_repeats,
+        help=f"timed rounds of the per-shape latency table; medians are compared (default: {d.latency_repeats})",
+    )
+
+    return what
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from search.study import RunConfig
+
+    d = RunConfig()
+    parser = _Parser(
+        prog="python -m search",
+        description="Search which decoder layers to remove from a transformer LM: an Optuna study "
+        "over removal sets, seeded by staged greedy sensitivity, stored in SQL.",
+        epilog=DEFAULTS_NOTE,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="create or resume a study and run it to --trials finished trials",
+        description="Create a study (baseline, sensitivity, greedy seeds) or resume it, run trials until "
+        "--trials are finished, then print the Pareto front. Re-running the same command resumes.",
+        epilog=DEFAULTS_NOTE,
+    )
+    what = _evaluation_flags(run, d)
+    what.add_argument(
+        "--budget",
+        type=_budget,
+        default=d.budget,
+        help="largest fraction of parameters to remove, e.g. 12%% or 0.12 (default: 12%%)",
+    )
     study = run.add_argument_group("study")
     study.add_argument(
         "--trials",
@@ -132,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--study", help="study name (default: derived from model and budget)")
     study.add_argument("--storage", help="SQLAlchemy URL of the study store (default: sqlite:///studies/<study>.db)")
     study.add_argument("--seed", type=int, default=d.seed, help=f"sampler seed (default: {d.seed})")
+    study.add_argument(
+        "--sampler",
+        choices=["local", "tpe"],
+        default=d.sampler,
+        help="local: moves around the best sets of each size, never repeating a set; tpe: Optuna's "
+        f"multi-objective TPE (default: {d.sampler})",
+    )
     study.add_argument(
         "--criterion",
         choices=["ppl", "angular", "bi"],
@@ -159,26 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="store holding the --warm-start-from study (default: this run's store)",
     )
-    compute = run.add_argument_group("compute")
-    compute.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float32", "float16"],
-        default=d.dtype,
-        help=f"compute dtype (default: {d.dtype})",
+
+    baseline = sub.add_parser(
+        "baseline",
+        help="run one published layer-removal method alone and measure its pick",
+        description="Choose k layers with one method (the same code seeds studies) and report calibration "
+        "and held-out perplexity ratios, latency ratio, and the evaluations choosing needed.",
+        epilog=DEFAULTS_NOTE,
     )
-    compute.add_argument("--device", default=d.device, help=f"torch device, e.g. cpu or cuda (default: {d.device})")
-    compute.add_argument(
-        "--latency-tokens",
-        type=_positive_int,
-        default=d.latency_tokens,
-        help=f"input length of the timed forward pass (default: {d.latency_tokens})",
+    baseline.add_argument("--method", required=True, choices=METHODS, help="which method")
+    baseline.add_argument("--layers", type=_positive_int, required=True, metavar="K", help="how many layers to remove")
+    baseline.add_argument(
+        "--draws", type=_positive_int, default=5, help="random sets averaged by --method random (default: 5)"
     )
-    compute.add_argument(
-        "--latency-repeats",
-        type=_positive_int,
-        default=d.latency_repeats,
-        help=f"timed rounds of the per-shape latency table; medians are compared (default: {d.latency_repeats})",
+    baseline.add_argument("--seed", type=int, default=d.seed, help=f"seed of --method random (default: {d.seed})")
+    baseline.add_argument(
+        "--storage", help="SQLAlchemy URL whose evaluation cache to read and fill, e.g. a study's store (default: none)"
     )
+    baseline.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
+    _evaluation_flags(baseline, d)
 
     front = sub.add_parser(
         "front",
@@ -259,6 +294,27 @@ def _run(args: argparse.Namespace) -> None:
     )
 
 
+def _baseline(args: argparse.Namespace) -> None:
+    from search.methods import choose, measure
+    from search.study import RunConfig, attach_store, prepare
+
+    fields = RunConfig.__dataclass_fields__
+    config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "storage"})
+    loaded, bench, _ = prepare(config)
+    if args.storage:
+        from search.store import open_storage
+
+        attach_store(bench, open_storage(args.storage), loaded.fingerprint, config)
+    bench.baseline()
+    choice = choose(bench, args.method, args.layers, config.sensitivity_tokens, draws=args.draws, seed=args.seed)
+    (row,) = measure(bench, [choice])
+    if args.format == "json":
+        print(json.dumps({"model": loaded.source, **row}))
+        return
+    for key, value in row.items():
+        print(f"{key:16} {value:.4f}" if isinstance(value, float) else f"{key:16} {value}")
+
+
 def _stored_study(args: argparse.Namespace):
     from search.store import load_study, locate_store, open_storage
 
@@ -325,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging()
     try:
-        {"run": _run, "front": _front, "studies": _studies, "show": _show, "export": _export}[args.command](args)
+        {"run": _run, "baseline": _baseline, "front": _front, "studies": _studies, "show": _show, "export": _export}[
+            args.command
+        ](args)
     except SearchError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2

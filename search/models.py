@@ -25,7 +25,11 @@ from search.packaged import packaged_file
 log = logging.getLogger("search")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight dtypes. "bf16-mixed" keeps float32 weights and residual stream and runs matrix products in
+# bfloat16 (torch.autocast): about as fast as bfloat16 weights on a CPU with bf16 units, and closer to
+# float32, because the weights themselves are not rounded (benchmarks/eval_cost.py measures both).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "bf16-mixed": torch.float32}
+AUTOCAST = {"bf16-mixed": torch.bfloat16}
 
 
 @dataclass
@@ -149,6 +153,9 @@ def load_model(
     if fingerprint is None:  # a hub id: the resolved commit names the weights
         fingerprint = f"hub:{spec}@{getattr(model.config, '_commit_hash', None) or 'unknown'}"
     model.to(torch.device(device)).eval()
+    if dtype in AUTOCAST:
+        # Every forward pass, ours or a hook's caller's, runs under autocast; nothing else changes.
+        model.forward = torch.autocast(device_type=model.device.type, dtype=AUTOCAST[dtype])(model.forward)
     return LoadedModel(model, tokenizer, model_name(spec), str(spec or path), fingerprint)
 
 

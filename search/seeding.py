@@ -24,11 +24,11 @@ class Stage:
     scores: dict[int, float]  # every candidate's ratio at this stage (stage 1: the sensitivity profile)
 
 
-def staged_greedy(score: ScoreFn, budget: Budget) -> list[Stage]:
-    """Greedy path from one removed layer up to the most the budget allows."""
+def staged_greedy(score: ScoreFn, budget: Budget, max_stages: int | None = None) -> list[Stage]:
+    """Greedy path from one removed layer up to the most the budget allows (or `max_stages`)."""
     removed: tuple[int, ...] = ()
     stages: list[Stage] = []
-    while True:
+    while max_stages is None or len(stages) < max_stages:
         candidates = [i for i in range(budget.n_layers) if i not in removed and budget.allows((*removed, i))]
         if not candidates:
             return stages
@@ -36,6 +36,7 @@ def staged_greedy(score: ScoreFn, budget: Budget) -> list[Stage]:
         best = min(candidates, key=lambda i: (scores[i], i))
         removed = tuple(sorted((*removed, best)))
         stages.append(Stage(removed, scores[best], scores))
+    return stages
 
 
 def seed_sets(

@@ -12,19 +12,19 @@ import hashlib
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
 from tqdm.auto import tqdm
 
-from evaluators.data import make_splits
+from evaluators.data import make_splits, windows_fingerprint
 from evaluators.latency import latency_input, measure_latencies, measure_latency
 from evaluators.sensitivity import removal_sensitivity, similarity
 from search import baselines, space
 from search.errors import SearchError
 from search.evaluations import EvalCache
-from search.models import load_model, model_name
+from search.models import LoadedModel, load_model, model_name
 from search.objective import COMPLETE, Bench, finished, make_objective, store_latency
 from search.recovery import recover_interrupted, worker_id
 from search.sampler import RemovalSetSampler, removal_set
@@ -62,7 +62,7 @@ class RunConfig:
     sensitivity_tokens: int = 2048
     seq_len: int = 512
     batch_size: int = 4
-    dtype: str = "bfloat16"
+    dtype: str = "bf16-mixed"
     device: str = "cpu"
     latency_tokens: int = 128
     latency_repeats: int = 30
@@ -71,6 +71,7 @@ class RunConfig:
     warm_start_from: str | None = None  # another study whose findings seed this one instead of greedy
     warm_start_storage: str | None = None  # where that study lives (default: this run's store)
     criterion: str = "ppl"  # what staged greedy seeding ranks layers by: ppl, angular or bi
+    sampler: str = "local"  # local: search/sampler.py; tpe: Optuna's multi-objective TPE
     max_ppl_ratio: float | None = None  # stop evaluating a candidate once it is proven above this
 
     @property
@@ -126,30 +127,14 @@ def run(config: RunConfig) -> optuna.Study:
                 log.info("study %r already has %d finished trials; nothing to run", name, completed(study))
                 return study
 
-    loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
-    model = loaded.model
-    splits = make_splits(loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len)
-    budget = Budget(config.budget, total_param_count(model), layer_param_counts(model))
+    loaded, bench, budget = prepare(config)
     budget.check_removable()
-    types = getattr(model.config, "layer_types", None) or [""] * budget.n_layers
-    bench = Bench(
-        model,
-        splits,
-        latency_input(splits.calib, config.latency_tokens, model.device),
-        batch_size=config.batch_size,
-        latency_repeats=config.latency_repeats,
-        layer_kinds=[f"{size}{'/' + kind if kind else ''}" for size, kind in zip(budget.layer_params, types)],
-        max_ppl_ratio=config.max_ppl_ratio,
-    )
+    splits = bench.splits
 
     # Checked before any store change; a study seeded already needs no source any more.
     transfer = _transfer(config, budget) if config.warm_start_from and not seeded else None
     storage = storage or open_storage(url)
-    numerics = f"{config.dtype}@{model.device.type}/b{config.batch_size}"
-    bench.stores = {
-        split: EvalCache(storage.engine, loaded.fingerprint, splits.split_fingerprint(split), numerics)
-        for split in ("calib", "test")
-    }
+    attach_store(bench, storage, loaded.fingerprint, config)
     fingerprints = {"model_fingerprint": loaded.fingerprint, "data_fingerprint": splits.fingerprint()}
     # One worker creates and seeds the study; others wait here, then join the seeded study.
     with exclusive(url, f"study:{name}"):
@@ -183,9 +168,48 @@ def run(config: RunConfig) -> optuna.Study:
         # Seed offset by progress, so a resumed run does not replay the proposals it already made.
         # ... and the worker's identity, so workers released together do not propose in lockstep.
         offset = len(study.trials) + int(hashlib.sha256(worker_id().encode()).hexdigest()[:6], 16)
-        study.sampler = RemovalSetSampler(budget, seed=config.seed + offset)
+        study.sampler = _sampler(config, budget, config.seed + offset)
         _optimize(study, bench, budget, target)
     return study
+
+
+def _sampler(config: RunConfig, budget: Budget, seed: int) -> optuna.samplers.BaseSampler:
+    """The default local search, or Optuna's multi-objective TPE for comparison (benchmarks/compare_methods.py).
+
+    NSGA-II is not offered: its first generation is random booleans, ~15 of 30 layers removed,
+    all far over any useful budget, and enqueued seeds do not stand in for it.
+    """
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed % 2**32, multivariate=True, n_startup_trials=4)
+    return RemovalSetSampler(budget, seed=seed)
+
+
+def prepare(config: RunConfig) -> tuple[LoadedModel, Bench, Budget]:
+    """Model, windows and parameter accounting: everything an evaluation needs, no store yet."""
+    loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
+    model = loaded.model
+    splits = make_splits(loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len)
+    budget = Budget(config.budget, total_param_count(model), layer_param_counts(model))
+    types = getattr(model.config, "layer_types", None) or [""] * budget.n_layers
+    bench = Bench(
+        model,
+        splits,
+        latency_input(splits.calib, config.latency_tokens, model.device),
+        batch_size=config.batch_size,
+        latency_repeats=config.latency_repeats,
+        layer_kinds=[f"{size}{'/' + kind if kind else ''}" for size, kind in zip(budget.layer_params, types)],
+        max_ppl_ratio=config.max_ppl_ratio,
+    )
+    return loaded, bench, budget
+
+
+def attach_store(bench: Bench, storage: optuna.storages.RDBStorage, model_fingerprint: str, config: RunConfig) -> None:
+    """Let the bench read and record perplexities in the store's evaluation cache."""
+    numerics = f"{config.dtype}@{bench.model.device.type}/b{config.batch_size}"
+    bench.stores = {
+        split: EvalCache(storage.engine, model_fingerprint, bench.splits.split_fingerprint(split), numerics)
+        for split in ("calib", "test")
+    }
 
 
 def _target(study: optuna.Study, config: RunConfig) -> int:
@@ -281,11 +305,14 @@ def _greedy(bench: Bench, budget: Budget, config: RunConfig) -> tuple[list[Stage
     sens_windows = splits.calib[:n_sens]
     most = budget.max_layers()
 
+    calib = bench.stores.get("calib")
+    store = calib and replace(calib, data_fingerprint=windows_fingerprint(sens_windows, splits.bos_id))
+
     def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
         desc = f"greedy stage {len(removed) + 1}/{most} ({config.criterion})"
         if config.criterion == "ppl":
             return removal_sensitivity(
-                model, sens_windows, candidates, removed, splits.bos_id, config.batch_size, desc=desc
+                model, sens_windows, candidates, removed, splits.bos_id, config.batch_size, desc=desc, store=store
             )
         scores = similarity(model, sens_windows, removed, splits.bos_id, config.batch_size).criterion(config.criterion)
         return {i: scores[i] for i in candidates}
@@ -297,6 +324,9 @@ def _greedy(bench: Bench, budget: Budget, config: RunConfig) -> tuple[list[Stage
     found = similarity(model, sens_windows, (), splits.bos_id, config.batch_size, max_block=most)
     others = [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in range(1, most + 1)]
     others += [(baselines.angular_block(found.angular[k], k), f"angular block of {k}") for k in found.angular]
+    others += [
+        (baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in range(1, most + 1)
+    ]
     return stages, others
 
 

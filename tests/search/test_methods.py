@@ -1,0 +1,77 @@
+"""Published methods run alone: each picks k layers and is measured like a study trial."""
+
+import json
+
+import pytest
+
+from search import baselines
+from search.baselines import METHODS
+from search.errors import SearchError
+from search.methods import choose, measure
+from search.study import prepare
+from tests.search.test_study import tiny_config
+from tests.test_cli import assert_one_line_error, cli
+
+
+def test_selection_rules():
+    scores = {0: 0.9, 1: 0.1, 2: 0.5, 3: 0.1}
+    assert baselines.lowest(scores, 2) == (1, 3)  # ties: the lower index first
+    assert baselines.angular_block({0: 0.3, 1: 0.2, 2: 0.25}, 3) == (1, 2, 3)
+    assert baselines.drop_last(8, 3) == (4, 5, 6)  # the final layer stays
+    draws = baselines.random_sets(8, 2, 5, seed=1)
+    assert len(draws) == len(set(draws)) == 5 and all(len(s) == 2 for s in draws)
+    assert draws == baselines.random_sets(8, 2, 5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, tiny_model_dir, corpus):
+    _, bench, _ = prepare(tiny_config(tmp_path_factory.mktemp("m"), tiny_model_dir, corpus))
+    bench.baseline()
+    return bench
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_picks_k_layers_and_is_measured(bench, method):
+    choice = choose(bench, method, 2, sensitivity_tokens=128, draws=3)
+    assert all(len(s) == 2 and all(0 <= i < 6 for i in s) for s in choice.sets)
+    assert len(choice.sets) == (3 if method == "random" else 1)
+    (row,) = measure(bench, [choice])
+    assert row["k"] == 2 and row["method"] == method and len(row["removed_layers"]) == 2
+    assert row["calib_ppl_ratio"] > 0 and row["test_ppl_ratio"] > 0 and 0 < row["latency_ratio"] < 1.5
+    expected = {"oneshot_ppl": 7, "staged_greedy": 7 + 6, "block_influence": 1, "angular_block": 1}
+    assert choice.evaluations == expected.get(method, 0)  # base + one per candidate layer, per stage
+
+
+def test_staged_greedy_extends_its_own_path(bench):
+    one = choose(bench, "staged_greedy", 1, sensitivity_tokens=128).sets[0]
+    three = choose(bench, "staged_greedy", 3, sensitivity_tokens=128).sets[0]
+    assert set(one) <= set(three)
+
+
+def test_bad_k_is_refused(bench):
+    with pytest.raises(SearchError, match="between 1 and 5"):
+        choose(bench, "drop_last", 6, sensitivity_tokens=128)
+
+
+def test_baseline_command(tmp_path, tiny_model_dir, corpus):
+    args = ["--model", str(tiny_model_dir), "--dataset", str(corpus), "--calib-tokens", "256", "--test-tokens", "128"]
+    args += ["--sensitivity-tokens", "128", "--seq-len", "32", "--latency-tokens", "16", "--latency-repeats", "1"]
+    store = f"sqlite:///{tmp_path / 'b.db'}"
+    result = cli(
+        "baseline",
+        "--method",
+        "oneshot_ppl",
+        "--layers",
+        "2",
+        "--format",
+        "json",
+        "--storage",
+        store,
+        *args,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["method"] == "oneshot_ppl" and len(row["removed_layers"]) == 2 and row["evaluations"] == 7
+    assert_one_line_error(cli("baseline", "--method", "nope", "--layers", "2", cwd=tmp_path), "invalid choice")
+    assert_one_line_error(cli("baseline", "--method", "drop_last", "--layers", "9", *args, cwd=tmp_path), "--layers")

@@ -1,0 +1,18 @@
+import math
+
+import torch
+
+from evaluators.perplexity import perplexity
+from search.models import load_model
+from tests.conftest import VOCAB
+
+
+def test_bf16_mixed_keeps_float32_weights_and_computes_in_bfloat16(tiny_model_dir):
+    exact = load_model(str(tiny_model_dir), "float32").model
+    mixed = load_model(str(tiny_model_dir), "bf16-mixed").model
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    windows = torch.randint(3, VOCAB, (2, 16))
+    with torch.no_grad():
+        assert mixed(input_ids=windows).logits.dtype == torch.bfloat16  # matrix products under autocast
+        assert exact(input_ids=windows).logits.dtype == torch.float32
+    assert math.isclose(perplexity(mixed, windows), perplexity(exact, windows), rel_tol=0.02)
