@@ -24,7 +24,10 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+
+import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -113,6 +116,8 @@ def main() -> None:
         print(render(json.loads(Path(args.render).read_text())))
         return
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     storage = args.storage or f"sqlite:///{tempfile.mkdtemp(prefix='compare-')}/compare.db"
     config = RunConfig(

@@ -108,6 +108,8 @@ def main() -> None:
             ppl[name], spent = timed(lambda name=name: methods[name](removed))
             seconds[name] += spent
         rows.append({"removed_layers": list(removed), **ppl})
+        rows[-1]["ratio_naive"] = ppl["naive"] / naive_base
+        rows[-1]["ratio_default"] = ppl["default"] / default.base_ppl
         say(f"{list(removed)}: " + ", ".join(f"{k} {v:.4f}" for k, v in ppl.items()))
 
     layer_flops, other_flops = per_token_flops(exact.model, windows.shape[1])
@@ -149,6 +151,8 @@ def main() -> None:
         "default_over_naive": seconds["default"] / seconds["naive"],
         "default_max_rel_ratio_diff": max(ratio_diff(r) for r in rows),
         "default_max_rel_ppl_diff": max(abs(r["default"] - r["naive"]) / r["naive"] for r in rows),
+        "naive_base_ppl": naive_base,
+        "default_base_ppl": default.base_ppl,
         "cache_build_s": cache_build_s,
         "default_cache_build_s": default_build_s,
         "naive_baseline_s": naive_base_s,
