@@ -26,6 +26,7 @@ def study_summaries(storage: optuna.storages.BaseStorage) -> list[dict]:
                 "model": settings.get("model", "?"),
                 "budget": settings.get("budget"),
                 "complete": count[TrialState.COMPLETE],
+                "rejected": sum("rejected" in t.user_attrs for t in trials if t.state == TrialState.PRUNED),
                 "failed": count[TrialState.FAIL],
                 "running": count[TrialState.RUNNING],
                 "waiting": count[TrialState.WAITING],
@@ -63,7 +64,15 @@ def trial_details(study: optuna.Study, number: int) -> dict:
         "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
         "finished": t.datetime_complete.isoformat(timespec="seconds") if t.datetime_complete else None,
         "eval_s": attrs.get("eval_s"),
+        "ppl_from": attrs.get("ppl_from"),
     }
+    if "rejected" in attrs:  # stopped part-way: what condemned it, and on how much data
+        details.update(
+            rejected=attrs["rejected"],
+            ppl_ratio_lower_bound=attrs.get("ppl_ratio_lower_bound"),
+            windows_evaluated=attrs.get("windows_evaluated"),
+            latency_ratio=attrs.get("latency_ratio"),
+        )
     if details["test_ppl_ratio"] is None and t.state == TrialState.COMPLETE:
         details["test_ppl_ratio_note"] = "not measured: the trial was dominated when it finished, so never on the front"
     return details

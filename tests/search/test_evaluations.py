@@ -89,4 +89,10 @@ def test_rejected_trials_are_recorded_and_count(tmp_path, tiny_model_dir, corpus
     assert completed(study) == 6
     assert len({removal_set(t) for t in study.get_trials() if finished(t)}) == 6  # never retried
     assert not any(t.state == TrialState.FAIL for t in study.get_trials())
+    from search.summary import study_summaries, trial_details
+
+    shown = trial_details(study, rejected[0].number)
+    assert shown["rejected"] == rejected[0].user_attrs["rejected"] and shown["windows_evaluated"]
+    (summary,) = study_summaries(study._storage)
+    assert summary["rejected"] == len(rejected)
     optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'store.db'}")  # store readable

@@ -24,9 +24,19 @@ def test_studies_lists_counts_and_front(store, tmp_path):
     result = cli("studies", "--storage", url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     header, _, *rows = result.stdout.splitlines()
-    assert header.split() == ["study", "model", "budget", "complete", "failed", "running", "waiting", "front"]
+    assert header.split() == [
+        "study",
+        "model",
+        "budget",
+        "complete",
+        "rejected",
+        "failed",
+        "running",
+        "waiting",
+        "front",
+    ]
     row = next(r.split() for r in rows if r.startswith(study + " "))
-    assert row[3] == "5" and row[5] == "0" and int(row[7]) >= 1
+    assert int(row[3]) + int(row[4]) == 5 and row[6] == "0" and int(row[8]) >= 1  # finished = complete + rejected
 
 
 def test_show_tells_everything_about_a_trial(store, tmp_path):
