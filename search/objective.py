@@ -135,17 +135,22 @@ class Bench:
         total_targets = target_count(cache.windows, cache.bos_id)
         self.evaluations += 1
         nll, seen, base_nll, batches = 0.0, 0, 0.0, 0
-        for (batch_nll, count), (base_batch, _) in zip(cache.nll_batches(removed), cache.base_nll):
-            nll, seen, base_nll, batches = nll + batch_nll, seen + count, base_nll + base_batch, batches + 1
-            if seen == total_targets:
-                break
-            lower = math.exp(nll / total_targets) / base
-            windows = min(len(cache.windows), batches * self.batch_size)
-            if ceiling is not None and lower > ceiling:
-                raise Rejected(f"proven above ppl x{ceiling:.3f} after {windows} windows", lower, windows)
-            partial = math.exp((nll - base_nll) / seen)  # ratio over the windows seen so far
-            if self.max_ppl_ratio is not None and partial > self.max_ppl_ratio:
-                raise Rejected(f"ppl x{partial:.3f} over the first {windows} windows > --max-ppl-ratio", lower, windows)
+        evaluation = cache.nll_batches(removed)
+        try:
+            for (batch_nll, count), (base_batch, _) in zip(evaluation, cache.base_nll):
+                nll, seen, base_nll, batches = nll + batch_nll, seen + count, base_nll + base_batch, batches + 1
+                if seen == total_targets:
+                    break
+                lower = math.exp(nll / total_targets) / base
+                windows = min(len(cache.windows), batches * self.batch_size)
+                if ceiling is not None and lower > ceiling:
+                    raise Rejected(f"proven above ppl x{ceiling:.3f} after {windows} windows", lower, windows)
+                partial = math.exp((nll - base_nll) / seen)  # ratio over the windows seen so far
+                if self.max_ppl_ratio is not None and partial > self.max_ppl_ratio:
+                    reason = f"ppl x{partial:.3f} over the first {windows} windows > --max-ppl-ratio"
+                    raise Rejected(reason, lower, windows)
+        finally:
+            evaluation.close()  # a stopped evaluation restores the model's layers now, not when collected
         ppl = math.exp(nll / seen)
         if store is not None:
             store.put(removed, ppl, time.perf_counter() - started)
@@ -224,9 +229,9 @@ def make_objective(
             return tuple(original.values)
         start, hits = time.perf_counter(), bench.store_hits
         latency_ratio, latency_ms = _latency(study, bench, removed)  # first: it decides what can still win
-        finished = study.get_trials(deepcopy=False, states=COMPLETE)
+        measured = study.get_trials(deepcopy=False, states=COMPLETE)
         # A set is dominated once its ppl ratio provably exceeds that of a finished set at least as fast.
-        ceiling = min((t.values[0] for t in finished if t.values[1] <= latency_ratio), default=None)
+        ceiling = min((t.values[0] for t in measured if t.values[1] <= latency_ratio), default=None)
         if bench.max_ppl_ratio is not None:
             ceiling = min(bench.max_ppl_ratio, ceiling if ceiling is not None else math.inf)
         try:

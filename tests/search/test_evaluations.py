@@ -96,3 +96,13 @@ def test_rejected_trials_are_recorded_and_count(tmp_path, tiny_model_dir, corpus
     (summary,) = study_summaries(study._storage)
     assert summary["rejected"] == len(rejected)
     optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'store.db'}")  # store readable
+
+
+def test_a_rejected_evaluation_leaves_the_model_whole():
+    from search.surgery import decoder_layers
+
+    bench = tiny_bench()
+    with pytest.raises(Rejected) as caught:  # keeps the traceback (and its frames) alive
+        bench.calib_ratio((1, 2, 3, 4), ceiling=1e-4)
+    assert caught.value.windows == 2
+    assert len(decoder_layers(bench.model)) == 6
