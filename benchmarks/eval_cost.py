@@ -7,7 +7,7 @@ process, the order rotating from set to set so no method always runs first:
 
 - naive:   the pruned model's plain full forward pass, float32;
 - cached:  the prefix hidden-state cache (evaluators/prefix.py), float32;
-- default: the engine's default evaluation (prefix cache in --dtype, bfloat16 unless overridden).
+- default: the engine's default evaluation (prefix cache in --dtype, bf16-mixed unless overridden).
 
 `flop_ratio` is the arithmetic the cached path must still do over what the naive one does for the
 list (decoder layers actually run, plus embedding, final norm and LM head): the best the prefix

@@ -8,10 +8,13 @@ Rows are only ever inserted; the first writer of a key wins and a second one is 
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
+import torch
 
 metadata = sa.MetaData()
 
@@ -21,13 +24,28 @@ evaluations = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("model_fingerprint", sa.String(128), nullable=False),
     sa.Column("data_fingerprint", sa.String(128), nullable=False),  # the split's token windows
-    sa.Column("numerics", sa.String(64), nullable=False),  # dtype, device kind, batch: bfloat16@cpu/b4
+    sa.Column("numerics", sa.String(96), nullable=False),  # dtype@device model/batch, e.g. bf16-mixed@cpu:AMD EPYC/b4
     sa.Column("removed_layers", sa.String(1024), nullable=False),  # "3,17"; "" is the unpruned model
     sa.Column("perplexity", sa.Float, nullable=False),
     sa.Column("seconds", sa.Float),  # what the evaluation cost when it was measured
     sa.Column("created", sa.DateTime, server_default=sa.func.now()),
     sa.UniqueConstraint("model_fingerprint", "data_fingerprint", "numerics", "removed_layers", name="search_eval_key"),
 )
+
+
+def device_label(device: torch.device) -> str:
+    """The device kind and model: bf16 results differ between CPUs and GPUs sharing one store."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{device.type}:{name}"[:40]
 
 
 def create_tables(engine: sa.Engine) -> None:

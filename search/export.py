@@ -21,7 +21,7 @@ from evaluators.data import make_splits
 from evaluators.perplexity import perplexity
 from search.errors import SearchError
 from search.front import front_report
-from search.models import DTYPES, load_model
+from search.models import DTYPES, apply_numerics, load_model
 from search.surgery import remove_layers
 
 PICKS = ("knee", "best-ppl", "fastest")
@@ -146,6 +146,7 @@ def verify(out: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial, devi
     settings, baseline = study.user_attrs["settings"], study.user_attrs["baseline"]
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[settings["dtype"]]).to(device).eval()
+    apply_numerics(model, settings["dtype"])  # the held-out figure was measured with these numerics
     splits = make_splits(
         tokenizer, settings["dataset"], settings["calib_tokens"], settings["test_tokens"], settings["seq_len"]
     )

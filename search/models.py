@@ -153,10 +153,15 @@ def load_model(
     if fingerprint is None:  # a hub id: the resolved commit names the weights
         fingerprint = f"hub:{spec}@{getattr(model.config, '_commit_hash', None) or 'unknown'}"
     model.to(torch.device(device)).eval()
-    if dtype in AUTOCAST:
-        # Every forward pass, ours or a hook's caller's, runs under autocast; nothing else changes.
-        model.forward = torch.autocast(device_type=model.device.type, dtype=AUTOCAST[dtype])(model.forward)
+    apply_numerics(model, dtype)
     return LoadedModel(model, tokenizer, model_name(spec), str(spec or path), fingerprint)
+
+
+def apply_numerics(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """For a mixed dtype, run every forward pass of the (float32) model under autocast."""
+    if dtype in AUTOCAST:
+        model.forward = torch.autocast(device_type=model.device.type, dtype=AUTOCAST[dtype])(model.forward)
+    return model
 
 
 def _directory_fingerprint(path: Path) -> str:

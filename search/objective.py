@@ -118,20 +118,22 @@ class Bench:
                 ppl = self.prefix(split).base_ppl
             setattr(self, f"base_{split}_ppl", ppl)
 
-    def ppl(self, removed: Sequence[int], split: str, ceiling: float | None = None) -> float:
+    def ppl(self, removed: Sequence[int], split: str, ceiling: float | None = None, cap: float | None = None) -> float:
         """Perplexity of the pruned model on a split; raises Rejected once it provably exceeds `ceiling`.
 
         `ceiling` is a perplexity *ratio*. The proof: NLL is never negative, so the windows still to
-        come can only add to the sum, and exp(sum so far / all targets) is a lower bound.
+        come can only add to the sum, and exp(sum so far / all targets) is a lower bound. `cap`
+        (--max-ppl-ratio) rejects on the ratio over the windows seen so far, and on the final one.
         """
+        base = self.base_calib_ppl if split == "calib" else self.base_test_ppl
         store = self.stores.get(split)
         cached = store.get(removed) if store is not None else None
         if cached is not None:
             self.store_hits += 1
+            _check_cap(cached / base, cap, len(self.splits.calib if split == "calib" else self.splits.test))
             return cached
         started = time.perf_counter()
         cache = self.prefix(split)
-        base = self.base_calib_ppl if split == "calib" else self.base_test_ppl
         total_targets = target_count(cache.windows, cache.bos_id)
         self.evaluations += 1
         nll, seen, base_nll, batches = 0.0, 0, 0.0, 0
@@ -146,7 +148,7 @@ class Bench:
                 if ceiling is not None and lower > ceiling:
                     raise Rejected(f"proven above ppl x{ceiling:.3f} after {windows} windows", lower, windows)
                 partial = math.exp((nll - base_nll) / seen)  # ratio over the windows seen so far
-                if self.max_ppl_ratio is not None and partial > self.max_ppl_ratio:
+                if cap is not None and partial > cap:
                     reason = f"ppl x{partial:.3f} over the first {windows} windows > --max-ppl-ratio"
                     raise Rejected(reason, lower, windows)
         finally:
@@ -154,16 +156,22 @@ class Bench:
         ppl = math.exp(nll / seen)
         if store is not None:
             store.put(removed, ppl, time.perf_counter() - started)
+        _check_cap(ppl / base, cap, len(cache.windows))
         return ppl
 
     def calib_ratio(self, removed: Sequence[int], ceiling: float | None = None) -> float:
-        return self.ppl(removed, "calib", ceiling) / self.base_calib_ppl
+        return self.ppl(removed, "calib", ceiling, cap=self.max_ppl_ratio) / self.base_calib_ppl
 
     def test_ratio(self, removed: Sequence[int]) -> float:
         return self.ppl(removed, "test") / self.base_test_ppl
 
     def latency(self, removed: Sequence[int]) -> Latency:
         return measure_latency(self.model, removed, self.latency_input, self.latency_warmup, self.latency_repeats)
+
+
+def _check_cap(ratio: float, cap: float | None, windows: int) -> None:
+    if cap is not None and ratio > cap:
+        raise Rejected(f"ppl x{ratio:.3f} > --max-ppl-ratio", ratio, windows)
 
 
 def dominated(values: Sequence[float], by: Sequence[float]) -> bool:

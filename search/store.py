@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import optuna
@@ -70,7 +70,7 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
     # store's lock, and a collision with a plain-Optuna opener outside it is retried once.
     for attempt in range(2):
         try:
-            with exclusive(url, "schema"):
+            with nullcontext() if _schema_complete(url) else exclusive(url, "schema"):
                 storage = optuna.storages.RDBStorage(
                     url,
                     heartbeat_interval=HEARTBEAT_INTERVAL_S,
@@ -90,6 +90,22 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SearchError(f"cannot open storage {redact(url)}: {redact(reason)}") from None
     raise AssertionError("unreachable")
+
+
+def _schema_complete(url: str) -> bool:
+    """Whether every table exists already: then opening only reads, and needs no lock."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return False
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            names = set(sqlalchemy.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+    except Exception:
+        return False  # let the locked path open it and report what is wrong
+    return {"studies", "trials", "alembic_version", "search_evaluations"} <= names
 
 
 def study_names(storage: optuna.storages.RDBStorage) -> list[str]:
@@ -139,7 +155,9 @@ def exclusive(url: str, name: str) -> Iterator[None]:
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{path}.lock", "a+") as handle:
+        # One lock file per name: readers creating the schema never wait behind a worker seeding.
+        suffix = "" if name.startswith("study:") else "." + re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        with open(f"{path}{suffix}.lock", "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -23,7 +23,7 @@ from evaluators.latency import latency_input, measure_latencies, measure_latency
 from evaluators.sensitivity import removal_sensitivity, similarity
 from search import baselines, space
 from search.errors import SearchError
-from search.evaluations import EvalCache
+from search.evaluations import EvalCache, device_label
 from search.models import LoadedModel, load_model, model_name
 from search.objective import COMPLETE, Bench, finished, make_objective, store_latency
 from search.recovery import recover_interrupted, worker_id
@@ -72,7 +72,7 @@ class RunConfig:
     warm_start_storage: str | None = None  # where that study lives (default: this run's store)
     criterion: str = "ppl"  # what staged greedy seeding ranks layers by: ppl, angular or bi
     sampler: str = "local"  # local: search/sampler.py; tpe: Optuna's multi-objective TPE
-    max_ppl_ratio: float | None = None  # stop evaluating a candidate once it is proven above this
+    max_ppl_ratio: float | None = None  # reject a candidate whose ratio exceeds this (on the windows seen so far)
 
     @property
     def study_name(self) -> str:
@@ -205,7 +205,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Bench, Budget]:
 
 def attach_store(bench: Bench, storage: optuna.storages.RDBStorage, model_fingerprint: str, config: RunConfig) -> None:
     """Let the bench read and record perplexities in the store's evaluation cache."""
-    numerics = f"{config.dtype}@{bench.model.device.type}/b{config.batch_size}"
+    numerics = f"{config.dtype}@{device_label(bench.model.device)}/b{config.batch_size}"
     bench.stores = {
         split: EvalCache(storage.engine, model_fingerprint, bench.splits.split_fingerprint(split), numerics)
         for split in ("calib", "test")
@@ -274,7 +274,7 @@ def _seed(
     study.set_user_attr("criterion", config.criterion if transfer is None else "transfer")
     study.set_user_attr("greedy", [{"removed_layers": list(s.removed), "score": s.score} for s in stages])
     # Seeding cost in forward passes over --sensitivity-tokens, for comparisons with warm starts.
-    passes = sum(len(s.scores) if config.criterion == "ppl" else 1 for s in stages)
+    passes = sum(len(s.scores) + 1 if config.criterion == "ppl" else 1 for s in stages)  # + each stage's base
     study.set_user_attr("sensitivity_passes", passes + (1 if transfer is None else 0))
     present = {removal_set(t) for t in study.get_trials(deepcopy=False)}  # a crash mid-seeding left some
     for removed, reason in seeds:

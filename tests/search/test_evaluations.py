@@ -106,3 +106,14 @@ def test_a_rejected_evaluation_leaves_the_model_whole():
         bench.calib_ratio((1, 2, 3, 4), ceiling=1e-4)
     assert caught.value.windows == 2
     assert len(decoder_layers(bench.model)) == 6
+
+
+def test_max_ppl_ratio_applies_to_the_final_ratio_and_only_to_calibration():
+    bench = tiny_bench()
+    bench.batch_size = 8  # one batch: no partial check happens, the final ratio decides
+    bench._prefix.clear()
+    bench.max_ppl_ratio = 1e-3
+    with pytest.raises(Rejected, match="--max-ppl-ratio") as caught:
+        bench.calib_ratio((2,))
+    assert caught.value.windows == 8
+    assert bench.test_ratio((2,)) > 0  # held-out figures are never capped
