@@ -381,11 +381,20 @@ def _optimize(study: optuna.Study, bench: Bench, budget: Budget, target: int) ->
                 study.stop()
 
     try:
-        study.optimize(
-            make_objective(bench, budget, on_result),
-            callbacks=[progress],
-            gc_after_trial=False,
-            show_progress_bar=False,
-        )
+        while completed(study) < target:
+            try:
+                study.optimize(
+                    make_objective(bench, budget, on_result),
+                    callbacks=[progress],
+                    gc_after_trial=False,
+                    show_progress_bar=False,
+                )
+                return
+            except ValueError as exc:
+                # SQLite has no SELECT ... FOR UPDATE: two workers can pop the same queued trial, and
+                # the second to finish cannot record it. The first result stands; nothing is lost.
+                if not str(exc).startswith("Cannot tell a "):
+                    raise
+                log.info("another worker recorded the same queued trial first; continuing")
     finally:
         bar.close()
