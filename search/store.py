@@ -66,8 +66,9 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
         except OSError as exc:
             raise SearchError(f"cannot create the folder for {path}: {exc.strerror}") from None
     # Opening creates Optuna's tables on first use; two processes doing it at once (a worker and a
-    # `front` reader, or two workers) collide on a unique key. Every opener therefore takes the
-    # store's lock, and a collision with a plain-Optuna opener outside it is retried once.
+    # `front` reader, or two workers) collide on a unique key. An opener that finds the schema
+    # incomplete therefore takes the store's schema lock, and a collision with a plain-Optuna
+    # opener outside it is retried once. A complete store is opened without any lock.
     for attempt in range(2):
         try:
             with nullcontext() if _schema_complete(url) else exclusive(url, "schema"):
