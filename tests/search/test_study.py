@@ -150,3 +150,14 @@ def test_resume_with_more_trials_completes_a_small_space(tmp_path, tiny_model_di
     study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=100))
     sets = {removal_set(t) for t in study.get_trials(states=COMPLETE)}
     assert len(sets) == completed(study) == 21
+
+
+@pytest.mark.parametrize("criterion", ["angular", "bi"])
+def test_one_pass_criteria_drive_greedy_seeding(tmp_path, tiny_model_dir, corpus, criterion):
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=4, criterion=criterion))
+    assert study.user_attrs["criterion"] == criterion
+    greedy = [tuple(stage["removed_layers"]) for stage in study.user_attrs["greedy"]]
+    assert len(greedy) == 2 and set(greedy[0]) <= set(greedy[1])
+    assert study.user_attrs["sensitivity_passes"] == 3  # one pass per stage, one for the other picks
+    reasons = {t.user_attrs["proposed_by"] for t in study.get_trials()}
+    assert {"greedy stage 1", "greedy stage 2"} <= reasons
