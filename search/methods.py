@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import torch
-
-from evaluators.data import windows_fingerprint
 from evaluators.latency import measure_latencies
 from evaluators.sensitivity import removal_sensitivity, similarity
 from search import baselines
@@ -49,20 +46,14 @@ class _Counted:
             self.store.put(removed, perplexity, seconds)
 
 
-def sensitivity_windows(bench: Bench, tokens: int) -> torch.Tensor:
-    calib = bench.splits.calib
-    return calib[: max(1, min(len(calib), tokens // calib.shape[1]))]
-
-
 def choose(bench: Bench, method: str, k: int, sensitivity_tokens: int, draws: int = 5, seed: int = 0) -> Choice:
     """The set(s) `method` removes for k layers, and how many evaluations choosing them cost."""
     model, splits = bench.model, bench.splits
     n_layers = len(bench.layer_kinds)
     if not 1 <= k < n_layers:
         raise SearchError(f"--layers must be between 1 and {n_layers - 1} for this {n_layers}-layer model")
-    windows = sensitivity_windows(bench, sensitivity_tokens)
-    calib = bench.stores.get("calib")
-    store = _Counted(calib and replace(calib, data_fingerprint=windows_fingerprint(windows, splits.bos_id)))
+    windows, store = bench.sensitivity(sensitivity_tokens)
+    store = _Counted(store)
 
     def ppl_scores(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
         return removal_sensitivity(

@@ -14,14 +14,14 @@ import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import optuna
 import torch
 from optuna.trial import TrialState
 from torch import nn
 
-from evaluators.data import Splits
+from evaluators.data import Splits, windows_fingerprint
 from evaluators.latency import Latency, measure_latency
 from evaluators.perplexity import target_count
 from evaluators.prefix import PrefixCache, build_prefix_cache
@@ -97,6 +97,16 @@ class Bench:
                 if len(found) > limit:
                     return None
         return found
+
+    def sensitivity(self, tokens: int) -> tuple[torch.Tensor, EvalCache | None]:
+        """The first `tokens` calibration tokens (whole windows), which rank layers for seeding and
+        for the baselines, and the evaluation cache keyed to exactly those windows."""
+        calib = self.splits.calib
+        windows = calib[: max(1, min(len(calib), tokens // calib.shape[1]))]
+        store = self.stores.get("calib")
+        if store is not None:
+            store = replace(store, data_fingerprint=windows_fingerprint(windows, self.splits.bos_id))
+        return windows, store
 
     def prefix(self, split: str) -> PrefixCache:
         """The split's prefix cache, built on first use (one forward pass of the unpruned model)."""

@@ -12,13 +12,13 @@ import hashlib
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
 from tqdm.auto import tqdm
 
-from evaluators.data import make_splits, windows_fingerprint
+from evaluators.data import make_splits
 from evaluators.latency import latency_input, measure_latencies, measure_latency
 from evaluators.sensitivity import removal_sensitivity, similarity
 from search import baselines, space
@@ -301,12 +301,8 @@ def _greedy(bench: Bench, budget: Budget, config: RunConfig) -> tuple[list[Stage
     """Staged greedy removal by `--criterion`, and the one-pass methods' picks, on the first
     `--sensitivity-tokens` calibration tokens."""
     model, splits = bench.model, bench.splits
-    n_sens = max(1, min(len(splits.calib), config.sensitivity_tokens // config.seq_len))
-    sens_windows = splits.calib[:n_sens]
+    sens_windows, store = bench.sensitivity(config.sensitivity_tokens)
     most = budget.max_layers()
-
-    calib = bench.stores.get("calib")
-    store = calib and replace(calib, data_fingerprint=windows_fingerprint(sens_windows, splits.bos_id))
 
     def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
         desc = f"greedy stage {len(removed) + 1}/{most} ({config.criterion})"
