@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -131,6 +132,7 @@ def main() -> None:
     )
 
     loaded, bench, _ = prepare(config)
+    config = replace(config, dtype=loaded.dtype)  # `auto` resolved once: the studies share the cache key
     attach_store(bench, open_storage(storage), loaded.fingerprint, config)
     bench.baseline()
     choices = []

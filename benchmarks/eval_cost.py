@@ -7,7 +7,8 @@ process, the order rotating from set to set so no method always runs first:
 
 - naive:   the pruned model's plain full forward pass, float32;
 - cached:  the prefix hidden-state cache (evaluators/prefix.py), float32;
-- default: the engine's default evaluation (prefix cache in --dtype, bf16-mixed unless overridden).
+- default: the engine's default evaluation (prefix cache in --dtype; `auto` unless overridden, which
+  measures this machine and resolves to bf16-mixed or float32: see search/dtype.py).
 
 `flop_ratio` is the arithmetic the cached path must still do over what the naive one does for the
 list (decoder layers actually run, plus embedding, final norm and LM head): the best the prefix
@@ -82,7 +83,7 @@ def main() -> None:
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
 
     exact = load_model(args.model, "float32")
-    fast = exact if args.dtype == "float32" else load_model(args.model, args.dtype)
+    fast = exact if args.dtype == "float32" else load_model(args.model, args.dtype)  # `auto` measures here
     splits = make_splits(exact.tokenizer, args.dataset, args.calib_tokens, 1, args.seq_len)
     windows, bos = splits.calib, splits.bos_id
     n_layers = len(decoder_layers(exact.model))
@@ -141,7 +142,7 @@ def main() -> None:
         "model": exact.source,
         "sets": len(sets),
         "calib_tokens": int(windows.numel()),
-        "default_dtype": args.dtype,
+        "default_dtype": fast.dtype,
         "naive_s": seconds["naive"],
         "cached_s": seconds["cached"],
         "cached_over_naive": seconds["cached"] / seconds["naive"],

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import warnings
+from dataclasses import replace
 
 from search.baselines import METHODS
 from search.errors import SearchError
@@ -103,9 +104,10 @@ def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentG
     compute = parser.add_argument_group("compute")
     compute.add_argument(
         "--dtype",
-        choices=["bf16-mixed", "bfloat16", "float32", "float16"],
+        choices=["auto", "bf16-mixed", "bfloat16", "float32", "float16"],
         default=d.dtype,
-        help=f"compute dtype (default: {d.dtype})",
+        help="compute dtype; auto (default) measures this machine and takes bf16-mixed (float32 weights, bf16 "
+        "matrix products) where that is clearly faster, else float32; a resumed study keeps its stored dtype",
     )
     compute.add_argument("--device", default=d.device, help=f"torch device, e.g. cpu or cuda (default: {d.device})")
     compute.add_argument(
@@ -301,6 +303,7 @@ def _baseline(args: argparse.Namespace) -> None:
     fields = RunConfig.__dataclass_fields__
     config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "storage"})
     loaded, bench, _ = prepare(config)
+    config = replace(config, dtype=loaded.dtype)  # `auto` resolved: the store's cache key names what ran
     if args.storage:
         from search.store import open_storage
 

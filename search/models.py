@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from search.dtype import AUTO
+from search.dtype import choose as choose_dtype
 from search.errors import SearchError
 from search.packaged import packaged_file
 
@@ -39,6 +41,7 @@ class LoadedModel:
     name: str  # short human name, used for default study names
     source: str  # what was loaded: path or hub id
     fingerprint: str  # names the weights (file hashes or hub commit), whatever the compute dtype
+    dtype: str  # the numerics it runs with (`auto` resolved)
 
 
 def default_model_path() -> Path:
@@ -124,9 +127,12 @@ def load_model(
 
     Loading straight into `dtype` (rather than casting afterwards) keeps buffers such as rotary
     frequencies in the precision the model defines, exactly as a user's `from_pretrained` will.
+    `auto` loads float32 weights (both of its outcomes use them) and then measures which numerics
+    are faster here (search/dtype.py).
     """
-    if dtype not in DTYPES:
-        raise SearchError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES and dtype != AUTO:
+        raise SearchError(f"--dtype {dtype!r} is not one of {', '.join([AUTO, *DTYPES])}")
+    requested, dtype = dtype, ("float32" if dtype == AUTO else dtype)
     path = default_model_path() if spec is None else Path(spec).expanduser()
     fingerprint = None
     if path.suffix == ".gguf" or path.exists():
@@ -153,8 +159,11 @@ def load_model(
     if fingerprint is None:  # a hub id: the resolved commit names the weights
         fingerprint = f"hub:{spec}@{getattr(model.config, '_commit_hash', None) or 'unknown'}"
     model.to(torch.device(device)).eval()
+    if requested == AUTO:
+        dtype, reason = choose_dtype(model.device, getattr(model.config, "hidden_size", 1024))
+        log.info("--dtype auto: %s (%s)", dtype, reason)
     apply_numerics(model, dtype)
-    return LoadedModel(model, tokenizer, model_name(spec), str(spec or path), fingerprint)
+    return LoadedModel(model, tokenizer, model_name(spec), str(spec or path), fingerprint, dtype)
 
 
 def apply_numerics(model: torch.nn.Module, dtype: str) -> torch.nn.Module:

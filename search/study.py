@@ -12,7 +12,7 @@ import hashlib
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -22,6 +22,7 @@ from evaluators.data import make_splits
 from evaluators.latency import latency_input, measure_latencies, measure_latency
 from evaluators.sensitivity import removal_sensitivity, similarity
 from search import baselines, space
+from search.dtype import AUTO
 from search.errors import SearchError
 from search.evaluations import EvalCache, device_label
 from search.models import LoadedModel, load_model, model_name
@@ -62,7 +63,7 @@ class RunConfig:
     sensitivity_tokens: int = 2048
     seq_len: int = 512
     batch_size: int = 4
-    dtype: str = "bf16-mixed"
+    dtype: str = "auto"  # measured per machine (search/dtype.py); a study keeps what it resolved to
     device: str = "cpu"
     latency_tokens: int = 128
     latency_repeats: int = 30
@@ -109,6 +110,12 @@ def _check_compatible(study: optuna.Study, config: RunConfig) -> None:
         )
 
 
+def _adopt_stored_dtype(config: RunConfig, study: optuna.Study) -> RunConfig:
+    """`--dtype auto` resumes a study with the dtype it was measured in, whatever this machine prefers."""
+    stored = (study.user_attrs.get("settings") or {}).get("dtype")
+    return replace(config, dtype=stored) if config.dtype == AUTO and stored else config
+
+
 def run(config: RunConfig) -> optuna.Study:
     if config.trials <= 0:
         raise SearchError("--trials must be a positive number of trials")
@@ -120,6 +127,7 @@ def run(config: RunConfig) -> optuna.Study:
         storage = open_storage(url)
         if name in study_names(storage):
             study = optuna.load_study(study_name=name, storage=storage)
+            config = _adopt_stored_dtype(config, study)
             _check_compatible(study, config)
             seeded = bool(study.user_attrs.get("seeded"))
             if seeded and completed(study) >= min(config.trials, _target(study, config)):
@@ -128,6 +136,7 @@ def run(config: RunConfig) -> optuna.Study:
                 return study
 
     loaded, bench, budget = prepare(config)
+    config = replace(config, dtype=loaded.dtype)  # `auto` resolved: the study records what ran
     budget.check_removable()
     splits = bench.splits
 

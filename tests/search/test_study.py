@@ -1,5 +1,6 @@
 import pytest
 
+import search.dtype
 import search.study
 from search.errors import SearchError
 from search.front import front_report
@@ -161,3 +162,17 @@ def test_one_pass_criteria_drive_greedy_seeding(tmp_path, tiny_model_dir, corpus
     assert study.user_attrs["sensitivity_passes"] == 3  # one pass per stage, one for the other picks
     reasons = {t.user_attrs["proposed_by"] for t in study.get_trials()}
     assert {"greedy stage 1", "greedy stage 2"} <= reasons
+
+
+def test_auto_dtype_is_recorded_resolved_and_kept_on_resume(tmp_path, tiny_model_dir, corpus, monkeypatch):
+    monkeypatch.setattr(search.dtype, "bf16_speedup", lambda device, width: 2.0)  # a machine with bf16 units
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3, dtype="auto"))
+    assert study.user_attrs["settings"]["dtype"] == "bf16-mixed"
+    before = snapshot(study)
+    # Resumed where bf16 is slow: auto keeps the study's numerics instead of refusing or mixing them.
+    monkeypatch.setattr(search.dtype, "bf16_speedup", lambda device, width: 0.3)
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=5, dtype="auto"))
+    assert study.user_attrs["settings"]["dtype"] == "bf16-mixed"
+    assert snapshot(study)[:3] == before and completed(study) == 5
+    with pytest.raises(SearchError, match="created with other settings.*dtype"):
+        run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=5, dtype="float32"))
