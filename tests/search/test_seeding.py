@@ -77,3 +77,13 @@ def test_transferred_seeds_map_sets_and_profile():
     assert [s for s, _ in seeds][:2] == [(4,), (3, 4)]  # 7 -> round(3.5) = 4, 6 -> 3
     assert all(budget.allows(s) for s, _ in seeds)  # the 3-layer set collapses or is dropped
     assert set(mapped) == set(range(6)) and min(mapped, key=mapped.get) in (3, 4)
+
+
+def test_seed_sets_include_each_stage_less_one_layer():
+    budget = Budget(0.35, total_params=1000, layer_params=[100] * 8)
+    stages = staged_greedy(fake_score, budget)  # (4,), (4, 5), (2, 4, 5)
+    seeds = dict(seed_sets(stages, budget, count=0))
+    assert seeds[(5,)] == "greedy stage 2 less 4"
+    assert seeds[(2, 5)] == "greedy stage 3 less 4"
+    assert seeds[(2, 4)] == "one-shot top 2"  # already there: the first reason stands
+    assert seeds[(4, 5)] == "greedy stage 2"  # a stage itself keeps its reason
