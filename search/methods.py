@@ -84,7 +84,9 @@ def choose(bench: Bench, method: str, k: int, sensitivity_tokens: int, draws: in
 def measure(bench: Bench, choices: Sequence[Choice]) -> list[dict]:
     """Calibration and held-out ratios of every chosen set, and latency per pruned shape, timed together."""
     shapes = {bench.shape_key(s): s for choice in choices for s in choice.sets}
-    timed = measure_latencies(bench.model, list(shapes.values()), bench.latency_input, 1, bench.latency_repeats)
+    timed = measure_latencies(
+        bench.model, list(shapes.values()), bench.latency_input, 1, bench.latency_repeats, bench.layer_kinds
+    )
     latency = {key: t.ratio for key, t in zip(shapes, timed)}
     rows = []
     for choice in choices:

@@ -206,6 +206,8 @@ def find_duplicate(study: optuna.Study, removed: tuple[int, ...], number: int) -
 
 def store_latency(study: optuna.Study, key: str, latency: Latency) -> dict:
     stored = {"ratio": latency.ratio, "ms": latency.candidate_ms, "baseline_ms": latency.baseline_ms}
+    if latency.measured_ms is not None:  # the figures above are the additive fit; these the raw medians
+        stored |= {"measured_ms": latency.measured_ms, "measured_baseline_ms": latency.measured_baseline_ms}
     study.set_user_attr(f"latency:{key}", stored)
     return stored
 

@@ -235,7 +235,9 @@ def _seed(
     bench.baseline()  # builds the prefix caches: the unpruned pass every later evaluation starts from
     # Latency of every shape the budget reaches, timed together round-robin against the baseline.
     shapes = bench.shapes(budget) or {}
-    timed = measure_latencies(model, list(shapes.values()), bench.latency_input, 1, config.latency_repeats)
+    timed = measure_latencies(
+        model, list(shapes.values()), bench.latency_input, 1, config.latency_repeats, bench.layer_kinds
+    )
     base_latency = timed[0] if timed else measure_latency(model, (), bench.latency_input, 1, config.latency_repeats)
     log.info(
         "baseline: %d layers, %.1fM params, calibration ppl %.3f, held-out ppl %.3f, %.1f ms/forward",

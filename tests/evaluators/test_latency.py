@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from evaluators.latency import latency_input, measure_latencies, measure_latency, time_forward
@@ -28,4 +29,39 @@ def test_measure_latencies_times_every_variant_round_robin(family):
     assert len(results) == 3
     assert len({r.baseline_ms for r in results}) == 1  # one shared baseline
     assert all(r.candidate_ms > 0 for r in results)
+    assert len(decoder_layers(model)) == 6
+
+
+def test_additive_fit_recovers_per_layer_cost_and_orders_noisy_medians():
+    from evaluators.latency import fit_additive
+
+    # 10 ms fixed + 2 ms per layer, exactly: the fit gives the same figures back.
+    exact = [10 + 2 * n for n in (30, 29, 28, 27, 26)]
+    assert fit_additive([[n] for n in (30, 29, 28, 27, 26)], exact) == pytest.approx(exact)
+    # Medians seen on a loaded machine (27 kept layers timed slower than 28): the fit is monotone.
+    noisy = [259.9, 255.7, 250.1, 253.8, 228.7]
+    fitted = fit_additive([[30], [29], [28], [27], [26]], noisy)
+    assert all(a > b for a, b in zip(fitted, fitted[1:]))
+    # Two kinds, one of which never changes: it belongs to the fixed part.
+    assert fit_additive([[30, 2], [29, 2], [28, 2]], [70.0, 68.0, 66.0]) == pytest.approx([70.0, 68.0, 66.0])
+
+
+def test_additive_fit_declines_what_it_cannot_smooth():
+    from evaluators.latency import fit_additive
+
+    assert fit_additive([[30], [29]], [70.0, 68.0]) is None  # as many unknowns as variants
+    assert fit_additive([[30], [29], [28]], [60.0, 65.0, 70.0]) is None  # removing layers made it slower
+    assert fit_additive([[3, 1], [2, 2], [1, 3]], [5.0, 5.0, 5.0]) is None  # kinds not separable
+
+
+def test_measure_latencies_with_layer_kinds_reports_fit_and_raw_medians(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (1, 64))
+    results = measure_latencies(model, [[0], [0, 1], [0, 1, 2]], ids, warmup=1, repeats=5, layer_kinds=["a"] * 6)
+    if results[0].measured_ms is None:  # the tiny model's timings came out non-additive: raw medians
+        assert all(r.measured_baseline_ms is None for r in results)
+        return
+    ratios = [r.ratio for r in results]
+    assert ratios[0] > ratios[1] > ratios[2]  # fitted: one layer fewer is always faster
+    assert all(r.measured_ms > 0 and r.measured_baseline_ms > 0 for r in results)
     assert len(decoder_layers(model)) == 6

@@ -57,7 +57,18 @@ def test_bad_k_is_refused(bench):
 
 def test_baseline_command(tmp_path, tiny_model_dir, corpus):
     args = ["--model", str(tiny_model_dir), "--dataset", str(corpus), "--calib-tokens", "256", "--test-tokens", "128"]
-    args += ["--sensitivity-tokens", "128", "--seq-len", "32", "--latency-tokens", "16", "--latency-repeats", "1"]
+    args += [
+        "--sensitivity-tokens",
+        "128",
+        "--seq-len",
+        "32",
+        "--latency-tokens",
+        "16",
+        "--latency-repeats",
+        "1",
+        "--dtype",
+        "float32",
+    ]
     store = f"sqlite:///{tmp_path / 'b.db'}"
     result = cli(
         "baseline",
