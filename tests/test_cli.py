@@ -18,6 +18,13 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+# Small windows, one latency round, exact numerics: what every CLI test on a tiny model evaluates with.
+TINY_EVALUATION = (
+    *("--calib-tokens", "256", "--test-tokens", "128", "--sensitivity-tokens", "128", "--seq-len", "32"),
+    *("--latency-tokens", "16", "--latency-repeats", "1", "--dtype", "float32"),
+)
+
+
 def tiny_run_args(model_dir, corpus, store, *extra):
     return (
         "run",
@@ -31,20 +38,7 @@ def tiny_run_args(model_dir, corpus, store, *extra):
         f"sqlite:///{store}",
         "--study",
         "tiny",
-        "--calib-tokens",
-        "256",
-        "--test-tokens",
-        "128",
-        "--sensitivity-tokens",
-        "128",
-        "--seq-len",
-        "32",
-        "--latency-tokens",
-        "16",
-        "--latency-repeats",
-        "1",
-        "--dtype",
-        "float32",
+        *TINY_EVALUATION,
         *extra,
     )
 

@@ -10,7 +10,7 @@ from search.errors import SearchError
 from search.methods import choose, measure
 from search.study import prepare
 from tests.search.test_study import tiny_config
-from tests.test_cli import assert_one_line_error, cli
+from tests.test_cli import TINY_EVALUATION, assert_one_line_error, cli
 
 
 def test_selection_rules():
@@ -56,19 +56,7 @@ def test_bad_k_is_refused(bench):
 
 
 def test_baseline_command(tmp_path, tiny_model_dir, corpus):
-    args = ["--model", str(tiny_model_dir), "--dataset", str(corpus), "--calib-tokens", "256", "--test-tokens", "128"]
-    args += [
-        "--sensitivity-tokens",
-        "128",
-        "--seq-len",
-        "32",
-        "--latency-tokens",
-        "16",
-        "--latency-repeats",
-        "1",
-        "--dtype",
-        "float32",
-    ]
+    args = ["--model", str(tiny_model_dir), "--dataset", str(corpus), *TINY_EVALUATION]
     store = f"sqlite:///{tmp_path / 'b.db'}"
     result = cli(
         "baseline",
