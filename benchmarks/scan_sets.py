@@ -27,9 +27,12 @@ from search.study import RunConfig  # noqa: E402
 
 def parse_pool(text: str) -> list[int]:
     layers: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        layers.update(range(int(low), int(high or low) + 1))
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            layers.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a layer list such as 2-10,12-27") from None
     return sorted(layers)
 
 
@@ -39,7 +42,9 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--dataset")
     parser.add_argument("--k", type=int, required=True, help="layers removed per set")
-    parser.add_argument("--pool", default="2-10,12-27", help="layers to draw from, e.g. 2-10,12-27 (default)")
+    parser.add_argument(
+        "--pool", type=parse_pool, default="2-10,12-27", help="layers to draw from (default: %(default)s)"
+    )
     parser.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
     parser.add_argument("--test-tokens", type=int, default=d.test_tokens)
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -54,7 +59,7 @@ def main() -> None:
     calib = build_prefix_cache(loaded.model, splits.calib, splits.bos_id, args.batch_size)
     started = time.perf_counter()
     ratios = {}
-    for removed in itertools.combinations(parse_pool(args.pool), args.k):
+    for removed in itertools.combinations(args.pool, args.k):
         ratios[removed] = calib.perplexity(removed) / calib.base_ppl
         if not args.json:
             print(f"{list(removed)} {ratios[removed]:.4f}", file=sys.stderr)
@@ -69,7 +74,7 @@ def main() -> None:
         "model": loaded.source,
         "dtype": loaded.dtype,
         "k": args.k,
-        "pool": parse_pool(args.pool),
+        "pool": args.pool,
         "calib_tokens": int(splits.calib.numel()),
         "sets": len(ratios),
         "scan_s": scan_s,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -111,9 +112,8 @@ def measure_latencies(
             times[index].append(timed(index))
     medians = [statistics.median(t) for t in times]
     kinds = sorted(set(layer_kinds))
-    counts = [
-        [sum(1 for i, k in enumerate(layer_kinds) if k == kind and i not in set(v)) for kind in kinds] for v in variants
-    ]
+    kept = [Counter(k for i, k in enumerate(layer_kinds) if i not in set(v)) for v in variants]
+    counts = [[c[kind] for kind in kinds] for c in kept]
     fitted = fit_additive(counts, medians) if kinds else None
     if fitted is None:
         return [Latency(medians[0], m) for m in medians[1:]]
