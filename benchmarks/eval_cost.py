@@ -5,10 +5,12 @@
 A fixed list of random removal sets of 1-4 layers (fixed seed) is evaluated three ways in one
 process, the order rotating from set to set so no method always runs first:
 
-- naive:   the pruned model's plain full forward pass, float32;
-- cached:  the prefix hidden-state cache (evaluators/prefix.py), float32;
-- default: the engine's default evaluation (prefix cache in --dtype; `auto` unless overridden, which
-  measures this machine and resolves to bf16-mixed or float32: see search/dtype.py).
+- naive:   the pruned model's plain full forward pass (full logits, then cross-entropy), float32;
+- cached:  the same from the prefix hidden-state cache (evaluators/prefix.py), float32;
+- default: the engine's default evaluation: prefix cache, fused LM head + NLL and compiled decoder
+  layers (evaluators/forward.py), in --dtype (`auto` unless overridden, which measures this machine
+  and resolves to bf16-mixed or float32: see search/dtype.py). Compiling happens in the default
+  cache's build pass (reported on its own, like the cache builds), not inside `default_s`.
 
 `flop_ratio` is the arithmetic the cached path must still do over what the naive one does for the
 list (decoder layers actually run, plus embedding, final norm and LM head): the best the prefix
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluators.data import make_splits  # noqa: E402
+from evaluators.forward import configure, settings  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
 from evaluators.prefix import build_prefix_cache  # noqa: E402
 from evaluators.sensitivity import removal_sensitivity, similarity  # noqa: E402
@@ -76,6 +79,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--dtype", default=d.dtype, help=f"the default configuration's dtype (default: {d.dtype})")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=d.compile, help="the default's compiled layers"
+    )
     parser.add_argument("--sets", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -83,7 +89,9 @@ def main() -> None:
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
 
     exact = load_model(args.model, "float32")
-    fast = exact if args.dtype == "float32" else load_model(args.model, args.dtype)  # `auto` measures here
+    configure(exact.model, fused_head=False)  # naive and cached: the model's own logits path
+    fast = load_model(args.model, args.dtype)  # `auto` measures here
+    configure(fast.model, compile=args.compile)
     splits = make_splits(exact.tokenizer, args.dataset, args.calib_tokens, 1, args.seq_len)
     windows, bos = splits.calib, splits.bos_id
     n_layers = len(decoder_layers(exact.model))
@@ -143,6 +151,8 @@ def main() -> None:
         "sets": len(sets),
         "calib_tokens": int(windows.numel()),
         "default_dtype": fast.dtype,
+        "default_compiled": settings(fast.model).compile,  # False if compiling failed and it fell back
+        "default_fused_head": settings(fast.model).fused_head,
         "naive_s": seconds["naive"],
         "cached_s": seconds["cached"],
         "cached_over_naive": seconds["cached"] / seconds["naive"],

@@ -10,8 +10,9 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from evaluators.forward import batch_nll, prepare
 
 
 def window_batches(
@@ -25,13 +26,6 @@ def window_batches(
         yield batch
 
 
-def batch_nll(logits: torch.Tensor, inputs: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of `inputs[:, 1:]` and how many targets that is."""
-    logits, targets = logits[:, :-1], inputs[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
-    return nll.item(), targets.numel()
-
-
 def target_count(windows: torch.Tensor, bos_id: int | None) -> int:
     return windows.shape[0] * (windows.shape[1] - (0 if bos_id is not None else 1))
 
@@ -41,9 +35,10 @@ def nll_batches(
     model: nn.Module, windows: torch.Tensor, bos_id: int | None = None, batch_size: int = 4
 ) -> Iterator[tuple[float, int]]:
     """(summed NLL, target count) per batch of a plain full forward pass."""
+    prepare(model)
     device = next(model.parameters()).device
     for inputs in window_batches(windows, bos_id, batch_size, device):
-        yield batch_nll(model(input_ids=inputs, use_cache=False).logits, inputs)
+        yield batch_nll(model, inputs)
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, bos_id: int | None = None, batch_size: int = 4) -> float:

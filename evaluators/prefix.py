@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evaluators.perplexity import batch_nll, from_batches, nll_batches, window_batches
+from evaluators.forward import batch_nll, prepare
+from evaluators.perplexity import from_batches, nll_batches, window_batches
 from search.surgery import decoder_layers, layers_removed
 
 log = logging.getLogger("search")
@@ -93,13 +94,14 @@ class PrefixCache:
             kwargs["hidden_states"] = state
             return args, kwargs
 
+        prepare(self.model)  # before the hook: the fused-head probe runs a batch of its own
         with layers_removed(self.model, sorted(set(range(start)) | set(removed))), torch.inference_mode():
             handle = decoder_layers(self.model)[0].register_forward_pre_hook(feed, with_kwargs=True)
             try:
                 device = next(self.model.parameters()).device
                 for index, inputs in enumerate(window_batches(self.windows, self.bos_id, self.batch_size, device)):
                     current[:] = [states[index]]
-                    yield batch_nll(self.model(input_ids=inputs, use_cache=False).logits, inputs)
+                    yield batch_nll(self.model, inputs)
             finally:
                 handle.remove()
 
@@ -141,6 +143,7 @@ def build_prefix_cache(
         stored = candidates[::stride]
         if stride > 1:
             log.info("prefix cache: every %d-th layer boundary fits in %.0f MiB", stride, budget / 2**20)
+    prepare(model)  # before the hooks below: the fused-head probe runs a batch of its own
     cache.states = {b: [] for b in stored}
     position = {b: kept.index(b) for b in stored}  # index in the pruned stack
     handles = []
@@ -155,7 +158,7 @@ def build_prefix_cache(
             handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))
         try:
             for inputs in window_batches(windows, bos_id, batch_size, param.device):
-                cache.base_nll.append(batch_nll(model(input_ids=inputs, use_cache=False).logits, inputs))
+                cache.base_nll.append(batch_nll(model, inputs))
         finally:
             for handle in handles:
                 handle.remove()

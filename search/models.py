@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evaluators.forward import configure
 from search.dtype import AUTO
 from search.dtype import choose as choose_dtype
 from search.errors import SearchError
@@ -168,6 +169,7 @@ def load_model(
 
 def apply_numerics(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     """For a mixed dtype, run every forward pass of the (float32) model under autocast."""
+    configure(model, autocast=AUTOCAST.get(dtype))  # perplexity passes that call the body and head directly
     if dtype in AUTOCAST:
         model.forward = torch.autocast(device_type=model.device.type, dtype=AUTOCAST[dtype])(model.forward)
     return model

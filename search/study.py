@@ -19,6 +19,7 @@ import optuna
 from tqdm.auto import tqdm
 
 from evaluators.data import make_splits
+from evaluators.forward import configure
 from evaluators.latency import latency_input, measure_latencies, measure_latency
 from evaluators.sensitivity import removal_sensitivity, similarity
 from search import baselines, space
@@ -65,6 +66,7 @@ class RunConfig:
     batch_size: int = 4
     dtype: str = "auto"  # measured per machine (search/dtype.py); a study keeps what it resolved to
     device: str = "cpu"
+    compile: bool = True  # torch.compile the decoder layers for perplexity passes (evaluators/forward.py)
     latency_tokens: int = 128
     latency_repeats: int = 30
     seed: int = 0
@@ -196,7 +198,7 @@ def _sampler(config: RunConfig, budget: Budget, seed: int) -> optuna.samplers.Ba
 def prepare(config: RunConfig) -> tuple[LoadedModel, Bench, Budget]:
     """Model, windows and parameter accounting: everything an evaluation needs, no store yet."""
     loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
-    model = loaded.model
+    model = configure(loaded.model, compile=config.compile)
     splits = make_splits(loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len)
     budget = Budget(config.budget, total_param_count(model), layer_param_counts(model))
     types = getattr(model.config, "layer_types", None) or [""] * budget.n_layers

@@ -18,10 +18,11 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-# Small windows, one latency round, exact numerics: what every CLI test on a tiny model evaluates with.
+# Small windows, one latency round, exact eager numerics: what every CLI test on a tiny model evaluates
+# with (compiling the layers would cost each process far more than it saves on a tiny model).
 TINY_EVALUATION = (
     *("--calib-tokens", "256", "--test-tokens", "128", "--sensitivity-tokens", "128", "--seq-len", "32"),
-    *("--latency-tokens", "16", "--latency-repeats", "1", "--dtype", "float32"),
+    *("--latency-tokens", "16", "--latency-repeats", "1", "--dtype", "float32", "--no-compile"),
 )
 
 
@@ -66,6 +67,7 @@ def test_help_explains_every_subcommand(tmp_path):
         "--calib-tokens",
         "--test-tokens",
         "--dtype",
+        "--compile",
     ):
         assert flag in run_help
     assert "--format" in cli("front", "--help", cwd=tmp_path).stdout

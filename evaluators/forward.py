@@ -1,0 +1,167 @@
+"""One batch's next-token NLL: the forward pass every perplexity evaluation runs.
+
+Two savings on top of the model's own forward pass, each exact up to float32 rounding:
+
+- **Fused LM head.** The plain path materialises [batch, seq, vocab] logits (400 MB for SmolLM2 on
+  4 x 513 tokens), copies them for the shift and runs log-softmax over all of it: memory-bound work
+  that costs about as much as the LM head's matrix product itself. Here the final hidden states go
+  through the head a few rows at a time and each chunk's NLL is taken while it is still in cache.
+  The model's own `forward` may post-process logits (soft-capping, scaling); a model is evaluated
+  this way only after a probe shows both paths agree on it, else it keeps the plain path.
+- **Compiled decoder layers** (`torch.compile`, opt-in per model with `configure`). Eager mode runs
+  the norms, rotary embedding, activation and residual adds as separate memory-bound kernels;
+  compiled, they fuse into the matrix products' neighbours (~1.4x on SmolLM2's layers on 2 CPU
+  cores). One layer is compiled and every layer of the stack shares it (same code, parameters
+  passed as inputs), once per process: ~25 s cold on 2 cores, seconds when PyTorch's on-disk cache
+  is warm. Only perplexity passes use it; latency is timed on the eager model users deploy. Any
+  compile failure (no C++ compiler, an unsupported layer) falls back to eager with one warning.
+
+The plain path (`logits_nll`) stays available: the benchmarks' naive method is defined by it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search.surgery import decoder_layers
+
+log = logging.getLogger("search")
+
+HEAD_ROWS = {"cpu": 128, "cuda": 2048}  # rows of logits per chunk: cache-sized on a CPU, big on a GPU
+# Config fields with which a family's forward changes logits after the LM head: never fused.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@dataclass
+class Evaluation:
+    """How one model runs perplexity passes; stored on the model by `configure`."""
+
+    autocast: torch.dtype | None = None  # mixed numerics: matrix products in this dtype
+    compile: bool = False
+    fused_head: bool | None = None  # None: not probed yet
+    compiled: dict[int, object] = field(default_factory=dict)  # id(layer) -> its compiled forward
+
+
+def settings(model: nn.Module) -> Evaluation:
+    if not isinstance(getattr(model, "search_evaluation", None), Evaluation):
+        model.search_evaluation = Evaluation()
+    return model.search_evaluation
+
+
+def configure(model: nn.Module, **changes) -> nn.Module:
+    """Change how this model's perplexity passes run: `autocast=torch.bfloat16`, `compile=True`."""
+    evaluation = settings(model)
+    for name, value in changes.items():
+        if not hasattr(evaluation, name):
+            raise TypeError(f"configure() got an unexpected setting {name!r}")
+        setattr(evaluation, name, value)
+    if "autocast" in changes:
+        evaluation.fused_head = None  # probe again under the new numerics
+    return model
+
+
+def prepare(model: nn.Module) -> None:
+    """Probe the fused head once; call before registering hooks that a probe batch would trip."""
+    evaluation = settings(model)
+    if evaluation.fused_head is None:
+        evaluation.fused_head = _probe_fused_head(model)
+
+
+def numerics(model: nn.Module):
+    """The autocast context the model's evaluation runs under (none for a single dtype)."""
+    dtype = settings(model).autocast
+    return torch.autocast(model.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def logits_nll(logits: torch.Tensor, inputs: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of `inputs[:, 1:]` from full logits (the plain path), and the target count."""
+    logits, targets = logits[:, :-1], inputs[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+    return nll.item(), targets.numel()
+
+
+def head_nll(head: nn.Module, hidden: torch.Tensor, inputs: torch.Tensor) -> tuple[float, int]:
+    """The same NLL from the final hidden states, a chunk of rows of logits at a time."""
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = inputs[:, 1:].reshape(-1)
+    rows = HEAD_ROWS.get(hidden.device.type, 1024)
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, len(targets), rows):
+        logits = head(hidden[start : start + rows]).float()
+        total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum").double()
+    return total.item(), targets.numel()
+
+
+def _fused_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
+    with numerics(model):
+        hidden = model.base_model(input_ids=inputs, use_cache=False).last_hidden_state
+        return head_nll(model.get_output_embeddings(), hidden, inputs)
+
+
+def _plain_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
+    with numerics(model):
+        return logits_nll(model(input_ids=inputs, use_cache=False).logits, inputs)
+
+
+@torch.inference_mode()
+def _probe_fused_head(model: nn.Module) -> bool:
+    """True when the fused head gives this model's own NLL (to float rounding) on a random batch."""
+    config = model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING):
+        return False
+    head = model.get_output_embeddings()
+    if head is None or model.base_model is model:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, config.vocab_size, (2, 16), generator=generator).to(model.device)
+    try:
+        fused = _fused_nll(model, inputs)[0]
+    except (TypeError, AttributeError, ValueError) as exc:  # a base model without `last_hidden_state`, ...
+        log.debug("fused LM head unavailable for %s: %s", type(model).__name__, exc)
+        return False
+    plain = _plain_nll(model, inputs)[0]
+    tolerance = 1e-4 if settings(model).autocast is None else 1e-2
+    return math.isclose(fused, plain, rel_tol=tolerance)
+
+
+@contextmanager
+def _compiled(model: nn.Module) -> Iterator[None]:
+    """The current stack's layers run their compiled forward inside the block (hooks stay eager)."""
+    evaluation = settings(model)
+    layers = list(decoder_layers(model))
+    if not evaluation.compiled:
+        log.info("compiling the decoder layers for perplexity passes (once per process; ~25 s on 2 cores)")
+    for layer in layers:
+        if id(layer) not in evaluation.compiled:
+            evaluation.compiled[id(layer)] = torch.compile(layer.forward)
+        layer.forward = evaluation.compiled[id(layer)]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's eager forward again
+
+
+def batch_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of one batch of `inputs[:, 1:]`, and how many targets that is."""
+    prepare(model)
+    evaluation = settings(model)
+    run = _fused_nll if evaluation.fused_head else _plain_nll
+    if not evaluation.compile:
+        return run(model, inputs)
+    try:
+        with _compiled(model):
+            return run(model, inputs)
+    except Exception as exc:  # noqa: BLE001  (a compiler failure has no stable exception type)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("compiled decoder layers failed (%s); evaluating eagerly from now on", reason[:200])
+        evaluation.compile = False
+        return run(model, inputs)

@@ -1,0 +1,113 @@
+import logging
+import math
+
+import pytest
+import torch
+
+from evaluators import forward
+from evaluators.forward import configure, head_nll, logits_nll, settings
+from evaluators.perplexity import perplexity
+from evaluators.prefix import build_prefix_cache
+from search.models import apply_numerics
+from search.surgery import decoder_layers, layers_removed
+from tests.conftest import VOCAB, tiny_model
+
+
+def plain_perplexity(model, windows, bos_id=None) -> float:
+    configure(model, fused_head=False)
+    try:
+        return perplexity(model, windows, bos_id)
+    finally:
+        configure(model, fused_head=None)  # probe again on next use
+
+
+def test_chunked_head_nll_equals_full_logits(family):
+    model = tiny_model(family)
+    inputs = torch.randint(0, VOCAB, (3, 101))  # 300 targets: several chunks and a ragged last one
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=inputs).last_hidden_state
+        logits = model(input_ids=inputs).logits
+    fused, count = head_nll(model.get_output_embeddings(), hidden, inputs)
+    plain, plain_count = logits_nll(logits, inputs)
+    assert count == plain_count == 300
+    assert math.isclose(fused, plain, rel_tol=1e-6)
+
+
+def test_plain_models_take_the_fused_head(family):
+    model = tiny_model(family)
+    windows = torch.randint(0, VOCAB, (5, 40))
+    fused = perplexity(model, windows, bos_id=1)
+    assert settings(model).fused_head is True
+    assert math.isclose(fused, plain_perplexity(model, windows, bos_id=1), rel_tol=1e-6)
+
+
+def test_a_model_that_post_processes_logits_keeps_its_own_path():
+    model = tiny_model("llama")
+    own_forward = model.forward
+
+    def doubled(*args, **kwargs):  # a family whose forward changes logits after the head
+        out = own_forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = doubled
+    windows = torch.randint(0, VOCAB, (4, 24))
+    value = perplexity(model, windows)
+    assert settings(model).fused_head is False
+    with torch.inference_mode():
+        expected = math.exp(logits_nll(model(input_ids=windows).logits, windows)[0] / (4 * 23))
+    assert math.isclose(value, expected, rel_tol=1e-6)
+
+
+def test_soft_capping_config_is_never_fused():
+    model = tiny_model("llama")
+    model.config.final_logit_softcapping = 30.0
+    perplexity(model, torch.randint(0, VOCAB, (2, 12)))
+    assert settings(model).fused_head is False
+
+
+def test_mixed_numerics_apply_to_the_fused_head():
+    model = apply_numerics(tiny_model("llama"), "bf16-mixed")
+    windows = torch.randint(0, VOCAB, (4, 64))
+    mixed = perplexity(model, windows)
+    assert settings(model).fused_head is True
+    exact = perplexity(tiny_model("llama"), windows)
+    assert mixed != exact  # bf16 products really ran
+    assert math.isclose(mixed, plain_perplexity(model, windows), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compiled_layers_give_the_eager_result(family):
+    model = tiny_model(family, layers=6)
+    windows = torch.randint(0, VOCAB, (6, 33))
+    eager = perplexity(model, windows, bos_id=1, batch_size=4)
+    eager_pruned = {}
+    for removed in ([0], [2, 3], [1, 5]):
+        with layers_removed(model, removed):
+            eager_pruned[tuple(removed)] = perplexity(model, windows, bos_id=1, batch_size=4)
+    configure(model, compile=True)
+    assert math.isclose(perplexity(model, windows, bos_id=1, batch_size=4), eager, rel_tol=1e-5)
+    cache = build_prefix_cache(model, windows, bos_id=1, batch_size=4)
+    for removed, expected in eager_pruned.items():
+        assert math.isclose(cache.perplexity(removed), expected, rel_tol=1e-5)
+    assert settings(model).compile is True  # nothing fell back to eager
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model))  # eager again outside passes
+
+
+def test_a_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def broken(fn):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+
+        return call
+
+    monkeypatch.setattr(forward.torch, "compile", broken)
+    model = tiny_model("llama")
+    windows = torch.randint(0, VOCAB, (4, 20))
+    eager = perplexity(model, windows)
+    configure(model, compile=True)
+    with caplog.at_level(logging.WARNING, logger="search"):
+        assert perplexity(model, windows) == eager
+    assert "compiled decoder layers failed (no C++ compiler found)" in caplog.text
+    assert settings(model).compile is False
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model))
