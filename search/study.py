@@ -66,7 +66,7 @@ class RunConfig:
     batch_size: int = 4
     dtype: str = "auto"  # measured per machine (search/dtype.py); a study keeps what it resolved to
     device: str = "cpu"
-    compile: bool = True  # torch.compile the decoder layers for perplexity passes (evaluators/forward.py)
+    compile: bool = False  # torch.compile the decoder layers for perplexity passes (evaluators/forward.py)
     latency_tokens: int = 128
     latency_repeats: int = 30
     seed: int = 0

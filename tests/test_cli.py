@@ -18,11 +18,10 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-# Small windows, one latency round, exact eager numerics: what every CLI test on a tiny model evaluates
-# with (compiling the layers would cost each process far more than it saves on a tiny model).
+# Small windows, one latency round, exact numerics: what every CLI test on a tiny model evaluates with.
 TINY_EVALUATION = (
     *("--calib-tokens", "256", "--test-tokens", "128", "--sensitivity-tokens", "128", "--seq-len", "32"),
-    *("--latency-tokens", "16", "--latency-repeats", "1", "--dtype", "float32", "--no-compile"),
+    *("--latency-tokens", "16", "--latency-repeats", "1", "--dtype", "float32"),
 )
 
 

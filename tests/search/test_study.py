@@ -24,7 +24,6 @@ def tiny_config(tmp_path, model_dir, corpus, **overrides) -> RunConfig:
         latency_tokens=16,
         latency_repeats=1,
         dtype="float32",
-        compile=False,
     )
     return RunConfig(**{**settings, **overrides})
 
