@@ -153,6 +153,9 @@ def build_prefix_cache(
 
             def keep(module, args, kwargs, boundary=boundary):
                 hidden = args[0] if args else kwargs["hidden_states"]
+                # Indexed by batch, not appended: a batch run again (compiled layers falling back to
+                # eager part-way, evaluators/forward.py) overwrites its own entry.
+                del cache.states[boundary][len(cache.base_nll) :]
                 cache.states[boundary].append(hidden.detach().clone())
 
             handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))

@@ -95,19 +95,31 @@ def test_compiled_layers_give_the_eager_result(family):
 
 
 def test_a_compile_failure_falls_back_to_eager(monkeypatch, caplog):
-    def broken(fn):
+    made = []
+
+    def broken(fn):  # layers 0 and 1 "compile"; layer 2 fails, after the cache's hooks saw its input
+        made.append(fn)
+        works = len(made) <= 2
+
         def call(*args, **kwargs):
+            if works:
+                return fn(*args, **kwargs)
             raise RuntimeError("no C++ compiler found")
 
         return call
 
     monkeypatch.setattr(forward.torch, "compile", broken)
     model = tiny_model("llama")
-    windows = torch.randint(0, VOCAB, (4, 20))
+    windows = torch.randint(0, VOCAB, (6, 20))  # two batches of 4
     eager = perplexity(model, windows)
+    with layers_removed(model, [1, 4]):
+        eager_pruned = perplexity(model, windows)
     configure(model, compile=True)
     with caplog.at_level(logging.WARNING, logger="search"):
-        assert perplexity(model, windows) == eager
+        # Fails inside the first batch, after the cache's hooks stored some of its layer inputs.
+        cache = build_prefix_cache(model, windows)
     assert "compiled decoder layers failed (no C++ compiler found)" in caplog.text
     assert settings(model).compile is False
+    assert all(len(states) == 2 for states in cache.states.values())  # the re-run batch is stored once
+    assert cache.base_ppl == eager and cache.perplexity([1, 4]) == eager_pruned
     assert all("forward" not in vars(layer) for layer in decoder_layers(model))
