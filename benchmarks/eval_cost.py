@@ -7,10 +7,10 @@ process, the order rotating from set to set so no method always runs first:
 
 - naive:   the pruned model's plain full forward pass (full logits, then cross-entropy), float32;
 - cached:  the same from the prefix hidden-state cache (evaluators/prefix.py), float32;
-- default: the engine's default evaluation: prefix cache, fused LM head + NLL and compiled decoder
-  layers (evaluators/forward.py), in --dtype (`auto` unless overridden, which measures this machine
-  and resolves to bf16-mixed or float32: see search/dtype.py). Compiling happens in the default
-  cache's build pass (reported on its own, like the cache builds), not inside `default_s`.
+- default: the engine's default evaluation: prefix cache and fused LM head + NLL
+  (evaluators/forward.py), in --dtype (`auto` unless overridden, which measures this machine and
+  resolves to bf16-mixed or float32: see search/dtype.py); with --compile also compiled decoder
+  layers, compiled in the default cache's build pass (reported on its own), not inside `default_s`.
 
 `flop_ratio` is the arithmetic the cached path must still do over what the naive one does for the
 list (decoder layers actually run, plus embedding, final norm and LM head): the best the prefix

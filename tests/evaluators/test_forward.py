@@ -1,8 +1,10 @@
 import logging
 import math
+import shutil
 
 import pytest
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 from evaluators import forward
 from evaluators.forward import configure, head_nll, logits_nll, settings
@@ -76,6 +78,7 @@ def test_mixed_numerics_apply_to_the_fused_head():
     assert math.isclose(mixed, plain_perplexity(model, windows), rel_tol=1e-3)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_compiled_layers_give_the_eager_result(family):
     model = tiny_model(family, layers=6)
@@ -94,6 +97,21 @@ def test_compiled_layers_give_the_eager_result(family):
     assert all("forward" not in vars(layer) for layer in decoder_layers(model))  # eager again outside passes
 
 
+def test_other_errors_are_not_taken_for_compile_failures(monkeypatch):
+    def failing(fn):
+        def call(*args, **kwargs):
+            raise ValueError("a real bug")
+
+        return call
+
+    monkeypatch.setattr(forward.torch, "compile", failing)
+    model = configure(tiny_model("llama"), compile=True)
+    with pytest.raises(ValueError, match="a real bug"):
+        perplexity(model, torch.randint(0, VOCAB, (2, 12)))
+    assert settings(model).compile is True
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model))
+
+
 def test_a_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     made = []
 
@@ -104,7 +122,7 @@ def test_a_compile_failure_falls_back_to_eager(monkeypatch, caplog):
         def call(*args, **kwargs):
             if works:
                 return fn(*args, **kwargs)
-            raise RuntimeError("no C++ compiler found")
+            raise TorchDynamoException("no C++ compiler found")
 
         return call
 
