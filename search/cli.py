@@ -115,8 +115,8 @@ def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentG
         action=argparse.BooleanOptionalAction,
         default=d.compile,
         help="run perplexity passes through torch.compile'd decoder layers (default: off; ~10%% faster passes on "
-        "a 2-core CPU for ~25 s of compiling per process; falls back to eager if compiling fails; latency is "
-        "always timed eager)",
+        "a 2-core CPU, for ~25 s of compiling the first time and a few seconds per process after; falls back to "
+        "eager if compiling fails; latency is always timed eager)",
     )
     compute.add_argument(
         "--latency-tokens",
