@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from search.errors import SearchError
+from search.errors import SearchError, first_line
 from search.packaged import packaged_file
 
 DEFAULT_CORPUS_NAME = "lee-background"
@@ -44,7 +44,7 @@ def load_texts(spec: str | None):
     try:
         return datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as exc:  # datasets raises many types for "not found / offline"
-        raise SearchError(f"cannot load --dataset {spec!r}: {str(exc).splitlines()[0]}") from None
+        raise SearchError(f"cannot load --dataset {spec!r}: {first_line(exc)}") from None
 
 
 def _text_column(dataset) -> str:

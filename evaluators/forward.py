@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.exc import TorchDynamoException
 
+from search.errors import first_line
 from search.surgery import decoder_layers
 
 log = logging.getLogger("search")
@@ -170,7 +171,7 @@ def batch_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
         with _compiled(model):
             return run(model, inputs)
     except TorchDynamoException as exc:  # compiling failed (inductor, backend); any other error is real
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         log.warning("compiled decoder layers failed (%s); evaluating eagerly from now on", reason[:200])
         evaluation.compile = False
         return run(model, inputs)

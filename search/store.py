@@ -20,7 +20,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from search.errors import SearchError
+from search.errors import SearchError, first_line
 from search.evaluations import create_tables
 
 log = logging.getLogger("search")
@@ -88,7 +88,7 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
                 continue
             raise SearchError(f"cannot open storage {redact(url)}: another process is creating it; retry") from None
         except Exception as exc:  # SQLAlchemy/driver errors of every kind: unreachable, auth, not a DB
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise SearchError(f"cannot open storage {redact(url)}: {redact(reason)}") from None
     raise AssertionError("unreachable")
 
@@ -178,7 +178,7 @@ def exclusive(url: str, name: str) -> Iterator[None]:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=keepalive)
         connection = engine.connect()
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise SearchError(f"cannot open storage {redact(url)}: {redact(reason)}") from None
     try:
         key = _lock_key(name)

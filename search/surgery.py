@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from search.architectures import architecture_of
@@ -104,3 +105,33 @@ def layer_param_counts(model: nn.Module) -> list[int]:
 def total_param_count(model: nn.Module) -> int:
     # parameters() yields tied tensors (embedding / LM head) once, which is what disk and memory hold.
     return sum(p.numel() for p in model.parameters())
+
+
+# Bounds on kv_cache_divergence: float32 paths agree almost exactly, while bf16 products round the
+# cached and uncached paths differently. A cache wired to the wrong layers misses both by far more.
+KV_CACHE_TOLERANCE = 1e-4
+KV_CACHE_TOLERANCE_REDUCED = 5e-2
+
+
+def kv_cache_divergence(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 24, pad_token_id: int = 0) -> float:
+    """How far greedy generation with the KV cache strays from recomputing without it.
+
+    Returns the largest gap between each step's cached logits and the logits of one uncached pass
+    over the generated sequence, relative to the largest logit. Logits, not tokens, are compared:
+    under reduced precision the two paths round differently and greedy decoding flips on a
+    near-tie, which says nothing about whether the cache is wired to the right layers.
+    """
+    with torch.inference_mode():
+        out = model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad_token_id,
+        )
+        cached = torch.stack(out.logits, dim=1).float()
+        full = model(input_ids=out.sequences, use_cache=False).logits.float()
+    full = full[:, prompt.shape[1] - 1 : prompt.shape[1] - 1 + cached.shape[1]]
+    return ((cached - full).abs().max() / full.abs().max().clamp_min(1e-12)).item()

@@ -14,6 +14,7 @@ from search.objective import COMPLETE
 from search.sampler import removal_set
 from search.study import RunConfig, completed, run
 from search.surgery import layers_removed
+from tests.search.test_export import spy_on_kv_check_logits
 from tests.search.test_study import check_schema, snapshot
 
 pytestmark = pytest.mark.real_model
@@ -88,3 +89,24 @@ def test_run_on_the_default_model(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"layers": 28, "new_tokens": 8}
+
+
+def test_export_of_a_bf16_mixed_study_on_the_default_model(tmp_path, monkeypatch):
+    """The README's run-then-export flow as `--dtype auto` runs it on a CPU with bf16 units, forced here on any CPU.
+
+    Under bf16 autocast, greedy decoding with and without the KV cache can flip on a near-tie; the
+    export check must still pass, because it compares float32 logits, not bf16 tokens.
+    """
+    from search.cli import main
+
+    storage = f"sqlite:///{tmp_path / 'b.db'}"
+    common = ["--study", "b", "--storage", storage]
+    run_args = ["run", "--budget", "4%", "--trials", "3", "--calib-tokens", "512", "--test-tokens", "512"]
+    small = ["--sensitivity-tokens", "128", "--seq-len", "128", "--latency-tokens", "32", "--latency-repeats", "3"]
+    assert main([*run_args, *small, "--dtype", "bf16-mixed", *common]) == 0
+    out = tmp_path / "pruned"
+    seen = spy_on_kv_check_logits(monkeypatch)
+    assert main(["export", "--pick", "knee", "--out", str(out), *common]) == 0
+    assert seen and set(seen) == {torch.float32}
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["settings"]["dtype"] == "bf16-mixed" and record["layers_after"] == 29

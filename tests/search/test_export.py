@@ -4,11 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from search.architectures import architecture_of
 from search.errors import SearchError
 from search.export import export_trial, pick_trial
 from search.front import front_report
 from search.objective import COMPLETE
-from search.surgery import layers_removed
+from search.surgery import KV_CACHE_TOLERANCE, _renumber, decoder_layers, layers_removed
 from tests.search.test_study import tiny_config
 
 
@@ -94,3 +95,83 @@ def test_written_directory_shrinks_per_layer_lists(tmp_path):
         cached = reloaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
         uncached = reloaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(cached, uncached)
+
+
+def _measured_trial(study):
+    measured = [t for t in study.get_trials(states=COMPLETE) if "test_ppl_ratio" in t.user_attrs]
+    return max(measured, key=lambda t: len(t.user_attrs["removed_layers"]))
+
+
+def spy_on_kv_check_logits(monkeypatch) -> list[torch.dtype]:
+    """The dtypes of the logits export's KV-cache check computes (bf16 ones would make it test rounding).
+
+    Whether bf16 rounding actually flips a greedy token depends on the CPU (native bf16 units or
+    emulation), so tests assert the cause, the numerics of the check, on every machine.
+    """
+    import search.export
+
+    seen: list[torch.dtype] = []
+    check = search.export.kv_cache_divergence
+
+    def spy(model, *args, **kwargs):
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        try:
+            return check(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(search.export, "kv_cache_divergence", spy)
+    return seen
+
+
+def test_export_of_a_bf16_mixed_study_verifies(tmp_path, tiny_model_dir, corpus, monkeypatch):
+    """Perplexity is reproduced in the study's bf16-mixed numerics; the KV-cache check runs in float32."""
+    from search.study import run
+
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=4, dtype="bf16-mixed"))
+    seen = spy_on_kv_check_logits(monkeypatch)
+    report = export_trial(study, _measured_trial(study).number, tmp_path / "out")
+    assert report.ok and report.kv_cache_match and report.kv_cache_error is None
+    assert report.kv_cache_max_rel_diff <= KV_CACHE_TOLERANCE and report.ppl_rel_diff <= 0.01
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_verification_fails_when_the_reloaded_cache_is_wired_to_the_wrong_layers(
+    tmp_path, tiny_model_dir, corpus, monkeypatch
+):
+    """A model whose attention layers keep the indices they had before removal must not pass."""
+    import transformers
+
+    from search.cli import main
+    from search.study import run
+
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=4))
+    trial = _measured_trial(study)
+    removed = trial.user_attrs["removed_layers"]
+    kept = [i for i in range(6) if i not in removed]
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def not_renumbered(*args, **kwargs):
+        model = load(*args, **kwargs)
+        for layer, original in zip(decoder_layers(model), kept):
+            _renumber(layer, original, architecture_of(model).index_attrs)
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", not_renumbered)
+    report = export_trial(study, trial.number, tmp_path / "out")
+    assert not report.ok and not report.kv_cache_match
+    storage = f"sqlite:///{tmp_path / 'store.db'}"
+    code = main(
+        [
+            "export",
+            "--study",
+            "tiny",
+            "--storage",
+            storage,
+            "--trial",
+            str(trial.number),
+            "--out",
+            str(tmp_path / "again"),
+        ]
+    )
+    assert code == 2

@@ -1,9 +1,14 @@
 import pytest
 import torch
 
+from search.architectures import architecture_of
 from search.errors import SearchError
 from search.surgery import (
+    KV_CACHE_TOLERANCE,
+    KV_CACHE_TOLERANCE_REDUCED,
+    _renumber,
     decoder_layers,
+    kv_cache_divergence,
     layer_param_counts,
     layers_removed,
     remove_layers,
@@ -124,3 +129,24 @@ def test_unknown_architecture_names_supported_ones():
 
     with pytest.raises(SearchError, match=r"supported: .*gpt2, llama.*search/architectures"):
         decoder_layers(Odd())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
+def test_kv_cache_divergence_is_tiny_after_removal_in_every_family(dtype):
+    from search.models import apply_numerics
+    from tests.conftest import FAMILIES
+
+    for family in FAMILIES:
+        model = apply_numerics(tiny_model(family), dtype)
+        remove_layers(model, [1, 4])
+        divergence = kv_cache_divergence(model, torch.randint(3, 90, (1, 10)), new_tokens=12)
+        # bf16 products round the cached and the uncached paths differently; float32 is exact to ~1e-6.
+        assert divergence <= (KV_CACHE_TOLERANCE if dtype == "float32" else KV_CACHE_TOLERANCE_REDUCED), family
+
+
+def test_kv_cache_divergence_catches_a_cache_wired_to_the_wrong_layers(family):
+    model = tiny_model(family)
+    remove_layers(model, [1, 4])
+    for layer in decoder_layers(model):  # every layer writes and reads cache slot 0
+        _renumber(layer, 0, architecture_of(model).index_attrs)
+    assert kv_cache_divergence(model, torch.randint(3, 90, (1, 10)), new_tokens=8) > KV_CACHE_TOLERANCE_REDUCED
