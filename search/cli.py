@@ -10,7 +10,7 @@ import warnings
 from dataclasses import replace
 
 from search.baselines import METHODS
-from search.errors import SearchError
+from search.errors import SearchError, first_line
 from search.space import parse_budget
 from search.store import redact
 
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging() -> None:
+def _configure_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", category=FutureWarning)
     import optuna
@@ -287,15 +287,21 @@ def _configure_logging() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # sub-second weight loading; our own bars cover the long work
+    if not debug:
+        from search.failures import quiet_known_failures
+
+        quiet_known_failures()
 
 
 def _run(args: argparse.Namespace) -> None:
+    from search.failures import store_failures
     from search.front import format_table, front_report
     from search.study import RunConfig, run
 
     fields = RunConfig.__dataclass_fields__
     config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    study = run(config)
+    with store_failures(config.storage_url):
+        study = run(config)
     print(format_table(front_report(study)))
     where = f" --study {study.study_name}" + (f" --storage '{redact(config.storage)}'" if config.storage else "")
     print(
@@ -379,8 +385,7 @@ def _export(args: argparse.Namespace) -> None:
     print(json.dumps(report.to_dict(), indent=2))
     print(
         f"reloaded {report.out}: {report.layers} layers, held-out ppl {report.measured_test_ppl:.3f} vs reported "
-        f"{expected}{diff}; generation with and without KV cache "
-        f"{'identical' if report.kv_cache_match else 'DIFFERENT'}",
+        f"{expected}{diff}; float32 logits with and without KV cache {report.kv_cache_verdict}",
         file=sys.stderr,
     )
     if not report.ok:
@@ -390,12 +395,14 @@ def _export(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging()
+    _configure_logging(args.debug)
     try:
         {"run": _run, "baseline": _baseline, "front": _front, "studies": _studies, "show": _show, "export": _export}[
             args.command
         ](args)
     except SearchError as exc:
+        if args.debug and exc.__cause__ is not None:  # a translated failure: show what lies beneath
+            raise
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -404,7 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {redact(first)} (rerun with --debug for the traceback)", file=sys.stderr)
+        from search.failures import out_of_space
+
+        known = out_of_space(exc)
+        if known is not None:
+            print(f"error: {redact(str(known))}", file=sys.stderr)
+            return 1
+        print(
+            f"error: {type(exc).__name__}: {redact(first_line(exc))} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0

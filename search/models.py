@@ -22,7 +22,8 @@ from torch import nn
 from evaluators.forward import configure
 from search.dtype import AUTO
 from search.dtype import choose as choose_dtype
-from search.errors import SearchError
+from search.errors import SearchError, first_line
+from search.failures import check_device, check_safe_weights
 from search.packaged import packaged_file
 
 log = logging.getLogger("search")
@@ -133,6 +134,7 @@ def load_model(
     """
     if dtype not in DTYPES and dtype != AUTO:
         raise SearchError(f"--dtype {dtype!r} is not one of {', '.join([AUTO, *DTYPES])}")
+    check_device(device)
     requested, dtype = dtype, ("float32" if dtype == AUTO else dtype)
     path = default_model_path() if spec is None else Path(spec).expanduser()
     fingerprint = None
@@ -145,6 +147,7 @@ def load_model(
             source, digest = _gguf_as_safetensors(path)
             fingerprint = f"gguf:{digest[:16]}"
         else:
+            check_safe_weights(path, str(spec))
             source, fingerprint = path, f"dir:{_directory_fingerprint(path)}"
     elif spec is not None and _looks_like_path(spec):
         raise SearchError(f"--model {spec}: no such file or directory")
@@ -155,7 +158,7 @@ def load_model(
     except SearchError:
         raise
     except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise SearchError(f"cannot load --model {spec}: {reason}") from None
     if fingerprint is None:  # a hub id: the resolved commit names the weights
         fingerprint = f"hub:{spec}@{getattr(model.config, '_commit_hash', None) or 'unknown'}"

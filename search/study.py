@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 from tqdm.auto import tqdm
 
-from evaluators.data import make_splits
+from evaluators.data import bos_to_prepend, make_splits
 from evaluators.forward import configure
 from evaluators.latency import latency_input, measure_latencies, measure_latency
 from evaluators.sensitivity import removal_sensitivity, similarity
@@ -26,6 +26,7 @@ from search import baselines, space
 from search.dtype import AUTO
 from search.errors import SearchError
 from search.evaluations import EvalCache, device_label
+from search.failures import check_window
 from search.models import LoadedModel, load_model, model_name
 from search.objective import COMPLETE, Bench, finished, make_objective, store_latency
 from search.recovery import recover_interrupted, worker_id
@@ -199,6 +200,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Bench, Budget]:
     """Model, windows and parameter accounting: everything an evaluation needs, no store yet."""
     loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
     model = configure(loaded.model, compile=config.compile)
+    check_window(model.config, config.seq_len, bos_to_prepend(loaded.tokenizer) is not None, config.latency_tokens)
     splits = make_splits(loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len)
     budget = Budget(config.budget, total_param_count(model), layer_param_counts(model))
     types = getattr(model.config, "layer_types", None) or [""] * budget.n_layers
