@@ -9,7 +9,7 @@ process, the order rotating from set to set so no method always runs first:
 - cached:  the same from the prefix hidden-state cache (evaluators/prefix.py), float32;
 - default: the engine's default evaluation: prefix cache and fused LM head + NLL
   (evaluators/forward.py), in --dtype (`auto` unless overridden, which measures this machine and
-  resolves to bf16-mixed or float32: see search/dtype.py); with --compile also compiled decoder
+  resolves to bf16-mixed or float32: see search/model/numerics.py); with --compile also compiled decoder
   layers, compiled in the default cache's build pass (reported on its own), not inside `default_s`.
 
 `flop_ratio` is the arithmetic the cached path must still do over what the naive one does for the
@@ -39,9 +39,9 @@ from evaluators.forward import configure, settings  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
 from evaluators.prefix import build_prefix_cache  # noqa: E402
 from evaluators.sensitivity import removal_sensitivity, similarity  # noqa: E402
-from search.models import load_model  # noqa: E402
+from search.model.loading import load_model  # noqa: E402
+from search.model.surgery import decoder_layers, layer_param_counts, layers_removed  # noqa: E402
 from search.study import RunConfig  # noqa: E402
-from search.surgery import decoder_layers, layer_param_counts, layers_removed  # noqa: E402
 
 
 def random_sets(n_layers: int, count: int, seed: int) -> list[tuple[int, ...]]:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluators.latency import measure_latencies  # noqa: E402
-from search.surgery import (  # noqa: E402
+from search.model.surgery import (  # noqa: E402
     KV_CACHE_TOLERANCE,
     KV_CACHE_TOLERANCE_REDUCED,
     kv_cache_divergence,
@@ -65,7 +65,7 @@ def main() -> None:
     if args.random_init:
         model, name = smollm2_shaped(DTYPES[args.dtype], args.device), "SmolLM2-135M shapes (random weights)"
     else:
-        from search.models import load_model
+        from search.model.loading import load_model
 
         model, name = load_model(None, args.dtype, args.device).model, "SmolLM2-135M-Instruct"
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.tokens), device=args.device)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluators.data import make_splits  # noqa: E402
 from evaluators.prefix import build_prefix_cache  # noqa: E402
-from search.models import load_model  # noqa: E402
+from search.model.loading import load_model  # noqa: E402
 from search.study import RunConfig  # noqa: E402
 
 

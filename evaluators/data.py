@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from search.errors import SearchError, first_line
-from search.packaged import packaged_file
+from search.model.packaged import packaged_file
 
 DEFAULT_CORPUS_NAME = "lee-background"
 

@@ -6,14 +6,12 @@ Two savings on top of the model's own forward pass, each exact up to float32 rou
   4 x 513 tokens), copies them for the shift and runs log-softmax over all of it: memory-bound work
   that cost about as much as the LM head's matrix product itself. Here the final hidden states go
   through the head a few rows at a time and each chunk's NLL is taken while it is still in cache
-  (prefix-cached evaluations of SmolLM2 26 % faster on 2 CPU cores: 89.5 s against 120.4 s for
-  benchmarks/eval_cost.py's 20 sets in one run).
+  (benchmarks/eval_cost.py measures the saving; README, "Evaluation cost").
   The model's own `forward` may post-process logits (soft-capping, scaling); a model is evaluated
   this way only after a probe shows both paths agree on it, else it keeps the plain path.
 - **Compiled decoder layers** (`torch.compile`, opt-in per model with `configure`). Eager mode runs
   the norms, rotary embedding, activation and residual adds as separate memory-bound kernels;
-  compiled, they fuse (~10 % faster passes on 2 CPU cores, for ~25 s of compiling per process when
-  PyTorch's on-disk cache is cold). Each layer is wrapped with `torch.compile`, and Dynamo reuses
+  compiled, they fuse (faster passes for a one-off compile per process; README, "Evaluation cost"). Each layer is wrapped with `torch.compile`, and Dynamo reuses
   one compiled graph for every layer with the same code and attributes (parameters are inputs;
   a family with two layer types compiles two). Only perplexity passes use it; latency is timed on the
   eager model users deploy. Any compile failure (no C++ compiler, an unsupported layer) falls back
@@ -36,7 +34,8 @@ from torch import nn
 from torch._dynamo.exc import TorchDynamoException
 
 from search.errors import first_line
-from search.surgery import decoder_layers
+from search.model.numerics import mixed_precision
+from search.model.surgery import decoder_layers
 
 log = logging.getLogger("search")
 
@@ -49,9 +48,9 @@ LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scalin
 class Evaluation:
     """How one model runs perplexity passes; stored on the model by `configure`."""
 
-    autocast: torch.dtype | None = None  # mixed numerics: matrix products in this dtype
     compile: bool = False
     fused_head: bool | None = None  # None: not probed yet
+    probed_under: torch.dtype | None = None  # the model's mixed precision when fused_head was decided
     compiled: dict[int, object] = field(default_factory=dict)  # id(layer) -> its compiled forward
 
 
@@ -62,27 +61,28 @@ def settings(model: nn.Module) -> Evaluation:
 
 
 def configure(model: nn.Module, **changes) -> nn.Module:
-    """Change how this model's perplexity passes run: `autocast=torch.bfloat16`, `compile=True`."""
+    """Change how this model's perplexity passes run: `compile=True`, or `fused_head=False` to force the plain path."""
     evaluation = settings(model)
     for name, value in changes.items():
         if not hasattr(evaluation, name):
             raise TypeError(f"configure() got an unexpected setting {name!r}")
         setattr(evaluation, name, value)
-    if "autocast" in changes:
-        evaluation.fused_head = None  # probe again under the new numerics
+    if "fused_head" in changes:
+        evaluation.probed_under = mixed_precision(model)
     return model
 
 
 def prepare(model: nn.Module) -> None:
     """Probe the fused head once; call before registering hooks that a probe batch would trip."""
     evaluation = settings(model)
-    if evaluation.fused_head is None:
-        evaluation.fused_head = _probe_fused_head(model)
+    if evaluation.fused_head is None or evaluation.probed_under != mixed_precision(model):
+        evaluation.fused_head = _probe_fused_head(model)  # never probed, or the numerics changed since
+        evaluation.probed_under = mixed_precision(model)
 
 
 def numerics(model: nn.Module):
     """The autocast context the model's evaluation runs under (none for a single dtype)."""
-    dtype = settings(model).autocast
+    dtype = mixed_precision(model)
     return torch.autocast(model.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -133,7 +133,7 @@ def _probe_fused_head(model: nn.Module) -> bool:
         log.debug("fused LM head unavailable for %s: %s", type(model).__name__, exc)
         return False
     plain = _plain_nll(model, inputs)[0]
-    exact = settings(model).autocast is None and head.weight.dtype == torch.float32
+    exact = mixed_precision(model) is None and head.weight.dtype == torch.float32
     tolerance = 1e-4 if exact else 1e-3  # reduced precision rounds the two paths' products differently
     return math.isclose(fused, plain, rel_tol=tolerance)
 

@@ -8,9 +8,9 @@ nothing measurable.
 
 Given each layer's kind, the medians are then smoothed by a least-squares fit of
 time = fixed part + per-layer cost x kept layers, per kind (the arithmetic is additive in
-layers). On a noisy 2-core machine one shape's median can be off by more than a layer's cost
-(measured: 27 kept layers 0.976, 28 kept layers 0.962); a mis-ordered table makes the best set of
-that size look dominated and drops it from the front. The raw medians are kept beside the fit.
+layers). On a noisy machine one shape's median can be off by more than a layer's cost (more
+kept layers timed faster than fewer); a mis-ordered table makes the best set of that size look
+dominated and drops it from the front. The raw medians are kept beside the fit.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from search.surgery import layers_removed
+from search.model.surgery import layers_removed
 
 
 @dataclass(frozen=True)

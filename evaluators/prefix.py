@@ -27,7 +27,7 @@ from torch import nn
 
 from evaluators.forward import batch_nll, prepare
 from evaluators.perplexity import from_batches, nll_batches, window_batches
-from search.surgery import decoder_layers, layers_removed
+from search.model.surgery import decoder_layers, layers_removed
 
 log = logging.getLogger("search")
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from evaluators.perplexity import window_batches
 from evaluators.prefix import build_prefix_cache
-from search.surgery import decoder_layers, layers_removed
+from search.model.surgery import decoder_layers, layers_removed
 
 CRITERIA = ("ppl", "angular", "bi")
 

@@ -15,9 +15,9 @@ _EXPORTS = {
     "run": "search.study",
     "SearchError": "search.errors",
     "front_report": "search.front",
-    "layers_removed": "search.surgery",
-    "remove_layers": "search.surgery",
-    "restore_layers": "search.surgery",
+    "layers_removed": "search.model.surgery",
+    "remove_layers": "search.model.surgery",
+    "restore_layers": "search.model.surgery",
 }
 __all__ = sorted(_EXPORTS)
 

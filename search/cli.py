@@ -10,9 +10,8 @@ import warnings
 from dataclasses import replace
 
 from search.baselines import METHODS
-from search.errors import SearchError, first_line
+from search.errors import SearchError, first_line, redact
 from search.space import parse_budget
-from search.store import redact
 
 DEFAULTS_NOTE = (
     "Defaults use the embedded SmolLM2-135M-Instruct and the embedded Lee news corpus; nothing is downloaded."
@@ -296,11 +295,12 @@ def _configure_logging(debug: bool) -> None:
 def _run(args: argparse.Namespace) -> None:
     from search.failures import store_failures
     from search.front import format_table, front_report
+    from search.store import sqlite_path
     from search.study import RunConfig, run
 
     fields = RunConfig.__dataclass_fields__
     config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    with store_failures(config.storage_url):
+    with store_failures(config.storage_url, sqlite_path(config.storage_url)):
         study = run(config)
     print(format_table(front_report(study)))
     where = f" --study {study.study_name}" + (f" --storage '{redact(config.storage)}'" if config.storage else "")

@@ -22,8 +22,9 @@ from evaluators.data import make_splits
 from evaluators.perplexity import perplexity
 from search.errors import SearchError, first_line
 from search.front import front_report
-from search.models import DTYPES, apply_numerics, load_model
-from search.surgery import KV_CACHE_TOLERANCE, kv_cache_divergence, remove_layers
+from search.model.loading import load_model
+from search.model.numerics import DTYPES, apply_numerics
+from search.model.surgery import KV_CACHE_TOLERANCE, kv_cache_divergence, remove_layers
 
 PICKS = ("knee", "best-ppl", "fastest")
 PPL_TOLERANCE = 0.01

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from search.errors import SearchError, first_line
+from search.errors import SearchError, first_line, redact
 
 # Words the SQLite, PostgreSQL and SQLAlchemy drivers use for the two store failures a user can act on.
 _FULL = re.compile(r"database or disk is full|no space left on device|could not extend file|disk full", re.I)
@@ -107,7 +107,7 @@ def check_window(config, seq_len: int, bos: bool, latency_tokens: int | None = N
         )
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -115,7 +115,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def _database_error(exc: BaseException) -> BaseException | None:
+def _database_error(exc: BaseException | None) -> BaseException | None:
     """The driver-level error behind an Optuna/SQLAlchemy wrapper, if the failure came from the store."""
     import sqlalchemy
 
@@ -143,16 +143,13 @@ def _filesystem(path: Path) -> str:
     return f"{mount}, {size} free"
 
 
-def store_failure(exc: BaseException, url: str) -> SearchError | None:
-    """The one-line error for a store that filled up or went away mid-study; None for anything else."""
-    from search.store import redact, sqlite_path
-
+def store_failure(exc: BaseException, url: str, path: Path | None = None) -> SearchError | None:
+    """The one-line error for a store (`path`: its SQLite file) that filled up or went away; None for anything else."""
     database = _database_error(exc)
     if database is None:
         return None
     text = " ".join(first_line(link) for link in _chain(exc))
     saved = "every completed trial is saved"
-    path = sqlite_path(url)
     if _FULL.search(text):
         where = f"{path} (filesystem {_filesystem(path)})" if path is not None else f"at {redact(url)} (its server)"
         return SearchError(
@@ -177,14 +174,14 @@ def out_of_space(exc: BaseException) -> SearchError | None:
 
 
 @contextmanager
-def store_failures(url: str | None) -> Iterator[None]:
+def store_failures(url: str | None, path: Path | None = None) -> Iterator[None]:
     """Inside it, a full or lost store (and a full disk elsewhere) leaves as a one-line SearchError."""
     try:
         yield
     except SearchError:
         raise
     except Exception as exc:
-        known = (store_failure(exc, url) if url else None) or out_of_space(exc)
+        known = (store_failure(exc, url, path) if url else None) or out_of_space(exc)
         if known is None:
             raise
         raise known from exc
@@ -211,7 +208,7 @@ def quiet_known_failures() -> None:
         handler.addFilter(quiet)
 
     def one_line(args: threading.ExceptHookArgs) -> None:
-        if _database_error(args.exc_value) is None:
+        if args.exc_value is not None and _database_error(args.exc_value) is None:
             logging.getLogger("search").warning(
                 "background thread %s failed: %s", args.thread.name if args.thread else "?", first_line(args.exc_value)
             )

@@ -20,7 +20,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from search.errors import SearchError, first_line
+from search.errors import SearchError, first_line, redact
 from search.evaluations import create_tables
 
 log = logging.getLogger("search")
@@ -37,11 +37,6 @@ def default_study_name(model: str, budget: float) -> str:
 
 def default_storage(study: str) -> str:
     return f"sqlite:///{STUDIES_DIR / study}.db"
-
-
-def redact(text: str) -> str:
-    """`text` with the password of any URL in it masked, for every message and log line."""
-    return re.sub(r"(//[^:/@\s]+):\S*@", r"\1:***@", text)  # greedy: a raw '@' in the password stays hidden
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -23,11 +23,12 @@ from evaluators.forward import configure
 from evaluators.latency import latency_input, measure_latencies, measure_latency
 from evaluators.sensitivity import removal_sensitivity, similarity
 from search import baselines, space
-from search.dtype import AUTO
-from search.errors import SearchError
+from search.errors import SearchError, redact
 from search.evaluations import EvalCache, device_label
 from search.failures import check_window
-from search.models import LoadedModel, load_model, model_name
+from search.model.loading import LoadedModel, load_model, model_name
+from search.model.numerics import AUTO
+from search.model.surgery import decoder_layers, layer_param_counts, total_param_count
 from search.objective import COMPLETE, Bench, finished, make_objective, store_latency
 from search.recovery import recover_interrupted, worker_id
 from search.sampler import RemovalSetSampler, removal_set
@@ -39,11 +40,9 @@ from search.store import (
     exclusive,
     load_study,
     open_storage,
-    redact,
     sqlite_path,
     study_names,
 )
-from search.surgery import decoder_layers, layer_param_counts, total_param_count
 
 log = logging.getLogger("search")
 
@@ -65,7 +64,7 @@ class RunConfig:
     sensitivity_tokens: int = 2048
     seq_len: int = 512
     batch_size: int = 4
-    dtype: str = "auto"  # measured per machine (search/dtype.py); a study keeps what it resolved to
+    dtype: str = "auto"  # measured per machine (search/model/numerics.py); a study keeps what it resolved to
     device: str = "cpu"
     compile: bool = False  # torch.compile the decoder layers for perplexity passes (evaluators/forward.py)
     latency_tokens: int = 128

@@ -9,11 +9,11 @@ import torch
 
 from search.export import export_trial
 from search.front import front_report
-from search.models import load_model
+from search.model.loading import load_model
+from search.model.surgery import layers_removed
 from search.objective import COMPLETE
 from search.sampler import removal_set
 from search.study import RunConfig, completed, run
-from search.surgery import layers_removed
 from tests.search.test_export import spy_on_kv_check_logits
 from tests.search.test_study import check_schema, snapshot
 

@@ -10,8 +10,8 @@ from evaluators import forward
 from evaluators.forward import configure, head_nll, logits_nll, settings
 from evaluators.perplexity import perplexity
 from evaluators.prefix import build_prefix_cache
-from search.models import apply_numerics
-from search.surgery import decoder_layers, layers_removed
+from search.model.numerics import apply_numerics
+from search.model.surgery import decoder_layers, layers_removed
 from tests.conftest import VOCAB, tiny_model
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from evaluators.latency import latency_input, measure_latencies, measure_latency, time_forward
-from search.surgery import decoder_layers
+from search.model.surgery import decoder_layers
 from tests.conftest import VOCAB, tiny_model
 
 

@@ -8,7 +8,7 @@ import torch
 
 from evaluators.perplexity import perplexity
 from evaluators.prefix import build_prefix_cache
-from search.surgery import decoder_layers, layers_removed
+from search.model.surgery import decoder_layers, layers_removed
 from tests.conftest import FAMILIES, VOCAB, tiny_model
 
 

@@ -4,7 +4,7 @@ import torch
 
 from evaluators.perplexity import perplexity
 from evaluators.sensitivity import removal_sensitivity, similarity
-from search.surgery import layers_removed
+from search.model.surgery import layers_removed
 from tests.conftest import VOCAB, tiny_model
 
 

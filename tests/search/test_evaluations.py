@@ -99,7 +99,7 @@ def test_rejected_trials_are_recorded_and_count(tmp_path, tiny_model_dir, corpus
 
 
 def test_a_rejected_evaluation_leaves_the_model_whole():
-    from search.surgery import decoder_layers
+    from search.model.surgery import decoder_layers
 
     bench = tiny_bench()
     with pytest.raises(Rejected) as caught:  # keeps the traceback (and its frames) alive

@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from search.architectures import architecture_of
 from search.errors import SearchError
 from search.export import export_trial, pick_trial
 from search.front import front_report
+from search.model.architectures import architecture_of
+from search.model.surgery import KV_CACHE_TOLERANCE, _renumber, decoder_layers, layers_removed
 from search.objective import COMPLETE
-from search.surgery import KV_CACHE_TOLERANCE, _renumber, decoder_layers, layers_removed
 from tests.search.test_study import tiny_config
 
 
@@ -77,7 +77,7 @@ def test_export_refuses_to_overwrite_and_unfinished_trials(tiny_study, tmp_path)
 def test_written_directory_shrinks_per_layer_lists(tmp_path):
     """Qwen2 interleaves sliding and full attention: the saved `layer_types` must match the kept layers."""
     from search.export import _write
-    from search.surgery import remove_layers
+    from search.model.surgery import remove_layers
     from tests.conftest import tiny_model, tiny_tokenizer
 
     model = tiny_model("qwen2")

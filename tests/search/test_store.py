@@ -12,8 +12,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search.errors import redact
 from search.sampler import removal_set
-from search.store import exclusive, redact
+from search.store import exclusive
 from tests.test_cli import ROOT, assert_one_line_error, cli, tiny_run_args
 
 
@@ -239,7 +240,7 @@ def test_model_without_known_decoder_stack(tmp_path, corpus):
     ).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     result = cli(*tiny_run_args(path, corpus, tmp_path / "neox.db"), cwd=tmp_path)
-    assert_one_line_error(result, "gpt_neox", "gpt2, llama", "search/architectures")
+    assert_one_line_error(result, "gpt_neox", "gpt2, llama", "search/model/architectures")
     assert not (tmp_path / "neox.db").exists()
 
 

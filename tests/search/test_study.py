@@ -1,6 +1,6 @@
 import pytest
 
-import search.dtype
+import search.model.numerics
 import search.study
 from search.errors import SearchError
 from search.front import front_report
@@ -165,12 +165,12 @@ def test_one_pass_criteria_drive_greedy_seeding(tmp_path, tiny_model_dir, corpus
 
 
 def test_auto_dtype_is_recorded_resolved_and_kept_on_resume(tmp_path, tiny_model_dir, corpus, monkeypatch):
-    monkeypatch.setattr(search.dtype, "bf16_speedup", lambda device, width: 2.0)  # a machine with bf16 units
+    monkeypatch.setattr(search.model.numerics, "bf16_speedup", lambda device, width: 2.0)  # a machine with bf16 units
     study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3, dtype="auto"))
     assert study.user_attrs["settings"]["dtype"] == "bf16-mixed"
     before = snapshot(study)
     # Resumed where bf16 is slow: auto keeps the study's numerics instead of refusing or mixing them.
-    monkeypatch.setattr(search.dtype, "bf16_speedup", lambda device, width: 0.3)
+    monkeypatch.setattr(search.model.numerics, "bf16_speedup", lambda device, width: 0.3)
     study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=5, dtype="auto"))
     assert study.user_attrs["settings"]["dtype"] == "bf16-mixed"
     assert snapshot(study)[:3] == before and completed(study) == 5

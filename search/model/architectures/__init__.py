@@ -46,9 +46,9 @@ def architecture_of(model: nn.Module) -> Architecture:
         supported = ", ".join(sorted(REGISTRY))
         raise SearchError(
             f"no decoder-layer stack known for model_type {model_type!r} (supported: {supported}); "
-            "to add one, copy search/architectures/llama.py and register the new module in its __init__.py"
+            "to add one, copy search/model/architectures/llama.py and register the new module in its __init__.py"
         )
     return REGISTRY[model_type]
 
 
-from search.architectures import gemma3, gpt2, llama, mistral, phi3, qwen  # noqa: E402, F401  (the registry)
+from search.model.architectures import gemma3, gpt2, llama, mistral, phi3, qwen  # noqa: E402, F401  (the registry)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from search.architectures import architecture_of
 from search.errors import SearchError
-from search.surgery import (
+from search.model.architectures import architecture_of
+from search.model.surgery import (
     KV_CACHE_TOLERANCE,
     KV_CACHE_TOLERANCE_REDUCED,
     _renumber,
@@ -127,13 +127,13 @@ def test_unknown_architecture_names_supported_ones():
         class config:  # noqa: N801 - mimics a transformers config object
             model_type = "mamba"
 
-    with pytest.raises(SearchError, match=r"supported: .*gpt2, llama.*search/architectures"):
+    with pytest.raises(SearchError, match=r"supported: .*gpt2, llama.*search/model/architectures"):
         decoder_layers(Odd())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
 def test_kv_cache_divergence_is_tiny_after_removal_in_every_family(dtype):
-    from search.models import apply_numerics
+    from search.model.numerics import apply_numerics
     from tests.conftest import FAMILIES
 
     for family in FAMILIES:

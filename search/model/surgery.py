@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from search.architectures import architecture_of
 from search.errors import SearchError
+from search.model.architectures import architecture_of
 
 
 def _parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:

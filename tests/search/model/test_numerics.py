@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-import search.dtype
-from search.dtype import MIN_SPEEDUP, bf16_speedup, choose
-from search.models import load_model
+import search.model.numerics
+from search.model.loading import load_model
+from search.model.numerics import MIN_SPEEDUP, bf16_speedup, choose
 from tests.conftest import VOCAB
 
 
@@ -16,7 +16,7 @@ def test_speedup_is_a_measured_positive_ratio():
 
 @pytest.mark.parametrize("speedup, expected", [(0.27, "float32"), (1.1, "float32"), (2.2, "bf16-mixed")])
 def test_auto_takes_bf16_only_where_it_is_clearly_faster(monkeypatch, speedup, expected):
-    monkeypatch.setattr(search.dtype, "bf16_speedup", lambda device, width: speedup)
+    monkeypatch.setattr(search.model.numerics, "bf16_speedup", lambda device, width: speedup)
     dtype, reason = choose("cpu")
     assert dtype == expected
     assert f"{speedup:.2f}x" in reason
@@ -25,7 +25,7 @@ def test_auto_takes_bf16_only_where_it_is_clearly_faster(monkeypatch, speedup, e
 
 @pytest.mark.parametrize("speedup", [0.3, 2.0])
 def test_auto_loads_float32_weights_and_applies_what_it_chose(tiny_model_dir, monkeypatch, speedup):
-    monkeypatch.setattr(search.dtype, "bf16_speedup", lambda device, width: speedup)
+    monkeypatch.setattr(search.model.numerics, "bf16_speedup", lambda device, width: speedup)
     loaded = load_model(str(tiny_model_dir), "auto")
     assert loaded.dtype == ("bf16-mixed" if speedup >= MIN_SPEEDUP else "float32")
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())

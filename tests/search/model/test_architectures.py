@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from search.architectures import REGISTRY, architecture_of
 from search.export import _write
-from search.surgery import decoder_layers, layers_removed, remove_layers
+from search.model.architectures import REGISTRY, architecture_of
+from search.model.surgery import decoder_layers, layers_removed, remove_layers
 from tests.conftest import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
 
 

@@ -19,21 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evaluators.forward import configure
-from search.dtype import AUTO
-from search.dtype import choose as choose_dtype
 from search.errors import SearchError, first_line
 from search.failures import check_device, check_safe_weights
-from search.packaged import packaged_file
+from search.model.numerics import AUTO, DTYPES, apply_numerics
+from search.model.numerics import choose as choose_dtype
+from search.model.packaged import packaged_file
 
 log = logging.getLogger("search")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-# Weight dtypes. "bf16-mixed" keeps float32 weights and residual stream and runs matrix products in
-# bfloat16 (torch.autocast): about as fast as bfloat16 weights on a CPU with bf16 units, and closer to
-# float32, because the weights themselves are not rounded (benchmarks/eval_cost.py measures both).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "bf16-mixed": torch.float32}
-AUTOCAST = {"bf16-mixed": torch.bfloat16}
 
 
 @dataclass
@@ -130,7 +124,7 @@ def load_model(
     Loading straight into `dtype` (rather than casting afterwards) keeps buffers such as rotary
     frequencies in the precision the model defines, exactly as a user's `from_pretrained` will.
     `auto` loads float32 weights (both of its outcomes use them) and then measures which numerics
-    are faster here (search/dtype.py).
+    are faster here (search/model/numerics.py).
     """
     if dtype not in DTYPES and dtype != AUTO:
         raise SearchError(f"--dtype {dtype!r} is not one of {', '.join([AUTO, *DTYPES])}")
@@ -168,14 +162,6 @@ def load_model(
         log.info("--dtype auto: %s (%s)", dtype, reason)
     apply_numerics(model, dtype)
     return LoadedModel(model, tokenizer, model_name(spec), str(spec or path), fingerprint, dtype)
-
-
-def apply_numerics(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
-    """For a mixed dtype, run every forward pass of the (float32) model under autocast."""
-    configure(model, autocast=AUTOCAST.get(dtype))  # perplexity passes that call the body and head directly
-    if dtype in AUTOCAST:
-        model.forward = torch.autocast(device_type=model.device.type, dtype=AUTOCAST[dtype])(model.forward)
-    return model
 
 
 def _directory_fingerprint(path: Path) -> str:

@@ -1,9 +1,10 @@
-"""`--dtype auto`: pick the compute dtype by measuring this machine, not by assuming it.
+"""Numerics a model runs with: the dtypes on offer, mixed precision, and `--dtype auto`.
 
-Reduced precision only pays where the hardware runs it natively. On a CPU with bf16 units
-(AVX512-BF16, AMX) bfloat16 matrix products are about 2.2x faster than float32; on one without
-them, PyTorch emulates bf16 and the same products are about 4x *slower* (both measured on this
-project's CI-class machines). So `auto` times a matrix product of the model's width in float32 and
+`--dtype auto` picks the compute dtype by measuring this machine, not by assuming it.
+
+Reduced precision only pays where the hardware runs it natively: on a CPU with bf16 units
+(AVX512-BF16, AMX) bfloat16 matrix products are much faster than float32, on one without them
+PyTorch emulates bf16 and they are much *slower* (README, "What a trial costs"). So `auto` times a matrix product of the model's width in float32 and
 under bf16 autocast, interleaved, and takes `bf16-mixed` only when it is clearly faster; otherwise
 float32, which is also exact. A study records the resolved dtype, and resuming with `auto` keeps it.
 """
@@ -16,6 +17,11 @@ import time
 import torch
 
 AUTO = "auto"
+# Weight dtypes. "bf16-mixed" keeps float32 weights and residual stream and runs matrix products in
+# bfloat16 (torch.autocast): about as fast as bfloat16 weights where the CPU has bf16 units, and
+# closer to float32, because the weights themselves are not rounded (benchmarks/eval_cost.py).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "bf16-mixed": torch.float32}
+AUTOCAST = {"bf16-mixed": torch.bfloat16}
 CANDIDATE = "bf16-mixed"
 MIN_SPEEDUP = 1.3  # below this, float32's exactness is worth more than the time saved
 REPEATS = 5
@@ -50,3 +56,20 @@ def choose(device: str | torch.device = "cpu", width: int = 1024) -> tuple[str, 
     speedup = bf16_speedup(device, width)
     reason = f"bf16 matrix products measured {speedup:.2f}x the speed of float32 on this {torch.device(device).type}"
     return (CANDIDATE if speedup >= MIN_SPEEDUP else "float32"), reason
+
+
+def apply_numerics(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """For a mixed dtype, run every forward pass of the (float32) model under autocast.
+
+    The model remembers it (`mixed_precision`), so code that calls its body and head directly,
+    as the perplexity evaluators do, runs under the same autocast.
+    """
+    model.search_autocast = AUTOCAST.get(dtype)
+    if dtype in AUTOCAST:
+        model.forward = torch.autocast(device_type=model.device.type, dtype=AUTOCAST[dtype])(model.forward)
+    return model
+
+
+def mixed_precision(model: torch.nn.Module) -> torch.dtype | None:
+    """The autocast dtype `apply_numerics` gave this model (None: it runs in its weights' dtype)."""
+    return getattr(model, "search_autocast", None)

@@ -3,7 +3,7 @@ import math
 import torch
 
 from evaluators.perplexity import perplexity
-from search.models import load_model
+from search.model.loading import load_model
 from tests.conftest import VOCAB
 
 

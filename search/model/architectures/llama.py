@@ -1,5 +1,5 @@
 """Llama and its many descendants with the same layout (SmolLM2, TinyLlama)."""
 
-from search.architectures import Architecture, register
+from search.model.architectures import Architecture, register
 
 LLAMA = register(Architecture("llama", ("llama",), "model.layers"))

@@ -5,6 +5,6 @@ must shrink with the stack. Gemma expects BOS at the start of every window (its 
 which the data pipeline detects).
 """
 
-from search.architectures import Architecture, register
+from search.model.architectures import Architecture, register
 
 GEMMA3 = register(Architecture("gemma3", ("gemma3_text",), "model.layers"))
