@@ -11,9 +11,10 @@ Two savings on top of the model's own forward pass, each exact up to float32 rou
   this way only after a probe shows both paths agree on it, else it keeps the plain path.
 - **Compiled decoder layers** (`torch.compile`, opt-in per model with `configure`). Eager mode runs
   the norms, rotary embedding, activation and residual adds as separate memory-bound kernels;
-  compiled, they fuse (faster passes for a one-off compile per process; README, "Evaluation cost"). Each layer is wrapped with `torch.compile`, and Dynamo reuses
-  one compiled graph for every layer with the same code and attributes (parameters are inputs;
-  a family with two layer types compiles two). Only perplexity passes use it; latency is timed on the
+  compiled, they fuse (faster passes for a one-off compile per process; README, "Evaluation cost").
+  Each layer is wrapped with `torch.compile`, and Dynamo reuses one compiled graph for every
+  layer with the same code and attributes (parameters are inputs; a family with two layer types
+  compiles two). Only perplexity passes use it; latency is timed on the
   eager model users deploy. Any compile failure (no C++ compiler, an unsupported layer) falls back
   to eager with one warning.
 
