@@ -32,12 +32,12 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.baselines import METHODS  # noqa: E402
+from search.caching import with_store  # noqa: E402
 from search.front import front_report  # noqa: E402
-from search.methods import choose, measure  # noqa: E402
-from search.objective import finished  # noqa: E402
+from search.methods import METHODS, choose, measure  # noqa: E402
+from search.records import StudyRecord, TrialRecord, counts_towards_trials  # noqa: E402
 from search.store import open_storage  # noqa: E402
-from search.study import RunConfig, attach_store, prepare, run  # noqa: E402
+from search.study import RunConfig, prepare, run  # noqa: E402
 
 
 def search_rows(config: RunConfig, seeds: list[int], ks: list[int], say) -> list[dict]:
@@ -46,8 +46,12 @@ def search_rows(config: RunConfig, seeds: list[int], ks: list[int], say) -> list
         started = time.perf_counter()
         study = run(RunConfig(**{**config.__dict__, "seed": seed, "study": f"compare-{config.sampler}-seed{seed}"}))
         say(f"search seed {seed} ({config.sampler}): {time.perf_counter() - started:.0f} s")
-        trials = [t for t in study.get_trials(deepcopy=False) if finished(t) and "duplicate_of" not in t.user_attrs]
-        evaluations = study.user_attrs.get("sensitivity_passes", 0) + len(trials)
+        trials = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if counts_towards_trials(t) and TrialRecord.of(t).duplicate_of is None
+        ]
+        evaluations = (StudyRecord.read(study).sensitivity_passes or 0) + len(trials)
         front = front_report(study)["front"]
         for k in ks:
             points = [p for p in front if len(p["removed_layers"]) == k]
@@ -81,7 +85,7 @@ def search_rows(config: RunConfig, seeds: list[int], ks: list[int], say) -> list
 
 def render(result: dict) -> str:
     """Markdown: one row per k, one column per method, held-out ratio (calibration ratio) [layers]."""
-    methods = [m for m in (*METHODS, "search") if any(r["method"] == m for r in result["rows"])]
+    methods = [m for m in (*METHODS.names, "search") if any(r["method"] == m for r in result["rows"])]
     lines = ["| k | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for k in sorted({r["k"] for r in result["rows"]}):
         cells = []
@@ -131,18 +135,18 @@ def main() -> None:
         sampler=args.sampler,
     )
 
-    loaded, bench, _ = prepare(config)
+    loaded, evaluator, _ = prepare(config)
     config = replace(config, dtype=loaded.dtype)  # `auto` resolved once: the studies share the cache key
-    attach_store(bench, open_storage(storage), loaded.fingerprint, config)
-    bench.baseline()
+    cached = with_store(evaluator, open_storage(storage), loaded.fingerprint, loaded.dtype)
+    cached.baseline()
     choices = []
     for k in args.layers:
-        for method in METHODS:
-            choices.append(choose(bench, method, k, config.sensitivity_tokens, draws=args.draws))
+        for method in METHODS.names:
+            choices.append(choose(cached, method, k, config.sensitivity_tokens, draws=args.draws))
             say(f"k={k} {method}: {[list(s) for s in choices[-1].sets]}")
-    rows = measure(bench, choices)
+    rows = measure(cached, choices)
     baselines_s = time.perf_counter() - started
-    del loaded, bench  # the studies load their own copy
+    del loaded, evaluator, cached  # the studies load their own copy
     rows += search_rows(config, list(range(args.seeds)), args.layers, say)
     result = {
         "model": config.model or "SmolLM2-135M-Instruct (embedded)",

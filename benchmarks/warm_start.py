@@ -19,30 +19,28 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.objective import COMPLETE  # noqa: E402
+from search.records import COMPLETE, StudyRecord, TrialRecord  # noqa: E402
 from search.sampler import removal_set  # noqa: E402
 
 
 def history(spec: str) -> dict:
     name, url = spec.split("@", 1)
     study = optuna.load_study(study_name=name, storage=url)
-    attrs = study.user_attrs
-    settings = attrs["settings"]
-    passes = attrs.get("sensitivity_passes")
+    record = StudyRecord.read(study)
+    passes = record.sensitivity_passes
     if passes is None:  # studies seeded before the count was stored: every stage scores every fitting layer
-        greedy = attrs.get("greedy", [])
-        passes = sum(attrs["baseline"]["layers"] - i for i in range(len(greedy)))
-    seeding = passes * settings["sensitivity_tokens"] / settings["calib_tokens"]
+        passes = sum(record.baseline.layers - i for i in range(len(record.greedy)))
+    seeding = passes * record.settings.sensitivity_tokens / record.settings.calib_tokens
     best: dict[int, dict] = {}
     steps = []
-    trials = [t for t in study.get_trials(deepcopy=False, states=COMPLETE) if "duplicate_of" not in t.user_attrs]
+    trials = [t for t in study.get_trials(deepcopy=False, states=COMPLETE) if TrialRecord.of(t).duplicate_of is None]
     for n, trial in enumerate(sorted(trials, key=lambda t: t.number), 1):
         k = len(removal_set(trial))
         if k not in best or trial.values[0] < best[k]["ppl_ratio"]:
             best[k] = {
                 "ppl_ratio": trial.values[0],
                 "removed_layers": sorted(removal_set(trial)),
-                "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio"),
+                "test_ppl_ratio": TrialRecord.of(trial).test_ppl_ratio,
             }
         steps.append((seeding + n, {k: b["ppl_ratio"] for k, b in best.items()}))
     return {"study": name, "seeding_evaluations": seeding, "trials": len(trials), "best": best, "steps": steps}

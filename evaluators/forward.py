@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +53,15 @@ class Evaluation:
     compile: bool = False
     fused_head: bool | None = None  # None: not probed yet
     probed_under: torch.dtype | None = None  # the model's mixed precision when fused_head was decided
-    compiled: dict[int, object] = field(default_factory=dict)  # id(layer) -> its compiled forward
+    compiled: dict[int, Callable[..., Any]] = field(default_factory=dict)  # id(layer) -> its compiled forward
 
 
 def settings(model: nn.Module) -> Evaluation:
-    if not isinstance(getattr(model, "search_evaluation", None), Evaluation):
-        model.search_evaluation = Evaluation()
-    return model.search_evaluation
+    evaluation = getattr(model, "search_evaluation", None)
+    if not isinstance(evaluation, Evaluation):
+        evaluation = Evaluation()
+        setattr(model, "search_evaluation", evaluation)  # not a tensor or module: nn.Module's stubs refuse it
+    return evaluation
 
 
 def configure(model: nn.Module, **changes) -> nn.Module:
@@ -84,7 +87,10 @@ def prepare(model: nn.Module) -> None:
 def numerics(model: nn.Module):
     """The autocast context the model's evaluation runs under (none for a single dtype)."""
     dtype = mixed_precision(model)
-    return torch.autocast(model.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    if dtype is None:
+        return nullcontext()
+    device = cast(torch.device, model.device)  # a transformers model's device (nn.Module has none)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def logits_nll(logits: torch.Tensor, inputs: torch.Tensor) -> tuple[float, int]:
@@ -107,9 +113,10 @@ def head_nll(head: nn.Module, hidden: torch.Tensor, inputs: torch.Tensor) -> tup
 
 
 def _fused_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
+    causal_lm: Any = model  # a transformers model: base_model and the output embeddings are not on nn.Module
     with numerics(model):
-        hidden = model.base_model(input_ids=inputs, use_cache=False).last_hidden_state
-        return head_nll(model.get_output_embeddings(), hidden, inputs)
+        hidden = causal_lm.base_model(input_ids=inputs, use_cache=False).last_hidden_state
+        return head_nll(causal_lm.get_output_embeddings(), hidden, inputs)
 
 
 def _plain_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
@@ -120,14 +127,15 @@ def _plain_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
 @torch.inference_mode()
 def _probe_fused_head(model: nn.Module) -> bool:
     """True when the fused head gives this model's own NLL (to float rounding) on a random batch."""
-    config = model.config
+    causal_lm: Any = model  # a transformers model: config, base_model, device, ... are not on nn.Module
+    config = causal_lm.config
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING):
         return False
-    head = model.get_output_embeddings()
-    if head is None or model.base_model is model:
+    head = causal_lm.get_output_embeddings()
+    if head is None or causal_lm.base_model is model:
         return False
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randint(0, config.vocab_size, (2, 16), generator=generator).to(model.device)
+    inputs = torch.randint(0, config.vocab_size, (2, 16), generator=generator).to(causal_lm.device)
     try:
         fused = _fused_nll(model, inputs)[0]
     except (TypeError, AttributeError, ValueError) as exc:  # a base model without `last_hidden_state`, ...

@@ -15,16 +15,18 @@ dominated and drops it from the front. The raw medians are kept beside the fit.
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from search.model.surgery import layers_removed
+from search.model.surgery import layer_param_counts, layers_removed
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,47 @@ class Latency:
     @property
     def ratio(self) -> float:
         return self.candidate_ms / self.baseline_ms
+
+
+def layer_kinds(model: nn.Module) -> list[str]:
+    """What each decoder layer costs to run: its parameter count and attention type, e.g. `9280/sliding`."""
+    sizes = layer_param_counts(model)
+    types = getattr(model.config, "layer_types", None) or [""] * len(sizes)
+    return [f"{size}{'/' + kind if kind else ''}" for size, kind in zip(sizes, types)]
+
+
+def kept_kinds(kinds: Sequence[str], removed: Sequence[int]) -> Counter[str]:
+    gone = set(removed)
+    return Counter(kind for i, kind in enumerate(kinds) if i not in gone)
+
+
+def shape_key(kinds: Sequence[str], removed: Sequence[int]) -> str:
+    """Identical for removal sets that leave the same multiset of layer kinds, e.g. `9280*26`.
+
+    Such models do the same arithmetic, so they share one latency measurement: timing each set
+    separately would only add noise that lets a set dominate its twin by chance.
+    """
+    return " ".join(f"{kind}*{count}" for kind, count in sorted(kept_kinds(kinds, removed).items()))
+
+
+def reachable_shapes(
+    kinds: Sequence[str], allows: Callable[[tuple[int, ...]], bool], limit: int = 64
+) -> dict[str, tuple[int, ...]] | None:
+    """One removal set per shape that `allows` admits; None when there are too many to time upfront."""
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for index, kind in enumerate(kinds):
+        by_kind[kind].append(index)
+    names = sorted(by_kind)
+    if math.prod(len(by_kind[k]) + 1 for k in names) > 100 * limit:
+        return None
+    found: dict[str, tuple[int, ...]] = {}
+    for counts in itertools.product(*(range(len(by_kind[k]) + 1) for k in names)):
+        removed = tuple(sorted(i for k, c in zip(names, counts) for i in by_kind[k][len(by_kind[k]) - c :]))
+        if allows(removed):
+            found[shape_key(kinds, removed)] = removed
+            if len(found) > limit:
+                return None
+    return found
 
 
 def _sync(device: torch.device) -> None:
@@ -112,7 +155,7 @@ def measure_latencies(
             times[index].append(timed(index))
     medians = [statistics.median(t) for t in times]
     kinds = sorted(set(layer_kinds))
-    kept = [Counter(k for i, k in enumerate(layer_kinds) if i not in set(v)) for v in variants]
+    kept = [kept_kinds(layer_kinds, v) for v in variants]
     counts = [[c[kind] for kind in kinds] for c in kept]
     fitted = fit_additive(counts, medians) if kinds else None
     if fitted is None:

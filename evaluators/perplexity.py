@@ -7,7 +7,7 @@ own: the prefix cache replays the same batches, and early rejection stops betwee
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -55,3 +55,50 @@ def from_batches(batches) -> float:
     for nll, n in batches:
         total, count = total + nll, count + n
     return math.exp(total / count)
+
+
+class Rejected(Exception):
+    """A candidate stopped part-way: its perplexity provably cannot reach the front (or the cap)."""
+
+    def __init__(self, reason: str, lower_bound: float, windows: int):
+        super().__init__(reason)
+        self.reason, self.lower_bound, self.windows = reason, lower_bound, windows
+
+
+def check_cap(ratio: float, cap: float | None, windows: int) -> None:
+    if cap is not None and ratio > cap:
+        raise Rejected(f"ppl x{ratio:.3f} > --max-ppl-ratio", ratio, windows)
+
+
+def bounded_perplexity(
+    batches: Iterable[tuple[float, int]],
+    base_batches: Iterable[tuple[float, int]],
+    base_ppl: float,
+    total_targets: int,
+    windows: int,
+    batch_size: int,
+    ceiling: float | None = None,
+    cap: float | None = None,
+) -> float:
+    """Perplexity of a batch stream that stops early: raises Rejected once the ratio to `base_ppl`
+    provably exceeds `ceiling`, or exceeds `cap` over the windows seen so far. The final ratio is
+    the caller's to check (`check_cap`), so a finished evaluation can be recorded first.
+
+    The proof: NLL is never negative, so the batches still to come can only add to the sum, and
+    exp(sum so far / all targets) is a lower bound. `base_batches` are the unpruned model's
+    batches, for the ratio over the windows seen so far. `windows` and `batch_size` only name how
+    much was seen in the reason.
+    """
+    nll, seen, base_nll, batches_seen = 0.0, 0, 0.0, 0
+    for (nll_sum, count), (base_batch, _) in zip(batches, base_batches):
+        nll, seen, base_nll, batches_seen = nll + nll_sum, seen + count, base_nll + base_batch, batches_seen + 1
+        if seen == total_targets:
+            break
+        lower = math.exp(nll / total_targets) / base_ppl
+        done = min(windows, batches_seen * batch_size)
+        if ceiling is not None and lower > ceiling:
+            raise Rejected(f"proven above ppl x{ceiling:.3f} after {done} windows", lower, done)
+        partial = math.exp((nll - base_nll) / seen)  # ratio over the windows seen so far
+        if cap is not None and partial > cap:
+            raise Rejected(f"ppl x{partial:.3f} over the first {done} windows > --max-ppl-ratio", lower, done)
+    return math.exp(nll / seen)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,11 +64,11 @@ class PrefixCache:
 
     def start(self, removed: Sequence[int]) -> int | None:
         """The stored boundary a pruned model with `removed` starts from; None: from the embedding."""
-        removed = set(removed)
-        if not set(self.base) <= removed:
-            raise ValueError(f"removal set {sorted(removed)} does not contain the cache's base {list(self.base)}")
-        extra = removed - set(self.base)
-        kept = [i for i in range(self.n_layers) if i not in removed]
+        removal = set(removed)
+        if not set(self.base) <= removal:
+            raise ValueError(f"removal set {sorted(removal)} does not contain the cache's base {list(self.base)}")
+        extra = removal - set(self.base)
+        kept = [i for i in range(self.n_layers) if i not in removal]
         # At least one layer must run after the start (the layer hook is where the state goes in).
         limit = min(min(extra, default=self.n_layers), max(kept))
         return max((b for b in self.states if b <= limit), default=None)
@@ -77,7 +78,7 @@ class PrefixCache:
         start = self.start(removed) or 0
         return sum(1 for i in range(start, self.n_layers) if i not in set(removed))
 
-    def nll_batches(self, removed: Sequence[int]) -> Iterator[tuple[float, int]]:
+    def nll_batches(self, removed: Sequence[int]) -> Generator[tuple[float, int], None, None]:
         start = self.start(removed)
         if start is None:
             with layers_removed(self.model, removed):
@@ -125,7 +126,8 @@ def build_prefix_cache(
     kept = [i for i in range(n_layers) if i not in base]
     param = next(model.parameters())
     tokens = windows.shape[0] * (windows.shape[1] + (1 if bos_id is not None else 0))
-    per_boundary = tokens * model.config.hidden_size * param.element_size()
+    config: Any = model.config  # a transformers PretrainedConfig (nn.Module has no config)
+    per_boundary = tokens * config.hidden_size * param.element_size()
     budget = max_bytes if max_bytes is not None else int(available_bytes(param.device) * MEMORY_FRACTION)
     # The first kept layer's input is the embedding output: nothing to save by storing it.
     candidates = kept[1:]

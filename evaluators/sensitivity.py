@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,6 @@ from tqdm.auto import tqdm
 from evaluators.perplexity import window_batches
 from evaluators.prefix import build_prefix_cache
 from search.model.surgery import decoder_layers, layers_removed
-
-CRITERIA = ("ppl", "angular", "bi")
 
 
 def removal_sensitivity(
@@ -76,9 +75,6 @@ class Similarity:
     bi: dict[int, float]  # layer -> Block Influence
     angular: dict[int, dict[int, float]]  # block length n -> first layer of the block -> angular distance
 
-    def criterion(self, name: str) -> dict[int, float]:
-        return self.bi if name == "bi" else self.angular[1]
-
 
 @torch.inference_mode()
 def similarity(
@@ -116,7 +112,8 @@ def similarity(
         try:
             for inputs in window_batches(windows, bos_id, batch_size, device):
                 model(input_ids=inputs, use_cache=False)
-                states = [F.normalize(h[:, 1:].float(), dim=-1) for h in boundaries]  # drop position 0
+                filled = cast("list[torch.Tensor]", boundaries)  # the forward pass set every boundary
+                states = [F.normalize(h[:, 1:].float(), dim=-1) for h in filled]  # drop position 0
                 tokens += states[0].shape[0] * states[0].shape[1]
                 for a, n in cos_sum:
                     cos = (states[a] * states[a + n]).sum(-1).clamp(-1.0, 1.0)

@@ -1,8 +1,8 @@
 """Published one-shot and greedy layer-removal methods, as plain choices of k layers.
 
 Each takes the scores it ranks by (computed by evaluators/sensitivity.py) and returns the removed
-layers, so the same code seeds a study and runs alone (`python -m search baseline`). In every
-score dict, lower means "safer to remove".
+layers, so the same code seeds a study and runs alone (`python -m search method`, registered in
+search/methods.py). In every score dict, lower means "safer to remove".
 
 - oneshot_ppl: the k layers whose single removal costs least perplexity (Shortened LLaMA, PPL).
 - block_influence: the k layers of lowest Block Influence, 1 - cos(input, output) (ShortGPT).
@@ -17,8 +17,6 @@ score dict, lower means "safer to remove".
 from __future__ import annotations
 
 import random as _random
-
-METHODS = ("oneshot_ppl", "block_influence", "angular_block", "staged_greedy", "drop_last", "random")
 
 
 def lowest(scores: dict[int, float], k: int) -> tuple[int, ...]:

@@ -4,6 +4,10 @@ A removal set's perplexity depends only on the model weights, the token windows 
 (dtype, device kind, batch size), so those key it, not the study: a resumed run, another worker,
 or a new study on the same model and data (another budget, more trials) never evaluates a set twice.
 Rows are only ever inserted; the first writer of a key wins and a second one is ignored.
+
+The table's layout has a version, kept in `search_schema` (one row per table of the engine's own):
+a store written before the version existed reads as version 1 and gets its row on first open, and
+a store written by a newer layout than this code knows is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -16,7 +20,20 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
+from search.errors import SearchError, redact
+
 metadata = sa.MetaData()
+
+# The layout of `search_evaluations` this code reads and writes. Raise it on any change an older
+# version would misread, and teach `create_tables` to upgrade stores from the versions before it.
+SCHEMA_VERSION = 1
+
+schema = sa.Table(
+    "search_schema",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),  # a table of the engine's own
+    sa.Column("version", sa.Integer, nullable=False),
+)
 
 evaluations = sa.Table(
     "search_evaluations",
@@ -48,8 +65,42 @@ def device_label(device: torch.device) -> str:
     return f"{device.type}:{name}"[:40]
 
 
-def create_tables(engine: sa.Engine) -> None:
-    metadata.create_all(engine, checkfirst=True)
+def stored_schema_version(engine: sa.Engine) -> int | None:
+    """The layout version recorded for `search_evaluations`; None where no row says (older code, or a new store)."""
+    if not sa.inspect(engine).has_table(schema.name):
+        return None
+    with engine.connect() as conn:
+        query = sa.select(schema.c.version).where(schema.c.name == evaluations.name)
+        return conn.execute(query).scalar()
+
+
+def create_tables(engine: sa.Engine, write: bool = True) -> None:
+    """Create the engine's tables where missing and record their layout version; refuse a newer layout.
+
+    A reader (`write=False`) of a store that has the evaluation cache leaves it as it is: a store
+    without a version row is version 1, and `front` must work on a read-only file.
+    """
+    stored = stored_schema_version(engine)
+    if stored is not None and stored > SCHEMA_VERSION:
+        raise SearchError(
+            f"store {redact(engine.url.render_as_string(hide_password=True))} was written by a newer version "
+            f"of search (schema {stored}; this one reads {SCHEMA_VERSION}); upgrade search to open it"
+        )
+    if not write and stored is None and sa.inspect(engine).has_table(evaluations.name):
+        return
+    try:
+        metadata.create_all(engine, checkfirst=True)
+    except sa.exc.DBAPIError:
+        # Another opener created a table between the check and the CREATE: fine once all exist.
+        inspector = sa.inspect(engine)
+        if not all(inspector.has_table(table.name) for table in metadata.sorted_tables):
+            raise
+    if stored is None:  # a new store, or one written before the version was kept: both are version 1
+        try:
+            with engine.begin() as conn:
+                conn.execute(schema.insert().values(name=evaluations.name, version=SCHEMA_VERSION))
+        except sa.exc.IntegrityError:
+            pass  # recorded meanwhile by another opener
 
 
 def _key(removed: Sequence[int]) -> str:
@@ -100,4 +151,4 @@ class EvalCache:
                 evaluations.c.data_fingerprint == self.data_fingerprint,
                 evaluations.c.numerics == self.numerics,
             )
-            return conn.execute(query).scalar()
+            return conn.execute(query).scalar() or 0

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -25,30 +27,36 @@ from search.front import front_report
 from search.model.loading import load_model
 from search.model.numerics import DTYPES, apply_numerics
 from search.model.surgery import KV_CACHE_TOLERANCE, kv_cache_divergence, remove_layers
+from search.records import StudyRecord, TrialRecord, find_trial
+from search.registry import Registry
 
-PICKS = ("knee", "best-ppl", "fastest")
 PPL_TOLERANCE = 0.01
 
+# --pick: a rule that chooses one point of the front (the front's JSON points).
+Pick = Callable[[list[dict]], dict]
+PICKS: Registry[Pick] = Registry("pick")
 
-def pick_trial(study: optuna.Study, pick: str) -> int:
-    """A front point by rule: `best-ppl` (lowest calibration ppl ratio), `fastest`, or `knee`.
 
-    The knee is the point closest to the ideal corner after scaling both objectives to [0, 1]
-    over the front (L1 distance): the best balance of quality and speed the front offers.
-    """
-    front = front_report(study)["front"]
-    if pick == "best-ppl":
-        return min(front, key=lambda p: p["ppl_ratio"])["trial"]
-    if pick == "fastest":
-        return min(front, key=lambda p: p["latency_ratio"])["trial"]
-    if pick != "knee":
-        raise SearchError(f"--pick {pick!r} is not one of {', '.join(PICKS)}")
+@PICKS.register("knee", "the best balance of quality and speed")
+def _knee(front: list[dict]) -> dict:
+    """The point closest to the ideal corner after scaling both objectives to [0, 1] over the front
+    (L1 distance)."""
 
     def scaled(key: str, point: dict) -> float:
         low, high = min(p[key] for p in front), max(p[key] for p in front)
         return 0.0 if high == low else (point[key] - low) / (high - low)
 
-    return min(front, key=lambda p: (scaled("ppl_ratio", p) + scaled("latency_ratio", p), p["ppl_ratio"]))["trial"]
+    return min(front, key=lambda p: (scaled("ppl_ratio", p) + scaled("latency_ratio", p), p["ppl_ratio"]))
+
+
+PICKS.add("best-ppl", lambda front: min(front, key=lambda p: p["ppl_ratio"]), "lowest calibration perplexity ratio")
+PICKS.add("fastest", lambda front: min(front, key=lambda p: p["latency_ratio"]), "lowest latency ratio")
+
+
+def pick_trial(study: optuna.Study, pick: str) -> int:
+    """The trial number of the front point `pick` chooses."""
+    rule = PICKS[pick]
+    return rule(front_report(study)["front"])["trial"]
 
 
 @dataclass
@@ -83,33 +91,30 @@ class ExportReport:
 
 
 def _finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
-    trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
-    if not trials:
-        raise SearchError(f"study {study.study_name!r} has no trial {number}")
-    if trials[0].state != optuna.trial.TrialState.COMPLETE:
-        raise SearchError(f"trial {number} is {trials[0].state.name}, not finished; pick a finished trial")
-    return trials[0]
+    trial = find_trial(study, number)
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        raise SearchError(f"trial {number} is {trial.state.name}, not finished; pick a finished trial")
+    return trial
 
 
 def export_trial(
     study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
 ) -> ExportReport:
     trial = _finished_trial(study, number)
-    attrs = study.user_attrs
-    settings, baseline = attrs["settings"], attrs["baseline"]
-    removed = list(trial.user_attrs["removed_layers"])
+    record, measured = StudyRecord.read(study), TrialRecord.of(trial)
+    n_layers, removed = record.baseline.layers, list(measured.removed_layers)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SearchError(f"--out {out} exists and is not empty; choose a new directory")
 
-    loaded = load_model(attrs.get("model_spec"), "float32", device, trust_remote_code)
-    if attrs.get("model_fingerprint") not in (None, loaded.fingerprint):
+    loaded = load_model(record.model_spec, "float32", device, trust_remote_code)
+    if record.model_fingerprint not in ("", loaded.fingerprint):
         raise SearchError("the model found now differs from the one this study measured (fingerprint mismatch)")
     model = loaded.model
     if (
         getattr(model.config, "scale_attn_by_inverse_layer_idx", False)
         and removed
-        and min(removed) < max(i for i in range(baseline["layers"]) if i not in removed)
+        and min(removed) < max(i for i in range(n_layers) if i not in removed)
     ):
         raise SearchError(
             "this GPT-2 config scales attention by layer index; a pruned copy would not reload identically"
@@ -120,18 +125,18 @@ def export_trial(
         loaded.tokenizer,
         out,
         {
-            "source_model": attrs.get("model_source"),
-            "model_fingerprint": attrs.get("model_fingerprint"),
+            "source_model": record.model_source,
+            "model_fingerprint": record.model_fingerprint or None,
             "study": study.study_name,
             "trial": trial.number,
             "removed_layers": removed,
-            "layers_before": baseline["layers"],
-            "layers_after": baseline["layers"] - len(removed),
-            "params_reduction": trial.user_attrs["params_reduction"],
+            "layers_before": n_layers,
+            "layers_after": n_layers - len(removed),
+            "params_reduction": measured.params_reduction,
             "ppl_ratio": trial.values[0],
             "latency_ratio": trial.values[1],
-            "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio"),
-            "settings": settings,
+            "test_ppl_ratio": measured.test_ppl_ratio,
+            "settings": asdict(record.settings),
         },
     )
     del model, loaded
@@ -162,15 +167,15 @@ def verify(out: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial, devi
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    settings, baseline = study.user_attrs["settings"], study.user_attrs["baseline"]
+    record, measured = StudyRecord.read(study), TrialRecord.of(trial)
+    settings = record.settings
     tokenizer = AutoTokenizer.from_pretrained(out)
-    splits = make_splits(
-        tokenizer, settings["dataset"], settings["calib_tokens"], settings["test_tokens"], settings["seq_len"]
-    )
-    if study.user_attrs.get("data_fingerprint") not in (None, splits.fingerprint()):
+    splits = make_splits(tokenizer, settings.dataset, settings.calib_tokens, settings.test_tokens, settings.seq_len)
+    if record.data_fingerprint not in ("", splits.fingerprint()):
         raise SearchError("the held-out windows differ from the study's (dataset or tokenizer changed)")
 
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model = model.to(device).eval()
     divergence: float | None
     kv_error = None
     try:
@@ -178,20 +183,21 @@ def verify(out: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial, devi
     except Exception as exc:  # a cache wired to the wrong layers can fail outright (e.g. an index past its end)
         divergence, kv_error = None, f"{type(exc).__name__}: {first_line(exc)}"
 
-    if DTYPES[settings["dtype"]] != torch.float32:  # half-precision weights: load them as the study did
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[settings["dtype"]]).to(device).eval()
-    apply_numerics(model, settings["dtype"])  # the held-out figure was measured with these numerics
-    measured = perplexity(model, splits.test, splits.bos_id)
-    ratio = trial.user_attrs.get("test_ppl_ratio")
-    expected = None if ratio is None else ratio * baseline["test_ppl"]
+    if DTYPES[settings.dtype] != torch.float32:  # half-precision weights: load them as the study did
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[settings.dtype])
+        model = model.to(device).eval()
+    apply_numerics(model, settings.dtype)  # the held-out figure was measured with these numerics
+    reloaded = perplexity(model, splits.test, splits.bos_id)
+    ratio = measured.test_ppl_ratio
+    expected = None if ratio is None else ratio * record.baseline.test_ppl
     return ExportReport(
         out=str(out),
         trial=trial.number,
-        removed_layers=list(trial.user_attrs["removed_layers"]),
+        removed_layers=list(measured.removed_layers),
         layers=model.config.num_hidden_layers,
         expected_test_ppl=expected,
-        measured_test_ppl=measured,
-        ppl_rel_diff=None if expected is None else abs(measured - expected) / expected,
+        measured_test_ppl=reloaded,
+        ppl_rel_diff=None if expected is None else abs(reloaded - expected) / expected,
         kv_cache_match=divergence is not None and divergence <= KV_CACHE_TOLERANCE,
         kv_cache_max_rel_diff=divergence,
         kv_cache_error=kv_error,

@@ -5,19 +5,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import asdict
 
 import optuna
 
 from search.errors import SearchError
+from search.records import StudyRecord, TrialRecord
+from search.tables import cell, table
 
 FRONT_FIELDS = ("trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
 
 
 def front_report(study: optuna.Study) -> dict:
     """The documented JSON object: study, model, budget, baseline and the deduplicated front."""
-    attrs = study.user_attrs
-    if "baseline" not in attrs or "settings" not in attrs:
-        raise SearchError(f"study {study.study_name!r} was not created by this engine or was never seeded")
+    record = StudyRecord.read(study)
     try:
         best = study.best_trials  # feasible, non-dominated, COMPLETE trials
     except (RuntimeError, ValueError):
@@ -27,58 +28,45 @@ def front_report(study: optuna.Study) -> dict:
     seen: set[tuple[int, ...]] = set()
     front = []
     for trial in sorted(best, key=lambda t: t.number):
-        removed = tuple(trial.user_attrs["removed_layers"])
-        if removed in seen:  # a duplicate proposal answered from the store
+        measured = TrialRecord.of(trial)
+        if measured.removed_layers in seen:  # a duplicate proposal answered from the store
             continue
-        seen.add(removed)
+        seen.add(measured.removed_layers)
         front.append(
             {
                 "trial": trial.number,
-                "removed_layers": list(removed),
-                "layers": trial.user_attrs["layers"],
-                "params_reduction": trial.user_attrs["params_reduction"],
+                "removed_layers": list(measured.removed_layers),
+                "layers": measured.layers,
+                "params_reduction": measured.params_reduction,
                 "ppl_ratio": trial.values[0],
                 "latency_ratio": trial.values[1],
-                "test_ppl_ratio": trial.user_attrs.get("test_ppl_ratio"),
+                "test_ppl_ratio": measured.test_ppl_ratio,
             }
         )
     front.sort(key=lambda p: (-p["layers"], p["ppl_ratio"]))
-    baseline = attrs["baseline"]
     return {
         "study": study.study_name,
-        "model": attrs["settings"]["model"],
-        "budget": attrs["settings"]["budget"],
-        "baseline": {k: baseline[k] for k in ("layers", "params", "calib_ppl", "test_ppl", "latency_ms")},
+        "model": record.settings.model,
+        "budget": record.settings.budget,
+        "baseline": asdict(record.baseline),
         "front": front,
     }
 
 
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, list):
-        return " ".join(map(str, value))
-    return str(value)
-
-
 def format_table(report: dict) -> str:
     base = report["baseline"]
-    lines = [
+    title = [
         f"study {report['study']}  model {report['model']}  budget {report['budget']:.1%}",
         f"baseline: {base['layers']} layers, {base['params'] / 1e6:.1f}M params, "
         f"calibration ppl {base['calib_ppl']:.3f}, held-out ppl {base['test_ppl']:.3f}, "
         f"{base['latency_ms']:.1f} ms/forward",
         "",
     ]
-    header = ["trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio"]
-    rows = [[_cell(p[h]) if h != "params_reduction" else f"{p[h]:.1%}" for h in header] for p in report["front"]]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    rows = [
+        [cell(p[h], fixed=True) if h != "params_reduction" else f"{p[h]:.1%}" for h in FRONT_FIELDS]
+        for p in report["front"]
+    ]
+    return "\n".join(title) + "\n" + table(FRONT_FIELDS, rows)
 
 
 def format_csv(report: dict) -> str:

@@ -10,15 +10,16 @@ full calibration split and the held-out split.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from evaluators.latency import measure_latencies
-from evaluators.sensitivity import removal_sensitivity, similarity
 from search import baselines
+from search.caching import CachingEvaluator
 from search.errors import SearchError
-from search.objective import Bench
-from search.seeding import staged_greedy
+from search.evaluator import Evaluator
+from search.registry import Registry
+from search.seeding.criteria import CRITERIA, Scoring
+from search.seeding.greedy import staged_greedy
 from search.space import Budget
 
 
@@ -46,52 +47,85 @@ class _Counted:
             self.store.put(removed, perplexity, seconds)
 
 
-def choose(bench: Bench, method: str, k: int, sensitivity_tokens: int, draws: int = 5, seed: int = 0) -> Choice:
+@dataclass
+class Options:
+    """What a method may use besides the scoring windows: `--draws` and `--seed` of `random`."""
+
+    n_layers: int
+    draws: int = 5
+    seed: int = 0
+
+
+# A method: (scoring windows, k, options) -> the chosen set(s), and the one-pass evaluations it
+# needed (None: count the perplexities it asked the evaluation cache for).
+Method = Callable[[Scoring, int, Options], tuple[list[tuple[int, ...]], int | None]]
+METHODS: Registry[Method] = Registry("method")
+
+
+def _ppl_scores(scoring: Scoring, removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
+    return CRITERIA["ppl"].score(scoring, removed, candidates, None)
+
+
+@METHODS.register("oneshot_ppl", "the k layers whose single removal costs least perplexity (Shortened LLaMA)")
+def _oneshot_ppl(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int, ...]], int | None]:
+    return [baselines.lowest(_ppl_scores(scoring, (), list(range(options.n_layers))), k)], None
+
+
+@METHODS.register("block_influence", "the k layers of lowest Block Influence (ShortGPT)")
+def _block_influence(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int, ...]], int | None]:
+    return [baselines.lowest(scoring.similarity(max_block=k).bi, k)], 1
+
+
+@METHODS.register("angular_block", "the contiguous block of k closest in angular distance (Gromov et al.)")
+def _angular_block(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int, ...]], int | None]:
+    return [baselines.angular_block(scoring.similarity(max_block=k).angular[k], k)], 1
+
+
+@METHODS.register("staged_greedy", "remove the least sensitive layer, re-score, repeat (SLEB)")
+def _staged_greedy(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int, ...]], int | None]:
+    n = options.n_layers
+    anything = Budget(1.0, total_params=n, layer_params=[1] * n)
+    stages = staged_greedy(lambda removed, candidates: _ppl_scores(scoring, removed, candidates), anything, k)
+    return [stages[-1].removed], None
+
+
+@METHODS.register("drop_last", "the k layers before the final one")
+def _drop_last(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int, ...]], int | None]:
+    return [baselines.drop_last(options.n_layers, k)], 0
+
+
+@METHODS.register("random", "uniformly random sets, averaged over --draws")
+def _random(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int, ...]], int | None]:
+    return baselines.random_sets(options.n_layers, k, options.draws, options.seed), 0
+
+
+def choose(
+    evaluator: Evaluator | CachingEvaluator, method: str, k: int, sensitivity_tokens: int, draws: int = 5, seed: int = 0
+) -> Choice:
     """The set(s) `method` removes for k layers, and how many evaluations choosing them cost."""
-    model, splits = bench.model, bench.splits
-    n_layers = len(bench.layer_kinds)
+    chooser = METHODS[method]
+    n_layers = len(evaluator.layer_kinds)
     if not 1 <= k < n_layers:
-        raise SearchError(f"--layers must be between 1 and {n_layers - 1} for this {n_layers}-layer model")
-    windows, store = bench.sensitivity(sensitivity_tokens)
-    store = _Counted(store)
-
-    def ppl_scores(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
-        return removal_sensitivity(
-            model, windows, candidates, removed, splits.bos_id, bench.batch_size, desc=None, store=store
-        )
-
-    if method == "oneshot_ppl":
-        sets = [baselines.lowest(ppl_scores((), list(range(n_layers))), k)]
-    elif method in ("block_influence", "angular_block"):
-        found = similarity(model, windows, (), splits.bos_id, bench.batch_size, max_block=k)
-        if method == "block_influence":
-            sets = [baselines.lowest(found.bi, k)]
-        else:
-            sets = [baselines.angular_block(found.angular[k], k)]
-        return Choice(method, k, sets, 1)
-    elif method == "staged_greedy":
-        anything = Budget(1.0, total_params=n_layers, layer_params=[1] * n_layers)
-        sets = [staged_greedy(ppl_scores, anything, max_stages=k)[-1].removed]
-    elif method == "drop_last":
-        sets = [baselines.drop_last(n_layers, k)]
-    elif method == "random":
-        sets = baselines.random_sets(n_layers, k, draws, seed)
+        raise SearchError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model")
+    if isinstance(evaluator, CachingEvaluator):
+        windows, store = evaluator.sensitivity(sensitivity_tokens)
     else:
-        raise SearchError(f"unknown method {method!r} (one of: {', '.join(baselines.METHODS)})")
-    return Choice(method, k, sets, store.needed)
+        windows, store = evaluator.sensitivity_windows(sensitivity_tokens), None
+    counted = _Counted(store)
+    scoring = Scoring(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size, counted)
+    sets, evaluations = chooser(scoring, k, Options(n_layers, draws, seed))
+    return Choice(method, k, sets, counted.needed if evaluations is None else evaluations)
 
 
-def measure(bench: Bench, choices: Sequence[Choice]) -> list[dict]:
+def measure(evaluator: Evaluator | CachingEvaluator, choices: Sequence[Choice]) -> list[dict]:
     """Calibration and held-out ratios of every chosen set, and latency per pruned shape, timed together."""
-    shapes = {bench.shape_key(s): s for choice in choices for s in choice.sets}
-    timed = measure_latencies(
-        bench.model, list(shapes.values()), bench.latency_input, 1, bench.latency_repeats, bench.layer_kinds
-    )
+    shapes = {evaluator.shape(s): s for choice in choices for s in choice.sets}
+    timed = evaluator.latencies(list(shapes.values()))
     latency = {key: t.ratio for key, t in zip(shapes, timed)}
     rows = []
     for choice in choices:
-        calib = [bench.calib_ratio(s) for s in choice.sets]
-        test = [bench.test_ratio(s) for s in choice.sets]
+        calib = [evaluator.calib_ratio(s) for s in choice.sets]
+        test = [evaluator.test_ratio(s) for s in choice.sets]
         rows.append(
             {
                 "k": choice.k,
@@ -99,7 +133,7 @@ def measure(bench: Bench, choices: Sequence[Choice]) -> list[dict]:
                 "removed_layers": list(choice.sets[0]),
                 "calib_ppl_ratio": statistics.fmean(calib),
                 "test_ppl_ratio": statistics.fmean(test),
-                "latency_ratio": statistics.fmean(latency[bench.shape_key(s)] for s in choice.sets),
+                "latency_ratio": statistics.fmean(latency[evaluator.shape(s)] for s in choice.sets),
                 "evaluations": choice.evaluations,
                 **({"draws": [list(s) for s in choice.sets]} if len(choice.sets) > 1 else {}),
             }

@@ -8,7 +8,7 @@ import optuna
 
 from search.errors import SearchError
 from search.front import front_report
-from search.objective import COMPLETE
+from search.records import COMPLETE
 
 
 def plot_front(study: optuna.Study, path: Path) -> Path:

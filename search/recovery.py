@@ -11,9 +11,12 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+
+from search.records import TrialRecord
 
 log = logging.getLogger("search")
 
@@ -65,10 +68,10 @@ def recover_interrupted(study: optuna.Study, requeue: bool = True, n_layers: int
     never measured and names no set, so retrying its first few parameters would be a random set.
     Returns the numbers of the trials found interrupted. Call it from one worker at a time.
     """
-    storage = study._storage
+    storage: Any = study._storage  # an RDBStorage: it has the heartbeat's retry callback
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker")
+        worker = TrialRecord.of(trial).worker
         if not worker or not worker_gone(worker):
             continue
         try:

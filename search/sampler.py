@@ -14,10 +14,12 @@ import random
 from collections import defaultdict
 
 import optuna
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
 
 from search import space
+from search.records import counts_towards_trials
+from search.registry import Registry
 from search.space import Budget
 
 ELITES_PER_SIZE = 3
@@ -30,6 +32,11 @@ def removal_set(trial: optuna.trial.FrozenTrial) -> tuple[int, ...]:
     return space.decode(params)
 
 
+def tried_sets(trials: list[optuna.trial.FrozenTrial]) -> set[tuple[int, ...]]:
+    """Sets already measured, being measured, or queued: all but the free (over-budget) proposals."""
+    return {removal_set(t) for t in trials if t.state != TrialState.PRUNED or counts_towards_trials(t)}
+
+
 class RemovalSetSampler(optuna.samplers.BaseSampler):
     def __init__(self, budget: Budget, seed: int | None = None) -> None:
         self._budget = budget
@@ -38,18 +45,14 @@ class RemovalSetSampler(optuna.samplers.BaseSampler):
     def reseed_rng(self) -> None:
         self._rng.seed()
 
-    def infer_relative_search_space(self, study, trial) -> dict[str, CategoricalDistribution]:
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
         return {space.param_name(i): CategoricalDistribution([False, True]) for i in range(self._budget.n_layers)}
 
     def sample_relative(self, study, trial, search_space) -> dict[str, bool]:
         if not search_space:
             return {}
         trials = study.get_trials(deepcopy=False)
-        tried = {
-            removal_set(t)
-            for t in trials
-            if (t.state != TrialState.PRUNED or "rejected" in t.user_attrs) and t.number != trial.number
-        }
+        tried = tried_sets([t for t in trials if t.number != trial.number])
         elites = self._elites(trials)
         for _ in range(ATTEMPTS):
             child = self._move(self._rng.choice(elites)) if elites else self._random_set()
@@ -95,3 +98,19 @@ class RemovalSetSampler(optuna.samplers.BaseSampler):
     def _random_set(self) -> tuple[int, ...]:
         k = self._rng.randint(1, max(1, self._budget.max_layers()))
         return tuple(sorted(self._rng.sample(range(self._budget.n_layers), k)))
+
+
+# --sampler: (budget, seed) -> an Optuna sampler.
+SAMPLERS: Registry = Registry("sampler")
+SAMPLERS.add(
+    "local",
+    lambda budget, seed: RemovalSetSampler(budget, seed=seed),
+    "moves around the best sets of each size, never repeating a set",
+)
+# NSGA-II is not offered: its first generation is random booleans, ~15 of 30 layers removed, all
+# far over any useful budget, and enqueued seeds do not stand in for it.
+SAMPLERS.add(
+    "tpe",
+    lambda budget, seed: optuna.samplers.TPESampler(seed=seed % 2**32, multivariate=True, n_startup_trials=4),
+    "Optuna's multi-objective TPE, for comparison",
+)

@@ -73,7 +73,7 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
                     grace_period=GRACE_PERIOD_S,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
                 )
-                create_tables(storage.engine)  # the evaluation cache, beside Optuna's tables
+                create_tables(storage.engine, write=create)  # the evaluation cache, beside Optuna's tables
                 return storage
         except SearchError:
             raise
@@ -101,7 +101,7 @@ def _schema_complete(url: str) -> bool:
             engine.dispose()
     except Exception:
         return False  # let the locked path open it and report what is wrong
-    return {"studies", "trials", "alembic_version", "search_evaluations"} <= names
+    return {"studies", "trials", "alembic_version", "search_evaluations", "search_schema"} <= names
 
 
 def study_names(storage: optuna.storages.RDBStorage) -> list[str]:

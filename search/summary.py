@@ -7,6 +7,8 @@ from optuna.trial import TrialState
 
 from search.errors import SearchError
 from search.front import front_report
+from search.records import TrialRecord, counts_towards_trials, find_trial, read_baseline, read_settings
+from search.tables import cell, key_values, table
 
 
 def study_summaries(storage: optuna.storages.BaseStorage) -> list[dict]:
@@ -15,7 +17,7 @@ def study_summaries(storage: optuna.storages.BaseStorage) -> list[dict]:
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         count = {state: sum(t.state == state for t in trials) for state in TrialState}
-        settings = study.user_attrs.get("settings", {})
+        settings = read_settings(study)
         try:
             front = len(front_report(study)["front"])
         except SearchError:
@@ -23,10 +25,10 @@ def study_summaries(storage: optuna.storages.BaseStorage) -> list[dict]:
         rows.append(
             {
                 "study": summary.study_name,
-                "model": settings.get("model", "?"),
-                "budget": settings.get("budget"),
+                "model": settings.model if settings else "?",
+                "budget": settings.budget if settings else None,
                 "complete": count[TrialState.COMPLETE],
-                "rejected": sum("rejected" in t.user_attrs for t in trials if t.state == TrialState.PRUNED),
+                "rejected": sum(t.state == TrialState.PRUNED and counts_towards_trials(t) for t in trials),
                 "failed": count[TrialState.FAIL],
                 "running": count[TrialState.RUNNING],
                 "waiting": count[TrialState.WAITING],
@@ -37,41 +39,37 @@ def study_summaries(storage: optuna.storages.BaseStorage) -> list[dict]:
 
 
 def trial_details(study: optuna.Study, number: int) -> dict:
-    trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
-    if not trials:
-        raise SearchError(f"study {study.study_name!r} has no trial {number} (it has {len(study.trials)} trials)")
-    t = trials[0]
-    attrs = t.user_attrs
-    baseline = study.user_attrs.get("baseline", {})
-    removed = attrs.get("removed_layers", [])
+    t = find_trial(study, number)
+    r = TrialRecord.of(t)
+    baseline = read_baseline(study)
     details = {
         "study": study.study_name,
         "trial": t.number,
         "state": t.state.name,
-        "removed_layers": removed,
-        "layers": attrs.get("layers"),
-        "params_reduction": attrs.get("params_reduction"),
+        "removed_layers": list(r.removed_layers),
+        "layers": r.layers,
+        "params_reduction": r.params_reduction,
         "ppl_ratio": t.values[0] if t.values else None,
-        "calib_ppl": t.values[0] * baseline["calib_ppl"] if t.values and baseline else None,
-        "test_ppl_ratio": attrs.get("test_ppl_ratio"),
-        "test_ppl": attrs["test_ppl_ratio"] * baseline["test_ppl"] if "test_ppl_ratio" in attrs and baseline else None,
+        "calib_ppl": t.values[0] * baseline.calib_ppl if t.values and baseline else None,
+        "test_ppl_ratio": r.test_ppl_ratio,
+        "test_ppl": r.test_ppl_ratio * baseline.test_ppl if r.test_ppl_ratio is not None and baseline else None,
         "latency_ratio": t.values[1] if t.values else None,
-        "latency_ms": attrs.get("latency_ms"),
-        "proposed_by": attrs.get("proposed_by", "sampler"),
-        "duplicate_of": attrs.get("duplicate_of"),
+        "latency_ms": r.latency_ms,
+        "proposed_by": r.proposed_by,
+        "duplicate_of": r.duplicate_of,
         "retry_of": t.system_attrs.get("failed_trial"),
-        "worker": attrs.get("worker"),
+        "worker": r.worker,
         "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
         "finished": t.datetime_complete.isoformat(timespec="seconds") if t.datetime_complete else None,
-        "eval_s": attrs.get("eval_s"),
-        "ppl_from": attrs.get("ppl_from"),
+        "eval_s": r.eval_s,
+        "ppl_from": r.ppl_from,
     }
-    if "rejected" in attrs:  # stopped part-way: what condemned it, and on how much data
+    if r.rejected is not None:  # stopped part-way: what condemned it, and on how much data
         details.update(
-            rejected=attrs["rejected"],
-            ppl_ratio_lower_bound=attrs.get("ppl_ratio_lower_bound"),
-            windows_evaluated=attrs.get("windows_evaluated"),
-            latency_ratio=attrs.get("latency_ratio"),
+            rejected=r.rejected,
+            ppl_ratio_lower_bound=r.ppl_ratio_lower_bound,
+            windows_evaluated=r.windows_evaluated,
+            latency_ratio=r.latency_ratio,
         )
     if details["test_ppl_ratio"] is None and t.state == TrialState.COMPLETE:
         details["test_ppl_ratio_note"] = "not measured: the trial was dominated when it finished, so never on the front"
@@ -81,23 +79,8 @@ def trial_details(study: optuna.Study, number: int) -> dict:
 def format_rows(rows: list[dict]) -> str:
     if not rows:
         return "no studies in this store"
-    header = list(rows[0])
-    cells = [[_cell(row[h]) for h in header] for row in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells])
+    return table(list(rows[0]), [[cell(row[h]) for h in row] for row in rows])
 
 
 def format_details(details: dict) -> str:
-    width = max(map(len, details))
-    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in details.items() if v is not None)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
-    if isinstance(value, list):
-        return " ".join(map(str, value)) or "(none)"
-    return str(value)
+    return key_values(details)

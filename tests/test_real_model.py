@@ -11,7 +11,7 @@ from search.export import export_trial
 from search.front import front_report
 from search.model.loading import load_model
 from search.model.surgery import layers_removed
-from search.objective import COMPLETE
+from search.records import COMPLETE
 from search.sampler import removal_set
 from search.study import RunConfig, completed, run
 from tests.search.test_export import spy_on_kv_check_logits

@@ -132,6 +132,7 @@ def load_model(
     requested, dtype = dtype, ("float32" if dtype == AUTO else dtype)
     path = default_model_path() if spec is None else Path(spec).expanduser()
     fingerprint = None
+    source: Path | str | None  # a local directory (converted GGUF included), else the hub id
     if path.suffix == ".gguf" or path.exists():
         if not path.exists():
             raise SearchError(f"--model {spec}: no such file or directory")

@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import cast
 
 import torch
+
+from search.registry import Registry
 
 AUTO = "auto"
 # Weight dtypes. "bf16-mixed" keeps float32 weights and residual stream and runs matrix products in
 # bfloat16 (torch.autocast): about as fast as bfloat16 weights where the CPU has bf16 units, and
 # closer to float32, because the weights themselves are not rounded (benchmarks/eval_cost.py).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "bf16-mixed": torch.float32}
+DTYPES: Registry[torch.dtype] = Registry("dtype")
+DTYPES.add("bf16-mixed", torch.float32, "float32 weights, bf16 matrix products (autocast)")
+DTYPES.add("bfloat16", torch.bfloat16, "bfloat16 weights")
+DTYPES.add("float32", torch.float32, "exact")
+DTYPES.add("float16", torch.float16, "float16 weights (GPU)")
 AUTOCAST = {"bf16-mixed": torch.bfloat16}
 CANDIDATE = "bf16-mixed"
 MIN_SPEEDUP = 1.3  # below this, float32's exactness is worth more than the time saved
@@ -65,9 +72,10 @@ def apply_numerics(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     The model remembers it (`mixed_precision`), so code that calls its body and head directly,
     as the perplexity evaluators do, runs under the same autocast.
     """
-    model.search_autocast = AUTOCAST.get(dtype)
+    setattr(model, "search_autocast", AUTOCAST.get(dtype))  # not a tensor or module: nn.Module's stubs refuse it
     if dtype in AUTOCAST:
-        model.forward = torch.autocast(device_type=model.device.type, dtype=AUTOCAST[dtype])(model.forward)
+        device = cast(torch.device, model.device)  # a transformers model's device (nn.Module has none)
+        model.forward = torch.autocast(device_type=device.type, dtype=AUTOCAST[dtype])(model.forward)
     return model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,8 @@ def remove_layers(model: nn.Module, removed: Iterable[int]) -> _Saved:
         raise SearchError(f"layer indices {removed} out of range for a {n}-layer model")
     if len(removed) >= n:
         raise SearchError("cannot remove every decoder layer")
-    config, arch = model.config, architecture_of(model)
+    config: Any = model.config  # a transformers PretrainedConfig: its fields differ by family
+    arch = architecture_of(model)
     saved = _Saved(
         layers=layers,
         num_hidden_layers=config.num_hidden_layers,
@@ -82,9 +84,10 @@ def restore_layers(model: nn.Module, saved: _Saved) -> None:
     setattr(owner, attr, saved.layers)
     for index, layer in enumerate(saved.layers):
         _renumber(layer, index, arch.index_attrs)
-    model.config.num_hidden_layers = saved.num_hidden_layers
+    config: Any = model.config  # a transformers PretrainedConfig: its fields differ by family
+    config.num_hidden_layers = saved.num_hidden_layers
     for key, values in saved.lists.items():
-        setattr(model.config, key, values)
+        setattr(config, key, values)
 
 
 @contextmanager
@@ -121,8 +124,9 @@ def kv_cache_divergence(model: nn.Module, prompt: torch.Tensor, new_tokens: int 
     under reduced precision the two paths round differently and greedy decoding flips on a
     near-tie, which says nothing about whether the cache is wired to the right layers.
     """
+    causal_lm: Any = model  # a transformers model: generate() is not on nn.Module
     with torch.inference_mode():
-        out = model.generate(
+        out = causal_lm.generate(
             prompt,
             max_new_tokens=new_tokens,
             do_sample=False,

@@ -40,7 +40,7 @@ def test_criteria_on_a_pruned_model_use_unpruned_indices(family):
     model = tiny_model(family, layers=6)
     windows = torch.randint(3, VOCAB, (4, 16))
     found = similarity(model, windows, already_removed=(1, 4), batch_size=2)
-    assert sorted(found.bi) == [0, 2, 3, 5] and sorted(found.criterion("angular")) == [0, 2, 3, 5]
+    assert sorted(found.bi) == [0, 2, 3, 5] and sorted(found.angular[1]) == [0, 2, 3, 5]
     with layers_removed(model, (1, 4)):
         states = reference_states(model, windows)
     assert math.isclose(found.bi[2], 1 - mean_cos(states[1], states[2]), abs_tol=1e-5)

@@ -1,19 +1,17 @@
-"""The evaluation cache in the store, and early rejection."""
+"""The evaluation cache in the store and its schema version."""
 
-import math
+import shutil
+from pathlib import Path
 
-import optuna
 import pytest
-import torch
+import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from evaluators.data import Splits
-from search.evaluations import EvalCache
-from search.objective import Bench, Rejected, finished
+from search.errors import SearchError
+from search.evaluations import SCHEMA_VERSION, EvalCache, evaluations, schema, stored_schema_version
 from search.sampler import removal_set
 from search.store import open_storage
-from search.study import completed, run
-from tests.conftest import VOCAB, tiny_model
+from search.study import run
 from tests.search.test_study import tiny_config
 
 
@@ -49,71 +47,87 @@ def test_a_second_study_on_the_same_model_and_data_reuses_every_evaluation(tmp_p
     assert all(t.user_attrs["ppl_from"] == "computed" for t in fresh)
 
 
-def tiny_bench(max_ppl_ratio=None):
-    model = tiny_model("llama", layers=6)
-    torch.manual_seed(0)
-    splits = Splits(calib=torch.randint(3, VOCAB, (8, 16)), test=torch.randint(3, VOCAB, (4, 16)), bos_id=None)
-    bench = Bench(model, splits, latency_input=None, batch_size=2, max_ppl_ratio=max_ppl_ratio)
-    bench.baseline()
-    return bench
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-def test_rejection_bound_never_exceeds_the_true_ratio():
-    bench = tiny_bench()
-    exact = bench.calib_ratio((1, 2, 3, 4))
-    with pytest.raises(Rejected) as caught:
-        bench.calib_ratio((1, 2, 3, 4), ceiling=1e-4)  # proven after the first batch: NLL is never negative
-    assert caught.value.windows == 2 and caught.value.lower_bound <= exact
-    assert math.isclose(bench.calib_ratio((1, 2, 3, 4), ceiling=exact * 1.01), exact)  # not provable: runs to the end
+def schema_rows(url: str) -> list[tuple[str, int]]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sa.select(schema.c.name, schema.c.version))]
+    finally:
+        engine.dispose()
 
 
-def test_max_ppl_ratio_stops_a_candidate_part_way():
-    bench = tiny_bench()
-    cache = bench.prefix("calib")
-    removed = (0, 1, 2, 3, 4)
-    first = next(iter(cache.nll_batches(removed)))
-    partial = math.exp((first[0] - cache.base_nll[0][0]) / first[1])  # its ratio on the first batch
-    bench.max_ppl_ratio = partial * 0.999
-    with pytest.raises(Rejected, match="--max-ppl-ratio") as caught:
-        bench.calib_ratio(removed)
-    assert caught.value.windows == 2
-    bench.max_ppl_ratio = None
-    assert bench.calib_ratio(removed) > 0  # no cap: measured to the end
+def set_schema_version(url: str, version: int) -> None:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(schema.update().where(schema.c.name == "search_evaluations").values(version=version))
+    engine.dispose()
 
 
-def test_rejected_trials_are_recorded_and_count(tmp_path, tiny_model_dir, corpus):
-    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=6, max_ppl_ratio=1.0000001))
-    rejected = [t for t in study.get_trials() if t.state == TrialState.PRUNED and "rejected" in t.user_attrs]
-    assert rejected and all(finished(t) for t in rejected)
-    assert all(t.user_attrs["ppl_ratio_lower_bound"] > 0 and t.user_attrs["windows_evaluated"] for t in rejected)
-    assert completed(study) == 6
-    assert len({removal_set(t) for t in study.get_trials() if finished(t)}) == 6  # never retried
-    assert not any(t.state == TrialState.FAIL for t in study.get_trials())
-    from search.summary import study_summaries, trial_details
-
-    shown = trial_details(study, rejected[0].number)
-    assert shown["rejected"] == rejected[0].user_attrs["rejected"] and shown["windows_evaluated"]
-    (summary,) = study_summaries(study._storage)
-    assert summary["rejected"] == len(rejected)
-    optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'store.db'}")  # store readable
+def test_a_new_store_records_schema_version_1(tmp_path):
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    storage = open_storage(url)
+    assert SCHEMA_VERSION == 1 and stored_schema_version(storage.engine) == 1
+    open_storage(url)  # opened again: still one row
+    assert schema_rows(url) == [("search_evaluations", 1)]
 
 
-def test_a_rejected_evaluation_leaves_the_model_whole():
-    from search.model.surgery import decoder_layers
+def test_a_store_from_before_the_version_reads_as_1_and_gets_the_row(tmp_path):
+    db = tmp_path / "old.db"
+    shutil.copyfile(FIXTURES / "store_493c72b.db", db)  # written by commit 493c72b: no search_schema table
+    url = f"sqlite:///{db}"
+    assert "search_schema" not in sa.inspect(sa.create_engine(url)).get_table_names()
+    before = db.read_bytes()
+    db.chmod(0o444)  # a reader (`front`, `show`, `export`) needs no write access to an old store
+    open_storage(url, create=False)
+    assert db.read_bytes() == before and stored_schema_version(sa.create_engine(url)) is None
+    db.chmod(0o644)
+    storage = open_storage(url)  # a writer (`run`) records the version
+    assert schema_rows(url) == [("search_evaluations", 1)]
+    with storage.engine.connect() as conn:  # its cached evaluations are all still there
+        assert conn.execute(sa.select(sa.func.count()).select_from(evaluations)).scalar() == 98
 
-    bench = tiny_bench()
-    with pytest.raises(Rejected) as caught:  # keeps the traceback (and its frames) alive
-        bench.calib_ratio((1, 2, 3, 4), ceiling=1e-4)
-    assert caught.value.windows == 2
-    assert len(decoder_layers(bench.model)) == 6
+
+def test_a_store_from_a_newer_version_is_refused_in_one_line(tmp_path):
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    open_storage(url)
+    set_schema_version(url, 2)
+    with pytest.raises(SearchError, match=r"written by a newer version of search \(schema 2") as caught:
+        open_storage(url)
+    assert len(str(caught.value).splitlines()) == 1 and "upgrade" in str(caught.value)
+    assert schema_rows(url) == [("search_evaluations", 2)]  # left as it was
 
 
-def test_max_ppl_ratio_applies_to_the_final_ratio_and_only_to_calibration():
-    bench = tiny_bench()
-    bench.batch_size = 8  # one batch: no partial check happens, the final ratio decides
-    bench._prefix.clear()
-    bench.max_ppl_ratio = 1e-3
-    with pytest.raises(Rejected, match="--max-ppl-ratio") as caught:
-        bench.calib_ratio((2,))
-    assert caught.value.windows == 8
-    assert bench.test_ratio((2,)) > 0  # held-out figures are never capped
+def test_the_cli_refuses_a_newer_store_in_one_line(tmp_path):
+    from tests.test_cli import assert_one_line_error, cli
+
+    store = tmp_path / "newer.db"
+    url = f"sqlite:///{store}"
+    open_storage(url)
+    set_schema_version(url, 2)
+    result = cli("run", "--budget", "8%", "--trials", "1", "--study", "x", "--storage", url, cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, str(store), "newer version of search (schema 2", "upgrade")
+    assert_one_line_error(cli("front", "--storage", url, cwd=tmp_path), "newer version of search")
+
+
+def test_schema_version_on_postgresql(postgres_url):
+    storage = open_storage(postgres_url)
+    assert stored_schema_version(storage.engine) == 1
+    assert ("search_evaluations", 1) in schema_rows(postgres_url)
+    set_schema_version(postgres_url, 2)
+    try:
+        with pytest.raises(SearchError, match=r"newer version of search \(schema 2") as caught:
+            open_storage(postgres_url)
+        assert "search@127.0.0.1" in str(caught.value)
+    finally:
+        set_schema_version(postgres_url, 1)  # the server is shared by the session's other tests
+    # A store from before the version: the row is missing, reads as 1 and is written back.
+    engine = sa.create_engine(postgres_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(schema.delete())
+    engine.dispose()
+    open_storage(postgres_url)
+    assert ("search_evaluations", 1) in schema_rows(postgres_url)

@@ -9,7 +9,7 @@ from search.export import export_trial, pick_trial
 from search.front import front_report
 from search.model.architectures import architecture_of
 from search.model.surgery import KV_CACHE_TOLERANCE, _renumber, decoder_layers, layers_removed
-from search.objective import COMPLETE
+from search.records import COMPLETE
 from tests.search.test_study import tiny_config
 
 

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from search import baselines
-from search.baselines import METHODS
+from search.caching import CachingEvaluator
 from search.errors import SearchError
-from search.methods import choose, measure
+from search.methods import METHODS, choose, measure
 from search.study import prepare
 from tests.search.test_study import tiny_config
 from tests.test_cli import TINY_EVALUATION, assert_one_line_error, cli
@@ -24,18 +24,19 @@ def test_selection_rules():
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, tiny_model_dir, corpus):
-    _, bench, _ = prepare(tiny_config(tmp_path_factory.mktemp("m"), tiny_model_dir, corpus))
-    bench.baseline()
-    return bench
+def evaluator(tmp_path_factory, tiny_model_dir, corpus):
+    _, evaluator, _ = prepare(tiny_config(tmp_path_factory.mktemp("m"), tiny_model_dir, corpus))
+    cached = CachingEvaluator(evaluator)
+    cached.baseline()
+    return cached
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_picks_k_layers_and_is_measured(bench, method):
-    choice = choose(bench, method, 2, sensitivity_tokens=128, draws=3)
+@pytest.mark.parametrize("method", METHODS.names)
+def test_every_method_picks_k_layers_and_is_measured(evaluator, method):
+    choice = choose(evaluator, method, 2, sensitivity_tokens=128, draws=3)
     assert all(len(s) == 2 and all(0 <= i < 6 for i in s) for s in choice.sets)
     assert len(choice.sets) == (3 if method == "random" else 1)
-    (row,) = measure(bench, [choice])
+    (row,) = measure(evaluator, [choice])
     assert row["k"] == 2 and row["method"] == method and len(row["removed_layers"]) == 2
     assert (
         row["calib_ppl_ratio"] > 0 and row["test_ppl_ratio"] > 0 and row["latency_ratio"] > 0
@@ -44,35 +45,36 @@ def test_every_method_picks_k_layers_and_is_measured(bench, method):
     assert choice.evaluations == expected.get(method, 0)  # base + one per candidate layer, per stage
 
 
-def test_staged_greedy_extends_its_own_path(bench):
-    one = choose(bench, "staged_greedy", 1, sensitivity_tokens=128).sets[0]
-    three = choose(bench, "staged_greedy", 3, sensitivity_tokens=128).sets[0]
+def test_staged_greedy_extends_its_own_path(evaluator):
+    one = choose(evaluator, "staged_greedy", 1, sensitivity_tokens=128).sets[0]
+    three = choose(evaluator, "staged_greedy", 3, sensitivity_tokens=128).sets[0]
     assert set(one) <= set(three)
 
 
-def test_bad_k_is_refused(bench):
+def test_bad_k_is_refused(evaluator):
     with pytest.raises(SearchError, match="between 1 and 5"):
-        choose(bench, "drop_last", 6, sensitivity_tokens=128)
+        choose(evaluator, "drop_last", 6, sensitivity_tokens=128)
 
 
-def test_baseline_command(tmp_path, tiny_model_dir, corpus):
+def test_method_command_and_its_old_spellings(tmp_path, tiny_model_dir, corpus):
     args = ["--model", str(tiny_model_dir), "--dataset", str(corpus), *TINY_EVALUATION]
     store = f"sqlite:///{tmp_path / 'b.db'}"
-    result = cli(
-        "baseline",
-        "--method",
-        "oneshot_ppl",
-        "--layers",
-        "2",
-        "--format",
-        "json",
-        "--storage",
-        store,
-        *args,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    row = json.loads(result.stdout)
-    assert row["method"] == "oneshot_ppl" and len(row["removed_layers"]) == 2 and row["evaluations"] == 7
-    assert_one_line_error(cli("baseline", "--method", "nope", "--layers", "2", cwd=tmp_path), "invalid choice")
-    assert_one_line_error(cli("baseline", "--method", "drop_last", "--layers", "9", *args, cwd=tmp_path), "--layers")
+    new = ["method", "--method", "oneshot_ppl", "--remove", "2", "--eval-cache", store]
+    old = ["baseline", "--method", "oneshot_ppl", "--layers", "2", "--storage", store]
+    rows = []
+    for spelling in (new, old):
+        result = cli(*spelling, "--format", "json", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        rows.append(json.loads(result.stdout))
+    assert rows[0]["method"] == "oneshot_ppl" and len(rows[0]["removed_layers"]) == 2 and rows[0]["evaluations"] == 7
+    for row in rows:
+        del row["latency_ratio"]  # timed anew each run
+    assert rows[1] == rows[0]  # the old spelling runs the same thing (answered from the same evaluation cache)
+    assert not (tmp_path / "studies").exists()  # the evaluation cache is not a study store: no study appears
+    assert_one_line_error(cli("method", "--method", "nope", "--remove", "2", cwd=tmp_path), "invalid choice")
+    assert_one_line_error(cli("method", "--method", "drop_last", "--remove", "9", *args, cwd=tmp_path), "--remove")
+
+
+def test_method_help_lists_every_registered_method(tmp_path):
+    result = cli("method", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and all(name in result.stdout for name in METHODS.names)

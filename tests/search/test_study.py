@@ -4,7 +4,7 @@ import search.model.numerics
 import search.study
 from search.errors import SearchError
 from search.front import front_report
-from search.objective import COMPLETE
+from search.records import COMPLETE
 from search.sampler import removal_set
 from search.study import RunConfig, completed, run
 
@@ -95,6 +95,25 @@ def test_resume_runs_only_the_missing_trials(tmp_path, tiny_model_dir, corpus):
     assert len({removal_set(t) for t in study.get_trials(states=COMPLETE)}) == 7
 
 
+def test_a_new_study_samples_from_seed_and_each_later_run_from_its_own_offset(
+    tmp_path, tiny_model_dir, corpus, monkeypatch
+):
+    import search.sampler
+
+    seeds = []
+
+    class Recorded(search.sampler.RemovalSetSampler):
+        def __init__(self, budget, seed=None):
+            seeds.append(seed)
+            super().__init__(budget, seed)
+
+    monkeypatch.setattr(search.sampler, "RemovalSetSampler", Recorded)
+    run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3, seed=7))
+    run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=5, seed=7))  # a resume: must not replay the first
+    run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3, seed=7, study="again"))
+    assert seeds == [7, 7 + search.study.RUN_SEED_STRIDE, 7]  # nothing from the process (pid, host) any more
+
+
 def test_study_with_other_settings_is_refused(tmp_path, tiny_model_dir, corpus):
     before = snapshot(run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3)))
     with pytest.raises(SearchError, match="created with other settings.*budget"):
@@ -121,17 +140,6 @@ def test_latency_is_timed_once_per_shape_at_seeding(tmp_path, tiny_model_dir, co
     for t in study.get_trials(states=COMPLETE):
         by_size.setdefault(len(removal_set(t)), set()).add(t.values[1])
     assert all(len(ratios) == 1 for ratios in by_size.values())  # same shape, same latency
-
-
-def test_shapes_of_interleaved_layer_kinds():
-    from search.objective import Bench
-    from search.space import Budget
-
-    bench = Bench(model=None, splits=None, latency_input=None, layer_kinds=["a", "b", "a", "b", "a", "b"])
-    budget = Budget(0.35, total_params=600, layer_params=[100] * 6)  # up to two layers
-    shapes = bench.shapes(budget)
-    assert set(shapes) == {"a*2 b*3", "a*3 b*2", "a*1 b*3", "a*2 b*2", "a*3 b*1"}
-    assert bench.shape_key([0, 2]) == bench.shape_key([2, 4]) == "a*1 b*3"
 
 
 def test_warm_start_from_another_study(tmp_path, tiny_model_dir, tiny_gpt2_dir, corpus):

@@ -81,35 +81,3 @@ def seed_sets(
                     moved = [shifted if i == layer else i for i in stage.removed]
                     add(moved, f"neighbour of greedy stage {len(stage.removed)}")
     return list(seeds.items())
-
-
-def map_layer(layer: int, source_layers: int, target_layers: int) -> int:
-    """Layer `layer` of a `source_layers` stack at the same relative depth in a `target_layers` stack."""
-    return min(target_layers - 1, round(layer * target_layers / source_layers))
-
-
-def transferred_seeds(
-    source_sets: Sequence[tuple[tuple[int, ...], str]],
-    source_profile: dict[int, float],
-    source_layers: int,
-    budget: Budget,
-) -> tuple[list[tuple[tuple[int, ...], str]], dict[int, float]]:
-    """Seeds for a new model from what another study learnt, mapped by relative depth.
-
-    Returns the mapped sets (deduplicated, within the budget) followed by one-shot top-k sets of the
-    mapped sensitivity profile, and that profile (each target layer takes the score of the source
-    layer at its depth).
-    """
-    target = budget.n_layers
-    profile = {j: source_profile[min(source_layers - 1, round(j * source_layers / target))] for j in range(target)}
-    seeds: dict[tuple[int, ...], str] = {}
-    for removed, reason in source_sets:
-        mapped = tuple(sorted({map_layer(i, source_layers, target) for i in removed}))
-        if mapped not in seeds and budget.allows(mapped):
-            seeds[mapped] = f"transfer of {list(removed)} ({reason})"
-    ranking = sorted(profile, key=lambda j: (profile[j], j))
-    for k in range(1, budget.max_layers() + 1):
-        top = tuple(sorted(ranking[:k]))
-        if top not in seeds and budget.allows(top):
-            seeds[top] = f"transferred one-shot top {k}"
-    return list(seeds.items()), profile

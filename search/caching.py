@@ -1,0 +1,91 @@
+"""An Evaluator that consults the store's evaluation cache first and records what it measures.
+
+The wrapper answers the same calls as the `Evaluator` it wraps (the way lm-evaluation-harness
+wraps a model in `CachingLM`): perplexities come from `search_evaluations` when the same model,
+windows and numerics measured the set before, in this study or another, and everything else
+(model, splits, latency) is the wrapped evaluator's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+import optuna
+import torch
+
+from evaluators.data import windows_fingerprint
+from search.evaluations import EvalCache, device_label
+from search.evaluator import SPLITS, Evaluator, capped_ratio
+
+
+@dataclass
+class CachingEvaluator:
+    evaluator: Evaluator
+    stores: dict[str, EvalCache] = field(default_factory=dict)  # split -> the store's evaluation cache
+    hits: int = 0  # perplexities answered by the cache instead of a forward pass
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what this class does not define: the model, splits, latency, ...
+        return getattr(self.__dict__["evaluator"], name)
+
+    def baseline(self, known: dict[str, float] | None = None) -> dict[str, float]:
+        """Unpruned perplexities: `known`, else the cache, else measured (and recorded)."""
+        found = dict(known or {})
+        for split in SPLITS:
+            store = self.stores.get(split)
+            if split not in found and store is not None and (cached := store.get(())) is not None:
+                found[split] = cached
+        measured = [split for split in SPLITS if split not in found]
+        base = self.evaluator.baseline(found)
+        for split in measured:  # figures read from the study belong to its numerics, maybe not this run's
+            if split in self.stores:
+                self.stores[split].put((), base[split])
+        return base
+
+    def ppl(self, removed: Sequence[int], split: str, ceiling: float | None = None, cap: float | None = None) -> float:
+        store = self.stores.get(split)
+        cached = store.get(removed) if store is not None else None
+        if cached is not None:
+            self.hits += 1
+            return cached
+        started, built = time.perf_counter(), self.evaluator.has_prefix(split)
+        try:
+            ppl = self.evaluator.ppl(removed, split, ceiling, cap)
+        finally:
+            if store is not None and not built and self.evaluator.has_prefix(split):
+                store.put((), self.evaluator.prefix(split).base_ppl)  # the unpruned pass, measured in these numerics
+        if store is not None:  # recorded even when over the cap: the figure is true, only the trial is rejected
+            store.put(removed, ppl, time.perf_counter() - started)
+        return ppl
+
+    def calib_ratio(self, removed: Sequence[int], ceiling: float | None = None) -> float:
+        return capped_ratio(self, removed, ceiling)
+
+    def test_ratio(self, removed: Sequence[int]) -> float:
+        return self.ppl(removed, "test") / self.evaluator.base_ppl["test"]
+
+    def sensitivity(self, tokens: int) -> tuple[torch.Tensor, EvalCache | None]:
+        """The windows that rank layers for seeding, and the evaluation cache keyed to exactly them."""
+        windows = self.evaluator.sensitivity_windows(tokens)
+        store = self.stores.get("calib")
+        if store is not None:
+            store = replace(store, data_fingerprint=windows_fingerprint(windows, self.evaluator.splits.bos_id))
+        return windows, store
+
+
+def with_store(
+    evaluator: Evaluator, storage: optuna.storages.RDBStorage, model_fingerprint: str, dtype: str
+) -> CachingEvaluator:
+    """Wrap `evaluator` in the store's evaluation cache, keyed by model, windows and numerics."""
+    numerics = f"{dtype}@{device_label(cast(torch.device, evaluator.model.device))}/b{evaluator.batch_size}"
+    splits = evaluator.splits
+    return CachingEvaluator(
+        evaluator,
+        {
+            split: EvalCache(storage.engine, model_fingerprint, splits.split_fingerprint(split), numerics)
+            for split in SPLITS
+        },
+    )

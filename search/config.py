@@ -1,0 +1,88 @@
+"""What a run is asked to do (`RunConfig`), and whether a stored study can be resumed with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+
+from search.errors import SearchError
+from search.model.loading import model_name
+from search.model.numerics import AUTO
+from search.records import Settings, read_settings
+from search.store import default_storage, default_study_name
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None  # hub id, directory or .gguf; None: the embedded SmolLM2-135M-Instruct
+    dataset: str | None = None  # datasets spec, file or folder; None: the embedded English corpus
+    budget: float = 0.12
+    trials: int = 24
+    study: str | None = None
+    storage: str | None = None
+    calib_tokens: int = 4096
+    test_tokens: int = 8192
+    sensitivity_tokens: int = 2048
+    seq_len: int = 512
+    batch_size: int = 4
+    dtype: str = "auto"  # measured per machine (search/model/numerics.py); a study keeps what it resolved to
+    device: str = "cpu"
+    compile: bool = False  # torch.compile the decoder layers for perplexity passes (evaluators/forward.py)
+    latency_tokens: int = 128
+    latency_repeats: int = 30
+    seed: int = 0  # the sampler's seed; each later run joining the study offsets it by one (records.runs_started)
+    trust_remote_code: bool = False
+    warm_start_from: str | None = None  # another study whose findings seed this one instead of greedy
+    warm_start_storage: str | None = None  # where that study lives (default: this run's store)
+    criterion: str = "ppl"  # what staged greedy seeding ranks layers by (search/seeding/criteria.py)
+    sampler: str = "local"  # search/sampler.py: SAMPLERS
+    max_ppl_ratio: float | None = None  # reject a candidate whose ratio exceeds this (on the windows seen so far)
+
+    @property
+    def study_name(self) -> str:
+        return self.study or default_study_name(model_name(self.model), self.budget)
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or default_storage(self.study_name)
+
+    def settings(self) -> Settings:
+        """What must not change across resumes: it defines what the stored numbers mean."""
+        dataset = self.dataset
+        if dataset and Path(dataset).expanduser().exists():
+            dataset = str(Path(dataset).expanduser().resolve())  # export reloads it from anywhere
+        return Settings(
+            model=model_name(self.model),
+            budget=self.budget,
+            dataset=dataset,
+            calib_tokens=self.calib_tokens,
+            test_tokens=self.test_tokens,
+            sensitivity_tokens=self.sensitivity_tokens,
+            seq_len=self.seq_len,
+            dtype=self.dtype,
+        )
+
+    def model_spec(self) -> str | None:
+        """What `export` reloads: None is the embedded default; local paths are made absolute."""
+        local = self.model is not None and Path(self.model).expanduser().exists()
+        return str(Path(self.model).expanduser().resolve()) if local and self.model else self.model
+
+
+def check_compatible(study: optuna.Study, config: RunConfig) -> None:
+    stored = read_settings(study)
+    if stored is None:
+        return
+    diff = config.settings().differences(stored)
+    if diff:
+        raise SearchError(
+            f"study {study.study_name!r} was created with other settings ({'; '.join(diff)}); "
+            "use another --study NAME, or repeat the original flags to resume it"
+        )
+
+
+def adopt_stored_dtype(config: RunConfig, study: optuna.Study) -> RunConfig:
+    """`--dtype auto` resumes a study with the dtype it was measured in, whatever this machine prefers."""
+    stored = read_settings(study)
+    return replace(config, dtype=stored.dtype) if config.dtype == AUTO and stored and stored.dtype else config

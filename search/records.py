@@ -1,0 +1,274 @@
+"""Everything a study stores about itself and its trials, as typed records.
+
+Optuna keeps free-form user attributes; this module is the only place that names them, so a key
+means one thing in the code, the CLI, the JSON and the database. Reading is lenient in one
+direction: a store written by an older version (fields missing) reads with the defaults below,
+so existing studies open, resume and export unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search.errors import SearchError
+
+COMPLETE = (TrialState.COMPLETE,)
+
+
+# --- study ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What must not change across resumes: it defines what the stored numbers mean."""
+
+    model: str
+    budget: float
+    dataset: str | None
+    calib_tokens: int
+    test_tokens: int
+    sensitivity_tokens: int
+    seq_len: int
+    dtype: str
+
+    def differences(self, stored: Settings) -> list[str]:
+        mine, theirs = asdict(self), asdict(stored)
+        return [f"{k}: stored {theirs[k]!r}, now {v!r}" for k, v in mine.items() if theirs[k] != v]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The unpruned model, measured once when the study is seeded."""
+
+    layers: int
+    params: int
+    calib_ppl: float
+    test_ppl: float
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class LatencyEntry:
+    """One pruned shape's latency, timed against the unpruned model in the same run."""
+
+    ratio: float
+    ms: float
+    baseline_ms: float
+    measured_ms: float | None = None  # with an additive fit, ms above is the fit and these the raw medians
+    measured_baseline_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class GreedyStage:
+    removed_layers: list[int]
+    score: float
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What seeding writes once: the run's settings, the model and data it measured, the baseline."""
+
+    settings: Settings
+    model_source: str  # where the weights came from (hub id, path, or the embedded package)
+    model_spec: str | None  # what `export` reloads: None is the embedded default; local paths absolute
+    model_fingerprint: str
+    data_fingerprint: str
+    baseline: Baseline
+    layer_params: list[int]
+    sensitivity: dict[int, float]  # stage-1 scores (or a transferred profile), by layer
+    criterion: str  # what greedy ranked layers by, or "transfer"
+    greedy: list[GreedyStage]
+    sensitivity_passes: int | None  # seeding cost in forward passes over --sensitivity-tokens (None: not recorded)
+    warm_start_from: str | None = None
+
+    def write(self, study: optuna.Study) -> None:
+        attrs: dict[str, Any] = {
+            "settings": asdict(self.settings),
+            "model_source": self.model_source,
+            "model_spec": self.model_spec,
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "baseline": asdict(self.baseline),
+            "layer_params": list(self.layer_params),
+            "sensitivity": {str(k): v for k, v in sorted(self.sensitivity.items())},
+            "criterion": self.criterion,
+            "greedy": [asdict(g) for g in self.greedy],
+        }
+        if self.sensitivity_passes is not None:
+            attrs["sensitivity_passes"] = self.sensitivity_passes
+        if self.warm_start_from:
+            attrs["warm_start_from"] = self.warm_start_from
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+
+    @classmethod
+    def read(cls, study: optuna.Study) -> StudyRecord:
+        """The seeded study's record; one error line for a study this engine did not create."""
+        attrs = study.user_attrs
+        settings, baseline = read_settings(study), read_baseline(study)
+        if settings is None or baseline is None:
+            raise SearchError(f"study {study.study_name!r} was not created by this engine or was never seeded")
+        return cls(
+            settings=settings,
+            model_source=attrs.get("model_source", settings.model),
+            model_spec=attrs.get("model_spec"),
+            model_fingerprint=attrs.get("model_fingerprint", ""),
+            data_fingerprint=attrs.get("data_fingerprint", ""),
+            baseline=baseline,
+            layer_params=list(attrs.get("layer_params", [])),
+            sensitivity={int(k): v for k, v in attrs.get("sensitivity", {}).items()},
+            criterion=attrs.get("criterion", "ppl"),
+            # Stores written before the criterion was configurable called the score `ppl_ratio`.
+            greedy=[
+                GreedyStage(list(g["removed_layers"]), g.get("score", g.get("ppl_ratio")))
+                for g in attrs.get("greedy", [])
+            ],
+            sensitivity_passes=attrs.get("sensitivity_passes"),
+            warm_start_from=attrs.get("warm_start_from"),
+        )
+
+
+def read_settings(study: optuna.Study) -> Settings | None:
+    stored = study.user_attrs.get("settings")
+    return None if stored is None else Settings(**{f.name: stored.get(f.name) for f in fields(Settings)})
+
+
+def write_settings(study: optuna.Study, settings: Settings) -> None:
+    study.set_user_attr("settings", asdict(settings))
+
+
+def read_baseline(study: optuna.Study) -> Baseline | None:
+    stored = study.user_attrs.get("baseline")
+    if stored is None:
+        return None
+    missing = [f.name for f in fields(Baseline) if f.name not in stored]
+    if missing:
+        raise SearchError(f"study {study.study_name!r} has a baseline without {', '.join(missing)}: not this engine's")
+    return Baseline(**{f.name: stored[f.name] for f in fields(Baseline)})
+
+
+def read_fingerprints(study: optuna.Study) -> dict[str, str | None]:
+    return {key: study.user_attrs.get(key) for key in ("model_fingerprint", "data_fingerprint")}
+
+
+def is_seeded(study: optuna.Study) -> bool:
+    return bool(study.user_attrs.get("seeded"))
+
+
+def mark_seeded(study: optuna.Study) -> None:
+    """Written last by seeding: a crash before it redoes seeding on resume."""
+    study.set_user_attr("seeded", True)
+
+
+def feasible_sets(study: optuna.Study) -> int | None:
+    """How many feasible removal sets exist, when there are few enough to queue them all."""
+    return study.user_attrs.get("feasible_sets")
+
+
+def set_feasible_sets(study: optuna.Study, count: int) -> None:
+    study.set_user_attr("feasible_sets", count)
+
+
+def runs_started(study: optuna.Study) -> int:
+    """How many `run` processes have joined the study: what the sampler seed is offset by."""
+    return int(study.user_attrs.get("runs_started", 0))
+
+
+def count_run_started(study: optuna.Study) -> int:
+    """Record one more run joining; returns how many joined before it. Call under the study lock."""
+    before = runs_started(study)
+    study.set_user_attr("runs_started", before + 1)
+    return before
+
+
+def read_latency(study: optuna.Study, shape: str) -> LatencyEntry | None:
+    stored = study.user_attrs.get(f"latency:{shape}")
+    return None if stored is None else LatencyEntry(**stored)
+
+
+def write_latency(study: optuna.Study, shape: str, entry: LatencyEntry) -> None:
+    study.set_user_attr(f"latency:{shape}", {k: v for k, v in asdict(entry).items() if v is not None})
+
+
+# --- trials --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A trial's attributes; every field is optional because they are written as the trial runs."""
+
+    worker: str | None = None  # written first: lets a restart prove the trial was interrupted
+    proposed_by: str = "sampler"  # a seed's reason, "exhaustive", or the sampler
+    removed_layers: tuple[int, ...] = ()
+    layers: int | None = None  # layers kept
+    params_reduction: float | None = None
+    duplicate_of: int | None = None  # answered from an earlier trial of the same set
+    rejected: str | None = None  # stopped part-way: why
+    ppl_ratio_lower_bound: float | None = None
+    windows_evaluated: int | None = None
+    ppl_ratio: float | None = None
+    latency_ratio: float | None = None
+    latency_ms: float | None = None
+    test_ppl_ratio: float | None = None  # measured only for trials on the front when they finished
+    ppl_from: str | None = None  # "computed", or "store" (the evaluation cache)
+    eval_s: float | None = None
+
+    @classmethod
+    def of(cls, trial: optuna.trial.FrozenTrial | optuna.Trial) -> TrialRecord:
+        return cls.from_attrs(trial.user_attrs)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> TrialRecord:
+        known = {k: v for k, v in attrs.items() if k in _TRIAL_FIELDS}  # others: written by a newer version
+        if "removed_layers" in known:
+            known["removed_layers"] = tuple(known["removed_layers"])
+        return cls(**known)
+
+    def measurements(self) -> dict[str, Any]:
+        """What a duplicate copies from its original: every measured field."""
+        skip = ("worker", "proposed_by", "duplicate_of")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+_TRIAL_FIELDS = frozenset(f.name for f in fields(TrialRecord))
+
+
+def write_trial(trial: optuna.Trial, **values: Any) -> None:
+    """Record trial attributes by their TrialRecord names (None values are left unwritten)."""
+    for key, value in values.items():
+        if key not in _TRIAL_FIELDS:
+            raise KeyError(f"{key!r} is not a TrialRecord field")
+        if value is not None:
+            trial.set_user_attr(key, list(value) if isinstance(value, tuple) else value)
+
+
+def enqueue(study: optuna.Study, params: dict[str, bool], proposed_by: str) -> None:
+    """Queue a decided set; the trial that runs it records who proposed it."""
+    study.enqueue_trial(params, user_attrs={"proposed_by": proposed_by})
+
+
+def proposer_known(trial: optuna.Trial) -> bool:
+    """Whether the queue already named who proposed this trial (else the sampler did)."""
+    return "proposed_by" in trial.user_attrs
+
+
+def counts_towards_trials(trial: optuna.trial.FrozenTrial) -> bool:
+    """Measured to the end, or rejected part-way by a proven bound: either way a forward pass ran."""
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED and "rejected" in trial.user_attrs)
+
+
+def completed(study: optuna.Study) -> int:
+    """Trials that count towards --trials."""
+    return sum(counts_towards_trials(t) for t in study.get_trials(deepcopy=False))
+
+
+def find_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """The trial numbered `number`; one error line when there is none."""
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number == number:
+            return trial
+    raise SearchError(f"study {study.study_name!r} has no trial {number} (it has {len(study.trials)} trials)")

@@ -1,0 +1,119 @@
+"""Seeding a new study, once: baseline, latency table, sensitivity, greedy path, seed trials.
+
+Everything here is written to the study before `seeded` is set, so a crash part-way redoes it on
+resume, and a resumed run reads it back instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import optuna
+
+from search import baselines, space
+from search.caching import CachingEvaluator
+from search.config import RunConfig
+from search.objective import latency_entry
+from search.records import Baseline, GreedyStage, StudyRecord, enqueue, mark_seeded, write_latency
+from search.sampler import removal_set
+from search.seeding.criteria import CRITERIA, Scoring
+from search.seeding.greedy import Stage, seed_sets, staged_greedy
+from search.space import Budget
+
+log = logging.getLogger("search")
+OBJECTIVES = ["ppl_ratio", "latency_ratio"]
+Seeds = list[tuple[tuple[int, ...], str]]
+
+
+def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig) -> tuple[list[Stage], Seeds]:
+    """Staged greedy removal by `--criterion`, and the one-pass methods' picks, on the first
+    `--sensitivity-tokens` calibration tokens."""
+    windows, store = evaluator.sensitivity(config.sensitivity_tokens)
+    scoring = Scoring(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size, store)
+    criterion = CRITERIA[config.criterion]
+    most = budget.max_layers()
+
+    def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
+        return criterion.score(
+            scoring, removed, candidates, f"greedy stage {len(removed) + 1}/{most} ({config.criterion})"
+        )
+
+    stages = staged_greedy(score, budget)
+    for n, stage in enumerate(stages, 1):
+        log.info("greedy stage %d (%s): remove %s (score %.4g)", n, config.criterion, list(stage.removed), stage.score)
+    # The one-pass criteria of the unpruned model seed the study too (one forward pass for all of them).
+    found = scoring.similarity(max_block=most)
+    others = [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in range(1, most + 1)]
+    others += [(baselines.angular_block(found.angular[k], k), f"angular block of {k}") for k in found.angular]
+    others += [
+        (baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in range(1, most + 1)
+    ]
+    return stages, others
+
+
+def seed_study(
+    study: optuna.Study,
+    evaluator: CachingEvaluator,
+    budget: Budget,
+    config: RunConfig,
+    source: str,
+    fingerprints: dict[str, str],
+    transfer: tuple[Seeds, dict[int, float]] | None,
+) -> None:
+    """Baseline, sensitivity, greedy path and seed trials: computed once, stored in the study."""
+    started = time.perf_counter()
+    base = evaluator.baseline()  # builds the prefix caches: the unpruned pass every later evaluation starts from
+    # Latency of every shape the budget reaches, timed together round-robin against the baseline.
+    shapes = evaluator.reachable_shapes(budget.allows) or {}
+    timed = evaluator.latencies(list(shapes.values())) if shapes else []
+    base_ms = timed[0].baseline_ms if timed else evaluator.latency().baseline_ms
+    log.info(
+        "baseline: %d layers, %.1fM params, calibration ppl %.3f, held-out ppl %.3f, %.1f ms/forward",
+        budget.n_layers,
+        budget.total_params / 1e6,
+        base["calib"],
+        base["test"],
+        base_ms,
+    )
+
+    stages: list[Stage] = []
+    if transfer is not None:
+        # Transfer: another study's findings, mapped by relative depth, replace the greedy search.
+        seeds, profile = transfer
+        log.info(
+            "warm start from %r: %d seed sets mapped onto %d layers",
+            config.warm_start_from,
+            len(seeds),
+            budget.n_layers,
+        )
+    else:
+        stages, others = greedy_seeds(evaluator, budget, config)
+        profile = stages[0].scores if stages else {}
+        seeds = seed_sets(stages, budget, count=2 * len(stages), others=others)
+
+    # Seeding cost in forward passes over --sensitivity-tokens, for comparisons with warm starts.
+    passes = 0 if transfer is not None else 1 + sum(CRITERIA[config.criterion].passes(len(s.scores)) for s in stages)
+    study.set_metric_names(OBJECTIVES)
+    StudyRecord(
+        settings=config.settings(),
+        model_source=source,
+        model_spec=config.model_spec(),
+        model_fingerprint=fingerprints["model_fingerprint"],
+        data_fingerprint=fingerprints["data_fingerprint"],
+        baseline=Baseline(budget.n_layers, budget.total_params, base["calib"], base["test"], base_ms),
+        layer_params=list(budget.layer_params),
+        sensitivity=profile,
+        criterion=config.criterion if transfer is None else "transfer",
+        greedy=[GreedyStage(list(s.removed), s.score) for s in stages],
+        sensitivity_passes=passes,
+        warm_start_from=config.warm_start_from,
+    ).write(study)
+    for shape, latency in zip(shapes, timed):
+        write_latency(study, shape, latency_entry(latency))
+    present = {removal_set(t) for t in study.get_trials(deepcopy=False)}  # a crash mid-seeding left some
+    for removed, reason in seeds:
+        if removed not in present:
+            enqueue(study, space.encode(removed, budget.n_layers), reason)
+    mark_seeded(study)  # last: a crash before this redoes seeding on resume
+    log.info("seeded %d trials in %.0f s", len(seeds), time.perf_counter() - started)
