@@ -9,7 +9,7 @@ search/methods.py). In every score dict, lower means "safer to remove".
 - angular_block: the contiguous block of k layers whose input and output are closest in angular
   distance (Gromov et al. 2024).
 - staged_greedy: remove the least sensitive layer, re-score on the pruned model, repeat (SLEB);
-  see search/seeding.py, it is the study's main seed.
+  see search/seeding/greedy.py, it is the study's main seed.
 - drop_last: the k layers before the final one (the "deeper layers are redundant" heuristic).
 - random: uniformly random sets, averaged over several draws.
 """

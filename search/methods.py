@@ -1,6 +1,6 @@
 """Run one published method alone: choose its k layers on a loaded model, then measure the result.
 
-`python -m search baseline --method NAME --layers K` and benchmarks/compare_methods.py both come
+`python -m search method --method NAME --remove K` and benchmarks/compare_methods.py both come
 here, so a baseline is chosen and measured exactly as a study would (same windows, same prefix
 cache, same evaluation cache, same latency protocol). Choosing uses the first
 `--sensitivity-tokens` calibration tokens, as study seeding does; the figures reported are on the
