@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from search import baselines
 from search.caching import CachingEvaluator
 from search.errors import SearchError
-from search.evaluator import Evaluator
 from search.registry import Registry
 from search.seeding.criteria import CRITERIA, Scoring
 from search.seeding.greedy import staged_greedy
@@ -100,24 +99,21 @@ def _random(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int,
 
 
 def choose(
-    evaluator: Evaluator | CachingEvaluator, method: str, k: int, sensitivity_tokens: int, draws: int = 5, seed: int = 0
+    evaluator: CachingEvaluator, method: str, k: int, sensitivity_tokens: int, draws: int = 5, seed: int = 0
 ) -> Choice:
     """The set(s) `method` removes for k layers, and how many evaluations choosing them cost."""
     chooser = METHODS[method]
-    n_layers = len(evaluator.layer_kinds)
+    n_layers = evaluator.n_layers
     if not 1 <= k < n_layers:
         raise SearchError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model")
-    if isinstance(evaluator, CachingEvaluator):
-        windows, store = evaluator.sensitivity(sensitivity_tokens)
-    else:
-        windows, store = evaluator.sensitivity_windows(sensitivity_tokens), None
+    windows, store = evaluator.sensitivity(sensitivity_tokens)  # store: None without an evaluation cache
     counted = _Counted(store)
     scoring = Scoring(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size, counted)
     sets, evaluations = chooser(scoring, k, Options(n_layers, draws, seed))
     return Choice(method, k, sets, counted.needed if evaluations is None else evaluations)
 
 
-def measure(evaluator: Evaluator | CachingEvaluator, choices: Sequence[Choice]) -> list[dict]:
+def measure(evaluator: CachingEvaluator, choices: Sequence[Choice]) -> list[dict]:
     """Calibration and held-out ratios of every chosen set, and latency per pruned shape, timed together."""
     shapes = {evaluator.shape(s): s for choice in choices for s in choice.sets}
     timed = evaluator.latencies(list(shapes.values()))

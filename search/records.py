@@ -137,10 +137,6 @@ def read_settings(study: optuna.Study) -> Settings | None:
     return None if stored is None else Settings(**{f.name: stored.get(f.name) for f in fields(Settings)})
 
 
-def write_settings(study: optuna.Study, settings: Settings) -> None:
-    study.set_user_attr("settings", asdict(settings))
-
-
 def read_baseline(study: optuna.Study) -> Baseline | None:
     stored = study.user_attrs.get("baseline")
     if stored is None:
