@@ -174,9 +174,16 @@ def runs_started(study: optuna.Study) -> int:
     return int(study.user_attrs.get("runs_started", 0))
 
 
-def count_run_started(study: optuna.Study) -> int:
-    """Record one more run joining; returns how many joined before it. Call under the study lock."""
+def joined_workers(study: optuna.Study) -> list[str] | None:
+    """Every worker that joined the study, or None when a run too old to record it joined."""
+    workers = list(study.user_attrs.get("workers", []))
+    return workers if len(workers) == runs_started(study) else None
+
+
+def count_run_started(study: optuna.Study, worker: str) -> int:
+    """Record one more run (`worker`) joining; returns how many joined before it. Call under the study lock."""
     before = runs_started(study)
+    study.set_user_attr("workers", [*study.user_attrs.get("workers", []), worker])
     study.set_user_attr("runs_started", before + 1)
     return before
 

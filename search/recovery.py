@@ -2,7 +2,9 @@
 
 Optuna's heartbeat fails a trial once it has been silent for the grace period, on any machine.
 A restart on the same machine needs no wait: each trial records its worker (host, pid, process
-start time), and a worker that no longer exists is proof the trial will never finish.
+start time), and a worker that no longer exists is proof the trial will never finish. A trial
+killed before it recorded its worker (Optuna had just popped it) is proven interrupted when every
+worker that ever joined the study (records.joined_workers) is gone.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search.records import TrialRecord
+from search.records import TrialRecord, joined_workers
 
 log = logging.getLogger("search")
 
@@ -70,9 +72,11 @@ def recover_interrupted(study: optuna.Study, requeue: bool = True, n_layers: int
     """
     storage: Any = study._storage  # an RDBStorage: it has the heartbeat's retry callback
     recovered = []
+    joined = joined_workers(study)
+    everyone_gone = bool(joined) and all(worker_gone(w) for w in joined)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = TrialRecord.of(trial).worker
-        if not worker or not worker_gone(worker):
+        if not (worker_gone(worker) if worker else everyone_gone):
             continue
         try:
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):

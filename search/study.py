@@ -37,7 +37,7 @@ from search.records import (
     read_fingerprints,
     set_feasible_sets,
 )
-from search.recovery import recover_interrupted
+from search.recovery import recover_interrupted, worker_id
 from search.sampler import SAMPLERS, tried_sets
 from search.seeding.criteria import CRITERIA
 from search.seeding.seed import seed_study
@@ -104,7 +104,7 @@ def run(config: RunConfig) -> optuna.Study:
             seed_study(study, cached, budget, config, loaded.source, fingerprints, transfer)
         recover_interrupted(study, n_layers=budget.n_layers)
         _queue_whole_space(study, budget, config.trials)
-        runs_before = count_run_started(study)
+        runs_before = count_run_started(study, worker_id())
 
     target = min(config.trials, _target(study, config))
     if target < config.trials:

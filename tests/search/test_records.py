@@ -16,6 +16,7 @@ from search.records import (
     count_run_started,
     counts_towards_trials,
     find_trial,
+    joined_workers,
     read_latency,
     runs_started,
     write_latency,
@@ -101,6 +102,9 @@ def test_trial_records_and_what_counts(tmp_path):
         find_trial(study, 99)
 
 
-def test_runs_joining_a_study_are_counted(tmp_path):
+def test_runs_joining_a_study_are_counted_and_named(tmp_path):
     study = study_in(tmp_path)
-    assert [count_run_started(study) for _ in range(3)] == [0, 1, 2] and runs_started(study) == 3
+    assert [count_run_started(study, f"host:{pid}:1") for pid in range(3)] == [0, 1, 2] and runs_started(study) == 3
+    assert joined_workers(study) == ["host:0:1", "host:1:1", "host:2:1"]
+    study.set_user_attr("runs_started", 4)  # a run of a version that did not name itself joined
+    assert joined_workers(study) is None

@@ -17,14 +17,28 @@ from search.sampler import removal_set
 from search.store import exclusive
 from tests.test_cli import ROOT, assert_one_line_error, cli, tiny_run_args
 
+# A worker killed the instant Optuna hands it trial 2: RUNNING in the store, before the objective's first line.
+DIES_ON_POP = """
+import os, signal, sys
+from optuna.trial import Trial
+from search.cli import main
+init = Trial.__init__
+def dying(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    if self.number == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+Trial.__init__ = dying
+sys.exit(main(sys.argv[1:]))
+"""
 
-def worker(model_dir, corpus, url, *extra) -> subprocess.Popen:
+
+def worker(model_dir, corpus, url, *extra, program=("-m", "search")) -> subprocess.Popen:
     args = list(tiny_run_args(model_dir, corpus, "unused", *extra))
     args[args.index("--storage") + 1] = url
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     # A runner that starts us in the background may ignore SIGINT; a worker gets the default, like a terminal's.
     return subprocess.Popen(
-        [sys.executable, "-m", "search", *args],
+        [sys.executable, *program, *args],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -114,6 +128,28 @@ def test_interrupt_mid_trial_then_resume(tmp_path, slow_model_dir, sig):
         assert retried == []
     if sig == signal.SIGKILL:
         assert "interrupted" in err  # recovered at once: the dead worker proves it, no grace period
+
+
+def test_kill_before_the_trial_names_its_worker_then_resume(tmp_path, tiny_model_dir, corpus):
+    url = f"sqlite:///{tmp_path / 'pop.db'}"
+    dead = worker(tiny_model_dir, corpus, url, "--trials", "6", program=("-c", DIES_ON_POP))
+    dead.communicate(timeout=120)
+    assert dead.returncode == -signal.SIGKILL
+    popped = next(t for t in trials(url) if t.number == 2)
+    assert popped.state == TrialState.RUNNING and "worker" not in popped.user_attrs  # nothing names its worker
+    before = completed_snapshot(url)
+
+    resumed = worker(tiny_model_dir, corpus, url, "--trials", "6")
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    final = trials(url)
+    assert not [t for t in final if t.state == TrialState.RUNNING]
+    assert next(t for t in final if t.number == 2).state == TrialState.FAIL and "interrupted" in err
+    after = completed_snapshot(url)
+    assert {n: after[n] for n in before} == before and len(after) == 6
+    if "fixed_params" in popped.system_attrs:  # a queued set: it runs again
+        retried = [t for t in final if t.system_attrs.get("failed_trial") == 2 and t.state == TrialState.COMPLETE]
+        assert [t.params for t in retried] == [popped.system_attrs["fixed_params"]]
 
 
 def _check_shared_study(url, study, target):
