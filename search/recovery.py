@@ -72,7 +72,7 @@ def recover_interrupted(study: optuna.Study, requeue: bool = True, n_layers: int
     """
     storage: Any = study._storage  # an RDBStorage: it has the heartbeat's retry callback
     recovered = []
-    joined = joined_workers(study)
+    joined = joined_workers(study) or []
     everyone_gone = bool(joined) and all(worker_gone(w) for w in joined)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = TrialRecord.of(trial).worker
