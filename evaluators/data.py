@@ -69,6 +69,7 @@ class Splits:
     calib: torch.Tensor
     test: torch.Tensor
     bos_id: int | None  # prepended as context to every window when the model was trained with it
+    fit: torch.Tensor | None = None  # healing's fitting windows: after the held-out ones, disjoint from both
 
     def split_fingerprint(self, split: str) -> str:
         """The token windows of one split ("calib" or "test") and how BOS is added: what a ppl depends on."""
@@ -91,13 +92,17 @@ def bos_to_prepend(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def make_splits(tokenizer, spec: str | None, calib_tokens: int, test_tokens: int, seq_len: int) -> Splits:
-    """Tokenise documents in order until both splits are filled: calibration first, held-out after it."""
+def make_splits(
+    tokenizer, spec: str | None, calib_tokens: int, test_tokens: int, seq_len: int, fit_tokens: int = 0
+) -> Splits:
+    """Tokenise documents in order until the splits are filled: calibration first, held-out after
+    it, then healing's fitting windows (so adding them changes neither of the first two)."""
     if seq_len < 2:
         raise SearchError("--seq-len must be at least 2")
     n_calib = max(1, calib_tokens // seq_len)
     n_test = max(1, test_tokens // seq_len)
-    needed = (n_calib + n_test) * seq_len
+    n_fit = fit_tokens // seq_len if fit_tokens else 0
+    needed = (n_calib + n_test + n_fit) * seq_len
     dataset = load_texts(spec)
     column = _text_column(dataset)
     ids: list[int] = []
@@ -115,7 +120,14 @@ def make_splits(tokenizer, spec: str | None, calib_tokens: int, test_tokens: int
     if len(ids) < needed:
         raise SearchError(
             f"dataset has {len(ids)} tokens, fewer than the {needed} needed for "
-            f"--calib-tokens {calib_tokens} and --test-tokens {test_tokens} in windows of {seq_len}"
+            f"--calib-tokens {calib_tokens} and --test-tokens {test_tokens}"
+            + (f" and --heal-tokens {fit_tokens}" if n_fit else "")
+            + f" in windows of {seq_len}"
         )
-    windows = torch.tensor(ids[:needed], dtype=torch.long).view(n_calib + n_test, seq_len)
-    return Splits(calib=windows[:n_calib], test=windows[n_calib:], bos_id=bos_to_prepend(tokenizer))
+    windows = torch.tensor(ids[:needed], dtype=torch.long).view(n_calib + n_test + n_fit, seq_len)
+    return Splits(
+        calib=windows[:n_calib],
+        test=windows[n_calib : n_calib + n_test],
+        bos_id=bos_to_prepend(tokenizer),
+        fit=windows[n_calib + n_test :] if n_fit else None,
+    )

@@ -62,15 +62,16 @@ class PrefixCache:
     def base_ppl(self) -> float:
         return from_batches(self.base_nll)
 
-    def start(self, removed: Sequence[int]) -> int | None:
-        """The stored boundary a pruned model with `removed` starts from; None: from the embedding."""
+    def start(self, removed: Sequence[int], before: int | None = None) -> int | None:
+        """The stored boundary a pruned model with `removed` starts from; None: from the embedding.
+        `before`: the first layer whose weights differ from the cached model's (a healed one)."""
         removal = set(removed)
         if not set(self.base) <= removal:
             raise ValueError(f"removal set {sorted(removal)} does not contain the cache's base {list(self.base)}")
         extra = removal - set(self.base)
         kept = [i for i in range(self.n_layers) if i not in removal]
         # At least one layer must run after the start (the layer hook is where the state goes in).
-        limit = min(min(extra, default=self.n_layers), max(kept))
+        limit = min(min(extra, default=self.n_layers), max(kept), self.n_layers if before is None else before)
         return max((b for b in self.states if b <= limit), default=None)
 
     def layers_run(self, removed: Sequence[int]) -> int:
@@ -78,8 +79,10 @@ class PrefixCache:
         start = self.start(removed) or 0
         return sum(1 for i in range(start, self.n_layers) if i not in set(removed))
 
-    def nll_batches(self, removed: Sequence[int]) -> Generator[tuple[float, int], None, None]:
-        start = self.start(removed)
+    def nll_batches(
+        self, removed: Sequence[int], before: int | None = None
+    ) -> Generator[tuple[float, int], None, None]:
+        start = self.start(removed, before)
         if start is None:
             with layers_removed(self.model, removed):
                 yield from nll_batches(self.model, self.windows, self.bos_id, self.batch_size)

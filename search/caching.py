@@ -8,6 +8,7 @@ windows and numerics measured the set before, in this study or another, and ever
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ from search.evaluator import SPLITS, Evaluator, capped_ratio
 class CachingEvaluator:
     evaluator: Evaluator
     stores: dict[str, EvalCache] = field(default_factory=dict)  # split -> the store's evaluation cache
+    healed_stores: dict[str, EvalCache] = field(default_factory=dict)  # the same for healed models (--heal)
     hits: int = 0  # perplexities answered by the cache instead of a forward pass
 
     def __getattr__(self, name: str) -> Any:
@@ -45,15 +47,23 @@ class CachingEvaluator:
                 self.stores[split].put((), base[split])
         return base
 
-    def ppl(self, removed: Sequence[int], split: str, ceiling: float | None = None, cap: float | None = None) -> float:
-        store = self.stores.get(split)
+    def ppl(
+        self,
+        removed: Sequence[int],
+        split: str,
+        ceiling: float | None = None,
+        cap: float | None = None,
+        unhealed: bool = False,
+    ) -> float:
+        healing = self.evaluator.heal != "none" and not unhealed and bool(removed)
+        store = (self.healed_stores if healing else self.stores).get(split)
         cached = store.get(removed) if store is not None else None
         if cached is not None:
             self.hits += 1
             return cached
         started, built = time.perf_counter(), self.evaluator.has_prefix(split)
         try:
-            ppl = self.evaluator.ppl(removed, split, ceiling, cap)
+            ppl = self.evaluator.ppl(removed, split, ceiling, cap, unhealed)
         finally:
             if store is not None and not built and self.evaluator.has_prefix(split):
                 store.put((), self.evaluator.prefix(split).base_ppl)  # the unpruned pass, measured in these numerics
@@ -64,8 +74,11 @@ class CachingEvaluator:
     def calib_ratio(self, removed: Sequence[int], ceiling: float | None = None) -> float:
         return capped_ratio(self, removed, ceiling)
 
-    def test_ratio(self, removed: Sequence[int]) -> float:
-        return self.ppl(removed, "test") / self.evaluator.base_ppl["test"]
+    def test_ratio(self, removed: Sequence[int], unhealed: bool = False) -> float:
+        return self.ppl(removed, "test", unhealed=unhealed) / self.evaluator.base_ppl["test"]
+
+    def unhealed_ratio(self, removed: Sequence[int], split: str) -> float:
+        return self.ppl(removed, split, unhealed=True) / self.evaluator.base_ppl[split]
 
     def sensitivity(self, tokens: int) -> tuple[torch.Tensor, EvalCache | None]:
         """The windows that rank layers for seeding, and the evaluation cache keyed to exactly them."""
@@ -82,10 +95,21 @@ def with_store(
     """Wrap `evaluator` in the store's evaluation cache, keyed by model, windows and numerics."""
     numerics = f"{dtype}@{device_label(cast(torch.device, evaluator.model.device))}/b{evaluator.batch_size}"
     splits = evaluator.splits
-    return CachingEvaluator(
-        evaluator,
-        {
+    healed = f"{numerics}/{heal_key(evaluator)}"
+
+    def caches(numerics: str) -> dict[str, EvalCache]:
+        return {
             split: EvalCache(storage.engine, model_fingerprint, splits.split_fingerprint(split), numerics)
             for split in SPLITS
-        },
-    )
+        }
+
+    return CachingEvaluator(evaluator, caches(numerics), caches(healed) if evaluator.heal != "none" else {})
+
+
+def heal_key(evaluator: Evaluator) -> str:
+    """What a healed figure also depends on: the method, its settings and its fitting windows (short: the
+    store's numerics column is bounded)."""
+    fit = evaluator.splits.fit
+    fitted = windows_fingerprint(fit, evaluator.splits.bos_id) if fit is not None else "-"
+    spec = f"{evaluator.heal}:{evaluator.ridge}:{evaluator.sequential}:{fitted}"
+    return f"h:{evaluator.heal}:{hashlib.sha256(spec.encode()).hexdigest()[:12]}"

@@ -39,6 +39,12 @@ class RunConfig:
     criterion: str = "ppl"  # what staged greedy seeding ranks layers by (search/seeding/criteria.py)
     sampler: str = "local"  # search/sampler.py: SAMPLERS
     max_ppl_ratio: float | None = None  # reject a candidate whose ratio exceeds this (on the windows seen so far)
+    heal: str = "none"  # search/healing.py: HEALINGS; the objective is the healed model's ratio
+    heal_tokens: int = 32768  # healing's fitting windows, after the held-out ones in the corpus
+
+    @property
+    def fit_tokens(self) -> int:
+        return self.heal_tokens if self.heal != "none" else 0
 
     @property
     def study_name(self) -> str:
@@ -62,6 +68,8 @@ class RunConfig:
             sensitivity_tokens=self.sensitivity_tokens,
             seq_len=self.seq_len,
             dtype=self.dtype,
+            heal=self.heal,
+            heal_tokens=self.fit_tokens or None,
         )
 
     def model_spec(self) -> str | None:

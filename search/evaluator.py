@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from evaluators.data import Splits
+from evaluators.healing import DEFAULT_RIDGE, FitData, Healing, collect_fit_data, healed
 from evaluators.latency import Latency, measure_latencies, reachable_shapes, shape_key
 from evaluators.perplexity import bounded_perplexity, check_cap, target_count
 from evaluators.prefix import PrefixCache, build_prefix_cache
+from search.healing import HEALINGS
 
 if TYPE_CHECKING:
     from search.caching import CachingEvaluator
@@ -37,7 +39,12 @@ class Evaluator:
     layer_kinds: Sequence[str] = ()  # what each layer costs to run: parameter count and attention type
     max_ppl_ratio: float | None = None  # --max-ppl-ratio: stop a candidate once it is proven above
     base_ppl: dict[str, float] = field(default_factory=dict)  # split -> the unpruned model's perplexity
+    heal: str = "none"  # search/healing.py: HEALINGS; what `ppl` measures unless told otherwise
+    ridge: float = DEFAULT_RIDGE
+    sequential: bool = True
     _prefix: dict[str, PrefixCache] = field(default_factory=dict, repr=False)
+    _fit: FitData | None = field(default=None, repr=False)
+    _healings: dict[tuple[int, ...], Healing] = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -63,24 +70,53 @@ class Evaluator:
             self.base_ppl[split] = (known or {}).get(split) or self.prefix(split).base_ppl
         return self.base_ppl
 
-    def ppl(self, removed: Sequence[int], split: str, ceiling: float | None = None, cap: float | None = None) -> float:
-        """Perplexity of the pruned model; raises Rejected once its ratio provably exceeds `ceiling`
-        (a ratio), or exceeds `cap` (--max-ppl-ratio) over the windows seen so far but not all."""
+    def healing(self, removed: Sequence[int]) -> Healing:
+        """The maps that heal `removed` (fitted once per set; fitting data gathered on first use)."""
+        key = tuple(sorted(set(removed)))
+        if key not in self._healings:
+            fit = HEALINGS[self.heal]
+            if fit is None:
+                return Healing({})
+            if self._fit is None:
+                if self.splits.fit is None:
+                    raise ValueError("healing needs fitting windows (make_splits(fit_tokens=...))")
+                self._fit = collect_fit_data(self.model, self.splits.fit, self.splits.bos_id, self.batch_size)
+            if len(self._healings) >= 256:
+                self._healings.pop(next(iter(self._healings)))
+            self._healings[key] = fit(self.model, self._fit, key, self.ridge, self.sequential)
+        return self._healings[key]
+
+    def ppl(
+        self,
+        removed: Sequence[int],
+        split: str,
+        ceiling: float | None = None,
+        cap: float | None = None,
+        unhealed: bool = False,
+    ) -> float:
+        """Perplexity of the pruned model, healed as `self.heal` says (unless `unhealed`);
+        raises Rejected once its ratio provably exceeds `ceiling` (a ratio), or exceeds `cap`
+        (--max-ppl-ratio) over the windows seen so far but not all."""
         cache = self.prefix(split)
-        evaluation = cache.nll_batches(removed)
-        try:
-            return bounded_perplexity(
-                evaluation,
-                cache.base_nll,
-                self.base_ppl[split],
-                target_count(cache.windows, cache.bos_id),
-                len(cache.windows),
-                self.batch_size,
-                ceiling,
-                cap,
-            )
-        finally:
-            evaluation.close()  # a stopped evaluation restores the model's layers now, not when collected
+        healing = Healing({}) if unhealed else self.healing(removed)
+        with healed(self.model, healing):
+            evaluation = cache.nll_batches(removed, healing.first_changed)
+            try:
+                return self._bounded(cache, evaluation, split, ceiling, cap)
+            finally:
+                evaluation.close()  # a stopped evaluation restores the model's layers now, not when collected
+
+    def _bounded(self, cache: PrefixCache, evaluation, split: str, ceiling: float | None, cap: float | None) -> float:
+        return bounded_perplexity(
+            evaluation,
+            cache.base_nll,
+            self.base_ppl[split],
+            target_count(cache.windows, cache.bos_id),
+            len(cache.windows),
+            self.batch_size,
+            ceiling,
+            cap,
+        )
 
     def calib_ratio(self, removed: Sequence[int], ceiling: float | None = None) -> float:
         """The objective; --max-ppl-ratio applies to it (held-out figures are never capped)."""

@@ -21,9 +21,11 @@ import optuna
 import torch
 
 from evaluators.data import make_splits
+from evaluators.healing import DEFAULT_RIDGE, collect_fit_data, fold_permanently
 from evaluators.perplexity import perplexity
 from search.errors import SearchError, first_line
 from search.front import front_report
+from search.healing import HEALINGS, check_healable
 from search.model.loading import load_model
 from search.model.numerics import DTYPES, apply_numerics
 from search.model.surgery import KV_CACHE_TOLERANCE, kv_cache_divergence, remove_layers
@@ -119,6 +121,7 @@ def export_trial(
         raise SearchError(
             "this GPT-2 config scales attention by layer index; a pruned copy would not reload identically"
         )
+    healing = _heal(model, loaded.tokenizer, record, removed)
     remove_layers(model, removed)
     _write(
         model,
@@ -136,11 +139,46 @@ def export_trial(
             "ppl_ratio": trial.values[0],
             "latency_ratio": trial.values[1],
             "test_ppl_ratio": measured.test_ppl_ratio,
+            "healing": healing,
             "settings": asdict(record.settings),
         },
     )
     del model, loaded
     return verify(out, study, trial, device)
+
+
+def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | None:
+    """Fold the study's healing into the weights, fitted as the study fitted it (its fitting windows)."""
+    settings = record.settings
+    fit = HEALINGS[settings.heal]
+    if fit is None or not removed:
+        return None
+    check_healable(model, settings.heal)
+    splits = make_splits(
+        tokenizer,
+        settings.dataset,
+        settings.calib_tokens,
+        settings.test_tokens,
+        settings.seq_len,
+        settings.heal_tokens or 0,
+    )
+    if record.data_fingerprint not in ("", splits.fingerprint()) or splits.fit is None:
+        raise SearchError(
+            "the windows differ from the study's (dataset or tokenizer changed); cannot refit the healing"
+        )
+    apply_numerics(model, settings.dtype)  # fitted in the study's numerics (the float32 weights are what is saved)
+    data = collect_fit_data(model, splits.fit, splits.bos_id, batch_size=4)
+    healing = fit(model, data, removed, DEFAULT_RIDGE, True)
+    del data
+    fold_permanently(model, healing)
+    return {
+        "method": settings.heal,
+        "fitting_tokens": int(splits.fit.numel()),
+        "fitting_windows": "after the held-out windows in the corpus (never the held-out ones)",
+        "ridge": DEFAULT_RIDGE,
+        "folded_into": {str(layer): f"layer {layer} MLP output projection" for layer in sorted(healing.maps)},
+        "unhealed_runs": [list(run) for run in healing.unhealed],
+    }
 
 
 def _write(model, tokenizer, out: Path, record: dict) -> None:

@@ -124,8 +124,16 @@ def make_objective(
             latency_ratio=latency.ratio,
             latency_ms=latency.ms,
         )
+        if evaluator.heal != "none":
+            write_trial(trial, unhealed_runs=evaluator.healing(removed).unhealed or None)
         if not any(dominated(values, t.values) for t in study.get_trials(deepcopy=False, states=COMPLETE)):
             write_trial(trial, test_ppl_ratio=evaluator.test_ratio(removed))
+            if evaluator.heal != "none":  # the same set unhealed, beside it: what healing bought
+                write_trial(
+                    trial,
+                    unhealed_ppl_ratio=evaluator.unhealed_ratio(removed, "calib"),
+                    unhealed_test_ppl_ratio=evaluator.unhealed_ratio(removed, "test"),
+                )
         write_trial(trial, eval_s=time.perf_counter() - start)
         _report(trial, on_result)
         return values

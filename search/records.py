@@ -8,7 +8,7 @@ so existing studies open, resume and export unchanged.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 import optuna
@@ -34,6 +34,8 @@ class Settings:
     sensitivity_tokens: int
     seq_len: int
     dtype: str
+    heal: str = "none"  # search/healing.py; a study written before healing existed measured unhealed models
+    heal_tokens: int | None = None  # healing's fitting windows (None when unhealed)
 
     def differences(self, stored: Settings) -> list[str]:
         mine, theirs = asdict(self), asdict(stored)
@@ -134,7 +136,11 @@ class StudyRecord:
 
 def read_settings(study: optuna.Study) -> Settings | None:
     stored = study.user_attrs.get("settings")
-    return None if stored is None else Settings(**{f.name: stored.get(f.name) for f in fields(Settings)})
+    if stored is None:
+        return None
+    return Settings(
+        **{f.name: stored.get(f.name, None if f.default is MISSING else f.default) for f in fields(Settings)}
+    )
 
 
 def read_baseline(study: optuna.Study) -> Baseline | None:
@@ -217,6 +223,10 @@ class TrialRecord:
     latency_ratio: float | None = None
     latency_ms: float | None = None
     test_ppl_ratio: float | None = None  # measured only for trials on the front when they finished
+    # With --heal: the ratios above are the healed model's; these are the same set unhealed (front trials).
+    unhealed_ppl_ratio: float | None = None
+    unhealed_test_ppl_ratio: float | None = None
+    unhealed_runs: tuple[tuple[int, int], ...] = ()  # removed runs healing could not reach (they start at layer 0)
     ppl_from: str | None = None  # "computed", or "store" (the evaluation cache)
     eval_s: float | None = None
 
@@ -229,6 +239,8 @@ class TrialRecord:
         known = {k: v for k, v in attrs.items() if k in _TRIAL_FIELDS}  # others: written by a newer version
         if "removed_layers" in known:
             known["removed_layers"] = tuple(known["removed_layers"])
+        if "unhealed_runs" in known:
+            known["unhealed_runs"] = tuple(tuple(run) for run in known["unhealed_runs"])
         return cls(**known)
 
     def measurements(self) -> dict[str, Any]:
@@ -246,7 +258,11 @@ def write_trial(trial: optuna.Trial, **values: Any) -> None:
         if key not in _TRIAL_FIELDS:
             raise KeyError(f"{key!r} is not a TrialRecord field")
         if value is not None:
-            trial.set_user_attr(key, list(value) if isinstance(value, tuple) else value)
+            trial.set_user_attr(key, _json(value))
+
+
+def _json(value: Any) -> Any:
+    return [_json(v) for v in value] if isinstance(value, tuple) else value
 
 
 def enqueue(study: optuna.Study, params: dict[str, bool], proposed_by: str) -> None:

@@ -24,6 +24,7 @@ from search.config import RunConfig, adopt_stored_dtype, check_compatible
 from search.errors import SearchError, redact
 from search.evaluator import Evaluator
 from search.failures import check_window
+from search.healing import check_healable
 from search.loop import optimize
 from search.model.loading import LoadedModel, load_model
 from search.model.surgery import layer_param_counts, total_param_count
@@ -122,7 +123,10 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
     loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
     model = configure(loaded.model, compile=config.compile)
     check_window(model.config, config.seq_len, bos_to_prepend(loaded.tokenizer) is not None, config.latency_tokens)
-    splits = make_splits(loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len)
+    check_healable(model, config.heal)
+    splits = make_splits(
+        loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len, config.fit_tokens
+    )
     budget = Budget(config.budget, total_param_count(model), layer_param_counts(model))
     evaluator = Evaluator(
         model,
@@ -132,6 +136,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         latency_repeats=config.latency_repeats,
         layer_kinds=layer_kinds(model),
         max_ppl_ratio=config.max_ppl_ratio,
+        heal=config.heal,
     )
     return loaded, evaluator, budget
 

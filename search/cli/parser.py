@@ -132,6 +132,18 @@ def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentG
         help=f"timed rounds of the per-shape latency table; medians are compared (default: {d.latency_repeats})",
     )
 
+    from search.healing import HEALINGS
+
+    healing = parser.add_argument_group("healing")
+    heal = _choices(HEALINGS)
+    healing.add_argument("--heal", choices=heal["choices"], default=d.heal, help=f"{heal['help']} (default: {d.heal})")
+    healing.add_argument(
+        "--heal-tokens",
+        type=_positive_int,
+        default=d.heal_tokens,
+        help="fitting tokens for --heal linear, taken from the corpus after the held-out windows "
+        f"(never from them) (default: {d.heal_tokens})",
+    )
     return what
 
 

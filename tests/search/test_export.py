@@ -175,3 +175,30 @@ def test_verification_fails_when_the_reloaded_cache_is_wired_to_the_wrong_layers
         ]
     )
     assert code == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
+def test_a_healed_study_exports_its_healed_weights(tmp_path, tiny_model_dir, tiny_gpt2_dir, corpus, dtype):
+    from search.study import run
+
+    for model_dir in (tiny_model_dir, tiny_gpt2_dir) if dtype == "float32" else (tiny_model_dir,):
+        where = tmp_path / model_dir.name
+        study = run(tiny_config(where, model_dir, corpus, trials=6, dtype=dtype, heal="linear", heal_tokens=512))
+        measured = [t for t in study.get_trials(states=COMPLETE) if "test_ppl_ratio" in t.user_attrs]
+        assert all("unhealed_test_ppl_ratio" in t.user_attrs for t in measured)  # beside the healed figure
+        trial = max(measured, key=lambda t: (len(t.user_attrs["removed_layers"]), min(t.user_attrs["removed_layers"])))
+        removed = trial.user_attrs["removed_layers"]
+        report = export_trial(study, trial.number, where / "out")
+        assert report.ok and report.ppl_rel_diff <= 0.01 and report.kv_cache_match, report
+        record = json.loads((where / "out" / "pruning.json").read_text())
+        assert record["healing"]["method"] == "linear" and record["settings"]["heal"] == "linear"
+        healed_layers = [int(k) for k in record["healing"]["folded_into"]]
+        assert healed_layers and all(layer + 1 in removed for layer in healed_layers)
+
+        exported = AutoModelForCausalLM.from_pretrained(where / "out").eval()
+        original = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        ids = torch.randint(3, 90, (2, 20))
+        with torch.no_grad(), layers_removed(original, removed):
+            unhealed = original(input_ids=ids).logits
+        with torch.no_grad():  # the weights were healed (and report.ok: to the study's healed held-out figure)
+            assert not torch.allclose(exported(input_ids=ids).logits, unhealed, atol=1e-4)

@@ -29,6 +29,10 @@ class Architecture:
     # Module attributes holding a layer's position in the stack (the KV cache is keyed by them).
     index_attrs: tuple[str, ...] = ("layer_idx",)
     count_parameters: Callable[[nn.Module], int] = count_parameters
+    # Linear healing folds a map into the projection whose output is added to the residual stream
+    # (path inside one decoder layer); None, with the reason, when no such exact fold exists.
+    mlp_output: str | None = "mlp.down_proj"
+    no_fold: str = ""
 
 
 REGISTRY: dict[str, Architecture] = {}

@@ -7,4 +7,12 @@ which the data pipeline detects).
 
 from search.model.architectures import Architecture, register
 
-GEMMA3 = register(Architecture("gemma3", ("gemma3_text",), "model.layers"))
+GEMMA3 = register(
+    Architecture(
+        "gemma3",
+        ("gemma3_text",),
+        "model.layers",
+        mlp_output=None,
+        no_fold="a norm (post_feedforward_layernorm) follows each MLP output, so no linear map folds into it exactly",
+    )
+)
