@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from evaluators.wiki import ENWIKI_SAMPLE, articles, enwiki_sample_path
 from search.errors import SearchError, first_line
 from search.model.packaged import packaged_file
 
@@ -33,6 +34,10 @@ def load_texts(spec: str | None):
     if spec is None or spec == DEFAULT_CORPUS_NAME:
         return datasets.load_dataset("text", data_files=str(default_corpus_path()), split="train")
     path = Path(spec).expanduser()
+    if spec == ENWIKI_SAMPLE or (path.is_file() and path.name.endswith((".xml", ".xml.bz2"))):
+        return datasets.Dataset.from_dict(
+            {"text": list(articles(enwiki_sample_path() if spec == ENWIKI_SAMPLE else path))}
+        )
     if path.is_file():
         return datasets.load_dataset("text", data_files=str(path), split="train")
     if path.is_dir():
@@ -70,10 +75,22 @@ class Splits:
     test: torch.Tensor
     bos_id: int | None  # prepended as context to every window when the model was trained with it
     fit: torch.Tensor | None = None  # healing's fitting windows: after the held-out ones, disjoint from both
+    eval: torch.Tensor | None = None  # held-out windows of a second corpus (--eval-dataset), never fitted on
+
+    def windows(self, split: str) -> torch.Tensor:
+        windows = {"calib": self.calib, "test": self.test, "fit": self.fit, "eval": self.eval}[split]
+        if windows is None:
+            raise ValueError(f"no {split} windows were made")
+        return windows
+
+    @property
+    def measured(self) -> tuple[str, ...]:
+        """The splits perplexity is reported on: calibration, held-out, and the second corpus if any."""
+        return ("calib", "test") + (("eval",) if self.eval is not None else ())
 
     def split_fingerprint(self, split: str) -> str:
-        """The token windows of one split ("calib" or "test") and how BOS is added: what a ppl depends on."""
-        return windows_fingerprint(self.calib if split == "calib" else self.test, self.bos_id)
+        """The token windows of one split and how BOS is added: what a ppl depends on."""
+        return windows_fingerprint(self.windows(split), self.bos_id)
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -92,17 +109,8 @@ def bos_to_prepend(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def make_splits(
-    tokenizer, spec: str | None, calib_tokens: int, test_tokens: int, seq_len: int, fit_tokens: int = 0
-) -> Splits:
-    """Tokenise documents in order until the splits are filled: calibration first, held-out after
-    it, then healing's fitting windows (so adding them changes neither of the first two)."""
-    if seq_len < 2:
-        raise SearchError("--seq-len must be at least 2")
-    n_calib = max(1, calib_tokens // seq_len)
-    n_test = max(1, test_tokens // seq_len)
-    n_fit = fit_tokens // seq_len if fit_tokens else 0
-    needed = (n_calib + n_test + n_fit) * seq_len
+def _token_ids(tokenizer, spec: str | None, needed: int) -> list[int]:
+    """Documents tokenised in order, 64 at a time, until `needed` tokens (or the corpus) are read."""
     dataset = load_texts(spec)
     column = _text_column(dataset)
     ids: list[int] = []
@@ -117,6 +125,30 @@ def make_splits(
                 break
     if batch and len(ids) < needed:
         ids.extend(tokenizer("\n\n".join(batch), add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def eval_windows(tokenizer, spec: str, tokens: int, seq_len: int) -> torch.Tensor:
+    """The first `tokens` of a second corpus (--eval-dataset) in windows: measured, never fitted on."""
+    n = max(1, tokens // seq_len)
+    ids = _token_ids(tokenizer, spec, n * seq_len)
+    if len(ids) < n * seq_len:
+        raise SearchError(f"--eval-dataset {spec!r} has {len(ids)} tokens, fewer than --eval-tokens {tokens}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def make_splits(
+    tokenizer, spec: str | None, calib_tokens: int, test_tokens: int, seq_len: int, fit_tokens: int = 0
+) -> Splits:
+    """Tokenise documents in order until the splits are filled: calibration first, held-out after
+    it, then healing's fitting windows (so adding them changes neither of the first two)."""
+    if seq_len < 2:
+        raise SearchError("--seq-len must be at least 2")
+    n_calib = max(1, calib_tokens // seq_len)
+    n_test = max(1, test_tokens // seq_len)
+    n_fit = fit_tokens // seq_len if fit_tokens else 0
+    needed = (n_calib + n_test + n_fit) * seq_len
+    ids = _token_ids(tokenizer, spec, needed)
     if len(ids) < needed:
         raise SearchError(
             f"dataset has {len(ids)} tokens, fewer than the {needed} needed for "

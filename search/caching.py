@@ -19,7 +19,7 @@ import torch
 
 from evaluators.data import windows_fingerprint
 from search.evaluations import EvalCache, device_label
-from search.evaluator import SPLITS, Evaluator, capped_ratio
+from search.evaluator import Evaluator, capped_ratio
 
 
 @dataclass
@@ -36,11 +36,11 @@ class CachingEvaluator:
     def baseline(self, known: dict[str, float] | None = None) -> dict[str, float]:
         """Unpruned perplexities: `known`, else the cache, else measured (and recorded)."""
         found = dict(known or {})
-        for split in SPLITS:
+        for split in self.evaluator.splits.measured:
             store = self.stores.get(split)
             if split not in found and store is not None and (cached := store.get(())) is not None:
                 found[split] = cached
-        measured = [split for split in SPLITS if split not in found]
+        measured = [split for split in self.evaluator.splits.measured if split not in found]
         base = self.evaluator.baseline(found)
         for split in measured:  # figures read from the study belong to its numerics, maybe not this run's
             if split in self.stores:
@@ -77,8 +77,9 @@ class CachingEvaluator:
     def test_ratio(self, removed: Sequence[int], unhealed: bool = False) -> float:
         return self.ppl(removed, "test", unhealed=unhealed) / self.evaluator.base_ppl["test"]
 
-    def unhealed_ratio(self, removed: Sequence[int], split: str) -> float:
-        return self.ppl(removed, split, unhealed=True) / self.evaluator.base_ppl[split]
+    def ratio(self, removed: Sequence[int], split: str, unhealed: bool = False) -> float:
+        """A reported (never capped) ratio on `split`: "test", or "eval" (the second corpus)."""
+        return self.ppl(removed, split, unhealed=unhealed) / self.evaluator.base_ppl[split]
 
     def sensitivity(self, tokens: int) -> tuple[torch.Tensor, EvalCache | None]:
         """The windows that rank layers for seeding, and the evaluation cache keyed to exactly them."""
@@ -100,7 +101,7 @@ def with_store(
     def caches(numerics: str) -> dict[str, EvalCache]:
         return {
             split: EvalCache(storage.engine, model_fingerprint, splits.split_fingerprint(split), numerics)
-            for split in SPLITS
+            for split in splits.measured
         }
 
     return CachingEvaluator(evaluator, caches(numerics), caches(healed) if evaluator.heal != "none" else {})

@@ -41,6 +41,8 @@ class RunConfig:
     max_ppl_ratio: float | None = None  # reject a candidate whose ratio exceeds this (on the windows seen so far)
     heal: str = "none"  # search/healing.py: HEALINGS; the objective is the healed model's ratio
     heal_tokens: int = 32768  # healing's fitting windows, after the held-out ones in the corpus
+    eval_dataset: str | None = None  # a second corpus (another domain) every front point is also measured on
+    eval_tokens: int = 8192
 
     @property
     def fit_tokens(self) -> int:
@@ -56,9 +58,7 @@ class RunConfig:
 
     def settings(self) -> Settings:
         """What must not change across resumes: it defines what the stored numbers mean."""
-        dataset = self.dataset
-        if dataset and Path(dataset).expanduser().exists():
-            dataset = str(Path(dataset).expanduser().resolve())  # export reloads it from anywhere
+        dataset = _absolute(self.dataset)  # export reloads it from anywhere
         return Settings(
             model=model_name(self.model),
             budget=self.budget,
@@ -70,12 +70,19 @@ class RunConfig:
             dtype=self.dtype,
             heal=self.heal,
             heal_tokens=self.fit_tokens or None,
+            eval_dataset=_absolute(self.eval_dataset),
+            eval_tokens=self.eval_tokens if self.eval_dataset else None,
         )
 
     def model_spec(self) -> str | None:
         """What `export` reloads: None is the embedded default; local paths are made absolute."""
         local = self.model is not None and Path(self.model).expanduser().exists()
         return str(Path(self.model).expanduser().resolve()) if local and self.model else self.model
+
+
+def _absolute(spec: str | None) -> str | None:
+    """A local path made absolute; a hub or packaged name as given."""
+    return str(Path(spec).expanduser().resolve()) if spec and Path(spec).expanduser().exists() else spec
 
 
 def check_compatible(study: optuna.Study, config: RunConfig) -> None:

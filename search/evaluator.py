@@ -25,7 +25,6 @@ from search.healing import HEALINGS
 if TYPE_CHECKING:
     from search.caching import CachingEvaluator
 
-SPLITS = ("calib", "test")
 LATENCY_WARMUP = 1
 
 
@@ -51,7 +50,7 @@ class Evaluator:
         return len(self.layer_kinds)
 
     def windows(self, split: str) -> torch.Tensor:
-        return self.splits.calib if split == "calib" else self.splits.test
+        return self.splits.windows(split)
 
     def has_prefix(self, split: str) -> bool:
         return split in self._prefix
@@ -66,7 +65,7 @@ class Evaluator:
 
     def baseline(self, known: dict[str, float] | None = None) -> dict[str, float]:
         """Unpruned perplexity per split: `known` (from the study) where given, else measured."""
-        for split in SPLITS:
+        for split in self.splits.measured:
             self.base_ppl[split] = (known or {}).get(split) or self.prefix(split).base_ppl
         return self.base_ppl
 

@@ -14,6 +14,13 @@ from search.records import StudyRecord, TrialRecord
 from search.tables import cell, table
 
 FRONT_FIELDS = ("trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
+OPTIONAL_FIELDS = ("eval_ppl_ratio", "unhealed_ppl_ratio", "unhealed_test_ppl_ratio", "unhealed_eval_ppl_ratio")
+
+
+def _fields(report: dict) -> tuple[str, ...]:
+    """The columns: the fixed ones, then each optional one some point carries."""
+    extra = tuple(key for key in OPTIONAL_FIELDS if any(key in point for point in report["front"]))
+    return FRONT_FIELDS + extra
 
 
 def front_report(study: optuna.Study) -> dict:
@@ -41,16 +48,24 @@ def front_report(study: optuna.Study) -> dict:
                 "ppl_ratio": trial.values[0],
                 "latency_ratio": trial.values[1],
                 "test_ppl_ratio": measured.test_ppl_ratio,
+                # Present once measured: a second corpus (--eval-dataset), and with --heal the same set unhealed.
+                **{key: getattr(measured, key) for key in OPTIONAL_FIELDS if getattr(measured, key) is not None},
             }
         )
     front.sort(key=lambda p: (-p["layers"], p["ppl_ratio"]))
-    return {
+    baseline = {k: v for k, v in asdict(record.baseline).items() if k != "eval_ppl" or v is not None}
+    report = {
         "study": study.study_name,
         "model": record.settings.model,
         "budget": record.settings.budget,
-        "baseline": asdict(record.baseline),
+        "baseline": baseline,
         "front": front,
     }
+    if record.settings.heal != "none":  # the ratios are the healed model's (older studies: unhealed, no key)
+        report["heal"] = record.settings.heal
+    if record.settings.eval_dataset:
+        report["eval_dataset"] = record.settings.eval_dataset
+    return report
 
 
 def format_table(report: dict) -> str:
@@ -62,19 +77,25 @@ def format_table(report: dict) -> str:
         f"{base['latency_ms']:.1f} ms/forward",
         "",
     ]
+    if "eval_ppl" in base:
+        title.insert(2, f"second corpus {report.get('eval_dataset')}: baseline ppl {base['eval_ppl']:.3f}")
+    if "heal" in report:
+        title.insert(-1, f"healed ({report['heal']}): ratios are the healed model's; unhealed_* the same set unhealed")
+    fields = _fields(report)
     rows = [
-        [cell(p[h], fixed=True) if h != "params_reduction" else f"{p[h]:.1%}" for h in FRONT_FIELDS]
+        [cell(p.get(h), fixed=True) if h != "params_reduction" else f"{p[h]:.1%}" for h in fields]
         for p in report["front"]
     ]
-    return "\n".join(title) + "\n" + table(FRONT_FIELDS, rows)
+    return "\n".join(title) + "\n" + table(fields, rows)
 
 
 def format_csv(report: dict) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(FRONT_FIELDS)
+    fields = _fields(report)
+    writer.writerow(fields)
     for point in report["front"]:
-        writer.writerow([" ".join(map(str, point[f])) if f == "removed_layers" else point[f] for f in FRONT_FIELDS])
+        writer.writerow([" ".join(map(str, point[f])) if f == "removed_layers" else point.get(f) for f in fields])
     return out.getvalue().rstrip("\n")
 
 

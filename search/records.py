@@ -36,6 +36,8 @@ class Settings:
     dtype: str
     heal: str = "none"  # search/healing.py; a study written before healing existed measured unhealed models
     heal_tokens: int | None = None  # healing's fitting windows (None when unhealed)
+    eval_dataset: str | None = None  # a second corpus every front point is also measured on
+    eval_tokens: int | None = None
 
     def differences(self, stored: Settings) -> list[str]:
         mine, theirs = asdict(self), asdict(stored)
@@ -51,6 +53,7 @@ class Baseline:
     calib_ppl: float
     test_ppl: float
     latency_ms: float
+    eval_ppl: float | None = None  # on --eval-dataset, when the study has one
 
 
 @dataclass(frozen=True)
@@ -147,10 +150,10 @@ def read_baseline(study: optuna.Study) -> Baseline | None:
     stored = study.user_attrs.get("baseline")
     if stored is None:
         return None
-    missing = [f.name for f in fields(Baseline) if f.name not in stored]
+    missing = [f.name for f in fields(Baseline) if f.name not in stored and f.default is MISSING]
     if missing:
         raise SearchError(f"study {study.study_name!r} has a baseline without {', '.join(missing)}: not this engine's")
-    return Baseline(**{f.name: stored[f.name] for f in fields(Baseline)})
+    return Baseline(**{f.name: stored[f.name] for f in fields(Baseline) if f.name in stored})
 
 
 def read_fingerprints(study: optuna.Study) -> dict[str, str | None]:
@@ -224,8 +227,10 @@ class TrialRecord:
     latency_ms: float | None = None
     test_ppl_ratio: float | None = None  # measured only for trials on the front when they finished
     # With --heal: the ratios above are the healed model's; these are the same set unhealed (front trials).
+    eval_ppl_ratio: float | None = None  # --eval-dataset: the second corpus (front trials)
     unhealed_ppl_ratio: float | None = None
     unhealed_test_ppl_ratio: float | None = None
+    unhealed_eval_ppl_ratio: float | None = None
     unhealed_runs: tuple[tuple[int, int], ...] = ()  # removed runs healing could not reach (they start at layer 0)
     ppl_from: str | None = None  # "computed", or "store" (the evaluation cache)
     eval_s: float | None = None

@@ -15,7 +15,7 @@ from typing import cast
 import optuna
 import torch
 
-from evaluators.data import bos_to_prepend, make_splits
+from evaluators.data import bos_to_prepend, eval_windows, make_splits
 from evaluators.forward import configure
 from evaluators.latency import latency_input, layer_kinds
 from search import space
@@ -98,7 +98,8 @@ def run(config: RunConfig) -> optuna.Study:
         if is_seeded(study):
             baseline = read_baseline(study)
             assert baseline is not None  # seeding writes it before `seeded`
-            cached.baseline({"calib": baseline.calib_ppl, "test": baseline.test_ppl})
+            known = {"calib": baseline.calib_ppl, "test": baseline.test_ppl, "eval": baseline.eval_ppl}
+            cached.baseline({split: ppl for split, ppl in known.items() if ppl is not None})
             log.info("resuming study %r in %s (%d finished trials)", name, redact(url), completed(study))
         else:
             log.info("new study %r in %s", name, redact(url))
@@ -127,6 +128,11 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
     splits = make_splits(
         loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len, config.fit_tokens
     )
+    if config.eval_dataset:
+        if config.eval_dataset == config.dataset:
+            raise SearchError("--eval-dataset is the --dataset corpus; pass text from another domain")
+        second = eval_windows(loaded.tokenizer, config.eval_dataset, config.eval_tokens, config.seq_len)
+        splits = replace(splits, eval=second)
     budget = Budget(config.budget, total_param_count(model), layer_param_counts(model))
     evaluator = Evaluator(
         model,

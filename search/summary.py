@@ -6,7 +6,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.errors import SearchError
-from search.front import front_report
+from search.front import OPTIONAL_FIELDS, front_report
 from search.records import TrialRecord, counts_towards_trials, find_trial, read_baseline, read_settings
 from search.tables import cell, key_values, table
 
@@ -53,6 +53,8 @@ def trial_details(study: optuna.Study, number: int) -> dict:
         "calib_ppl": t.values[0] * baseline.calib_ppl if t.values and baseline else None,
         "test_ppl_ratio": r.test_ppl_ratio,
         "test_ppl": r.test_ppl_ratio * baseline.test_ppl if r.test_ppl_ratio is not None and baseline else None,
+        **{key: getattr(r, key) for key in OPTIONAL_FIELDS if getattr(r, key) is not None},
+        **({"unhealed_runs": [list(run) for run in r.unhealed_runs]} if r.unhealed_runs else {}),
         "latency_ratio": t.values[1] if t.values else None,
         "latency_ms": r.latency_ms,
         "proposed_by": r.proposed_by,

@@ -145,3 +145,36 @@ def test_front_of_unknown_study_lists_the_known_ones(tmp_path, tiny_model_dir, c
     assert_one_line_error(
         cli("front", "--storage", f"sqlite:///{store}", "--study", "nope", cwd=tmp_path), "studies: tiny"
     )
+
+
+def test_a_healed_study_reports_unhealed_and_second_corpus_figures(tmp_path, tiny_model_dir, corpus):
+    from tests.conftest import write_corpus
+
+    other = write_corpus(tmp_path / "other.txt", lines=200, seed=7)
+    store = tmp_path / "healed.db"
+    args = (*tiny_run_args(tiny_model_dir, corpus, store), "--trials", "6", "--heal", "linear")
+    args = (*args, "--heal-tokens", "512", "--eval-dataset", str(other), "--eval-tokens", "128")
+    done = cli(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    front = json.loads(cli("front", "--storage", f"sqlite:///{store}", "--format", "json", cwd=tmp_path).stdout)
+    assert front["heal"] == "linear" and front["eval_dataset"] == str(other) and front["baseline"]["eval_ppl"] > 1
+    for point in front["front"]:
+        for key in ("eval_ppl_ratio", "unhealed_ppl_ratio", "unhealed_test_ppl_ratio", "unhealed_eval_ppl_ratio"):
+            assert point[key] > 0, key
+    table = cli("front", "--storage", f"sqlite:///{store}", cwd=tmp_path).stdout
+    assert "unhealed_test_ppl_ratio" in table and "second corpus" in table
+    # What the stored figures mean may not change on resume; the second corpus may not be the first.
+    changed = cli(*["none" if a == "linear" else a for a in args], "--trials", "7", cwd=tmp_path)
+    assert_one_line_error(changed, "other settings", "heal")
+    same = cli(*tiny_run_args(tiny_model_dir, corpus, tmp_path / "x.db"), "--eval-dataset", str(corpus), cwd=tmp_path)
+    assert_one_line_error(same, "--eval-dataset is the --dataset corpus")
+
+
+def test_heal_linear_is_refused_in_one_line_for_gemma3(tmp_path, corpus):
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    path = tmp_path / "gemma"
+    tiny_model("gemma3").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    refused = cli(*tiny_run_args(path, corpus, tmp_path / "g.db"), "--heal", "linear", cwd=tmp_path)
+    assert_one_line_error(refused, "--heal linear is not available", "post_feedforward_layernorm")

@@ -76,6 +76,20 @@ def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentG
         "e.g. wikitext:wikitext-2-raw-v1 (default: embedded Lee news corpus)",
     )
     data.add_argument(
+        "--eval-dataset",
+        metavar="SPEC",
+        help="a second corpus, another domain than --dataset, that every front point is also measured on "
+        "(JSON key eval_ppl_ratio); never used for fitting or choosing. A spec like --dataset, a MediaWiki "
+        "dump (.xml or .xml.bz2; markup stripped), or enwiki-sample: the English Wikipedia sample inside "
+        "the gensim wheel (default: none)",
+    )
+    data.add_argument(
+        "--eval-tokens",
+        type=_positive_int,
+        default=d.eval_tokens,
+        help=f"tokens of --eval-dataset measured, from its start (default: {d.eval_tokens})",
+    )
+    data.add_argument(
         "--calib-tokens",
         type=_positive_int,
         default=d.calib_tokens,

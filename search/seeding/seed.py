@@ -101,7 +101,7 @@ def seed_study(
         model_spec=config.model_spec(),
         model_fingerprint=fingerprints["model_fingerprint"],
         data_fingerprint=fingerprints["data_fingerprint"],
-        baseline=Baseline(budget.n_layers, budget.total_params, base["calib"], base["test"], base_ms),
+        baseline=Baseline(budget.n_layers, budget.total_params, base["calib"], base["test"], base_ms, base.get("eval")),
         layer_params=list(budget.layer_params),
         sensitivity=profile,
         criterion=config.criterion if transfer is None else "transfer",
