@@ -88,6 +88,22 @@ def _staged_greedy(scoring: Scoring, k: int, options: Options) -> tuple[list[tup
     return [stages[-1].removed], None
 
 
+# Published methods that come with a healing: `method` measures them healed whatever --heal says.
+HEALED_METHODS = {"replaceme": "linear", "greedy_then_healed": "linear"}
+
+
+@METHODS.register(
+    "replaceme", "the angular_block pick, healed by one linear map per removed run (ReplaceMe; implies --heal linear)"
+)
+def _replaceme(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int, ...]], int | None]:
+    return _angular_block(scoring, k, options)
+
+
+@METHODS.register("greedy_then_healed", "the staged_greedy pick (scored unhealed), then healed (implies --heal linear)")
+def _greedy_then_healed(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int, ...]], int | None]:
+    return _staged_greedy(scoring, k, options)
+
+
 @METHODS.register("drop_last", "the k layers before the final one")
 def _drop_last(scoring: Scoring, k: int, options: Options) -> tuple[list[tuple[int, ...]], int | None]:
     return [baselines.drop_last(options.n_layers, k)], 0
@@ -122,6 +138,15 @@ def measure(evaluator: CachingEvaluator, choices: Sequence[Choice]) -> list[dict
     for choice in choices:
         calib = [evaluator.calib_ratio(s) for s in choice.sets]
         test = [evaluator.test_ratio(s) for s in choice.sets]
+        reported = {"heal": evaluator.heal}
+        for split in evaluator.splits.measured[2:]:  # the second corpus (--eval-dataset)
+            reported[f"{split}_ppl_ratio"] = statistics.fmean(evaluator.ratio(s, split) for s in choice.sets)
+        if evaluator.heal != "none":  # the same sets unhealed, beside the healed figures
+            for split in evaluator.splits.measured:
+                name = "calib_ppl_ratio" if split == "calib" else f"{split}_ppl_ratio"
+                reported[f"unhealed_{name}"] = statistics.fmean(
+                    evaluator.ratio(s, split, unhealed=True) for s in choice.sets
+                )
         rows.append(
             {
                 "k": choice.k,
@@ -131,6 +156,7 @@ def measure(evaluator: CachingEvaluator, choices: Sequence[Choice]) -> list[dict
                 "test_ppl_ratio": statistics.fmean(test),
                 "latency_ratio": statistics.fmean(latency[evaluator.shape(s)] for s in choice.sets),
                 "evaluations": choice.evaluations,
+                **reported,
                 **({"draws": [list(s) for s in choice.sets]} if len(choice.sets) > 1 else {}),
             }
         )

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import warnings
+from dataclasses import replace
 
 from search.errors import SearchError, redact
 
@@ -52,12 +53,13 @@ def method(args: argparse.Namespace) -> None:
     from search.caching import CachingEvaluator, with_store
     from search.config import RunConfig
     from search.failures import store_failures
-    from search.methods import choose, measure
+    from search.methods import HEALED_METHODS, choose, measure
     from search.store import open_storage, sqlite_path
     from search.study import prepare
 
     fields = RunConfig.__dataclass_fields__
     config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "storage"})
+    config = replace(config, heal=HEALED_METHODS.get(args.method, config.heal))
     loaded, evaluator, _ = prepare(config)
     dtype = loaded.dtype  # `auto` resolved: the store's cache key names what ran
     url = args.eval_cache

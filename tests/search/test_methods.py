@@ -41,7 +41,8 @@ def test_every_method_picks_k_layers_and_is_measured(evaluator, method):
     assert (
         row["calib_ppl_ratio"] > 0 and row["test_ppl_ratio"] > 0 and row["latency_ratio"] > 0
     )  # one timed round: noisy
-    expected = {"oneshot_ppl": 7, "staged_greedy": 7 + 6, "block_influence": 1, "angular_block": 1}
+    expected = {"oneshot_ppl": 7, "staged_greedy": 7 + 6, "block_influence": 1, "angular_block": 1, "replaceme": 1}
+    expected["greedy_then_healed"] = expected["staged_greedy"]
     assert choice.evaluations == expected.get(method, 0)  # base + one per candidate layer, per stage
 
 
@@ -78,3 +79,18 @@ def test_method_command_and_its_old_spellings(tmp_path, tiny_model_dir, corpus):
 def test_method_help_lists_every_registered_method(tmp_path):
     result = cli("method", "--help", cwd=tmp_path)
     assert result.returncode == 0 and all(name in result.stdout for name in METHODS.names)
+
+
+def test_published_healed_methods_are_measured_healed(tmp_path, tiny_model_dir, corpus):
+    args = ["--model", str(tiny_model_dir), "--dataset", str(corpus), *TINY_EVALUATION, "--heal-tokens", "512"]
+    rows = {}
+    for method in ("replaceme", "angular_block", "greedy_then_healed"):
+        result = cli("method", "--method", method, "--remove", "2", "--format", "json", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        rows[method] = json.loads(result.stdout)
+    replaceme, angular = rows["replaceme"], rows["angular_block"]
+    assert replaceme["removed_layers"] == angular["removed_layers"] and replaceme["heal"] == "linear"
+    assert angular["heal"] == "none" and "unhealed_calib_ppl_ratio" not in angular
+    assert replaceme["unhealed_calib_ppl_ratio"] == pytest.approx(angular["calib_ppl_ratio"])  # the same set, unhealed
+    assert replaceme["calib_ppl_ratio"] != pytest.approx(angular["calib_ppl_ratio"])  # healing changed the model
+    assert rows["greedy_then_healed"]["heal"] == "linear" and "unhealed_test_ppl_ratio" in rows["greedy_then_healed"]
