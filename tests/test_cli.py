@@ -163,6 +163,7 @@ def test_a_healed_study_reports_unhealed_and_second_corpus_figures(tmp_path, tin
             assert point[key] > 0, key
     table = cli("front", "--storage", f"sqlite:///{store}", cwd=tmp_path).stdout
     assert "unhealed_test_ppl_ratio" in table and "second corpus" in table
+    assert "healed greedy stage 1: remove" in done.stderr and "greedy stage 1 (ppl): remove" in done.stderr
     # What the stored figures mean may not change on resume; the second corpus may not be the first.
     changed = cli(*["none" if a == "linear" else a for a in args], "--trials", "7", cwd=tmp_path)
     assert_one_line_error(changed, "other settings", "heal")

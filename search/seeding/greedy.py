@@ -8,6 +8,7 @@ enqueued trial, so the study starts from the greedy path and the sampler improve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ def staged_greedy(score: ScoreFn, budget: Budget, max_stages: int | None = None)
             return stages
         scores = score(removed, candidates)
         best = min(candidates, key=lambda i: (scores[i], i))
+        if not math.isfinite(scores[best]):  # nothing scored (every candidate rejected): the path ends here
+            return stages
         removed = tuple(sorted((*removed, best)))
         stages.append(Stage(removed, scores[best], scores))
     return stages

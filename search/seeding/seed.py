@@ -7,10 +7,13 @@ resume, and a resumed run reads it back instead of measuring again.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import optuna
+from tqdm.auto import tqdm
 
+from evaluators.perplexity import Rejected
 from search import baselines, space
 from search.caching import CachingEvaluator
 from search.config import RunConfig
@@ -18,7 +21,7 @@ from search.objective import latency_entry
 from search.records import Baseline, GreedyStage, StudyRecord, enqueue, mark_seeded, write_latency
 from search.sampler import removal_set
 from search.seeding.criteria import CRITERIA, Scoring
-from search.seeding.greedy import Stage, seed_sets, staged_greedy
+from search.seeding.greedy import ScoreFn, Stage, seed_sets, staged_greedy
 from search.space import Budget
 
 log = logging.getLogger("search")
@@ -49,7 +52,39 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
     others += [
         (baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in range(1, most + 1)
     ]
+    if evaluator.heal != "none":  # healing changes which sets are best: a greedy path scored healed, first
+        healed = staged_greedy(healed_scores(evaluator, stages[0].scores if stages else {}), budget)
+        for n, stage in enumerate(healed, 1):
+            log.info("healed greedy stage %d: remove %s (healed ratio %.4g)", n, list(stage.removed), stage.score)
+        others = [(stage.removed, f"healed greedy stage {n}") for n, stage in enumerate(healed, 1)] + others
     return stages, others
+
+
+SHORTLIST = 6  # candidates per healed greedy stage besides the current set's neighbours
+
+
+def healed_scores(evaluator: CachingEvaluator, profile: dict[int, float]) -> ScoreFn:
+    """Score a stage's candidates by the healed calibration ratio, but only a shortlist: the
+    `SHORTLIST` least sensitive layers unhealed (`profile`, stage 1 of greedy) and the layers next to
+    those already removed (healing favours contiguous runs). Others score inf. Each evaluation stops
+    once it provably cannot beat the stage's best; its figure lands in the evaluation cache, so the
+    seed trials of the chosen sets cost nothing more."""
+
+    def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
+        ranked = sorted(candidates, key=lambda i: (profile.get(i, math.inf), i))
+        shortlist = ranked[:SHORTLIST] + [i for i in ranked[SHORTLIST:] if i - 1 in removed or i + 1 in removed]
+        scores = dict.fromkeys(candidates, math.inf)
+        best: float | None = None
+        bar = tqdm(shortlist, desc=f"healed greedy stage {len(removed) + 1}", leave=False)
+        for layer in bar:
+            try:
+                scores[layer] = evaluator.calib_ratio(tuple(sorted((*removed, layer))), best)
+            except Rejected:
+                continue
+            best = scores[layer] if best is None else min(best, scores[layer])
+        return scores
+
+    return score
 
 
 def seed_study(
