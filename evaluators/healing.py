@@ -47,6 +47,11 @@ def runs(removed: Sequence[int]) -> list[tuple[int, int]]:
     return found
 
 
+def unreachable_runs(removed: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Runs no preceding MLP can heal: the one starting at layer 0."""
+    return tuple(run for run in runs(removed) if run[0] == 0)
+
+
 def fold_reason(model: nn.Module) -> str:
     """Why this family cannot be healed by folding ("" when it can)."""
     arch = architecture_of(model)
@@ -80,15 +85,15 @@ class Healing:
 def _fold(module: nn.Module, mix: torch.Tensor) -> None:
     """Make `module`'s output y become y·mix (mix = I + A, [d, d]) by rewriting its weight and bias."""
     weight: torch.Tensor = module.weight  # type: ignore[assignment]
-    mix = mix.to(weight.dtype)
+    mix = mix.to(weight.device, torch.float64)  # products in float64, rounded once to the weight's dtype
     with torch.no_grad():
         if isinstance(module, nn.Linear):  # y = x W^T + b, W [d, in]: W' = mix^T W
-            weight.copy_(mix.T @ weight)
+            weight.copy_(mix.T @ weight.double())
         else:  # transformers' Conv1D (GPT-2): y = x W + b, W [in, d]: W' = W mix
-            weight.copy_(weight @ mix)
+            weight.copy_(weight.double() @ mix)
         bias = getattr(module, "bias", None)
         if bias is not None:
-            bias.copy_(bias @ mix.to(bias.dtype))
+            bias.copy_(bias.double() @ mix)
 
 
 @contextmanager
@@ -143,9 +148,10 @@ class FitData:
         key = ("mm" if boundary is None else "ms", layer, -1 if boundary is None else boundary)
         if key not in self._products:
             right = self.mlp_out[layer] if boundary is None else self.inputs[boundary]
-            self._products[key] = sum(
-                (_tokens(m).T @ _tokens(s)).double() for m, s in zip(self.mlp_out[layer], right, strict=True)
-            )  # type: ignore[assignment]
+            total = torch.zeros((), dtype=torch.float64, device=self.mlp_out[layer][0].device)
+            for m, s in zip(self.mlp_out[layer], right, strict=True):
+                total = total + (_tokens(m).T @ _tokens(s)).double()
+            self._products[key] = total
         return self._products[key]
 
 
@@ -202,8 +208,9 @@ def _pruned_products(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M^T M and M^T (S_target - out_layer) on the pruned model as it is now (earlier maps folded),
     running only layers start..layer, fed the unpruned input of `start` (None: from the embedding)."""
-    mm = torch.zeros((), dtype=torch.float64)
-    my = torch.zeros((), dtype=torch.float64)
+    device = data.inputs[0][0].device
+    mm = torch.zeros((), dtype=torch.float64, device=device)
+    my = torch.zeros((), dtype=torch.float64, device=device)
     captured: dict[str, torch.Tensor] = {}
     current: list[torch.Tensor] = []
 
@@ -249,7 +256,7 @@ def _pruned_products(
 def solve(mm: torch.Tensor, my: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin_A |M A - Y|^2 + lam |A|^2, lam = ridge x the mean of diag(M^T M)."""
     lam = ridge * mm.diagonal().mean()
-    eye = torch.eye(mm.shape[0], dtype=mm.dtype)
+    eye = torch.eye(mm.shape[0], dtype=mm.dtype, device=mm.device)
     return torch.linalg.solve(mm + lam * eye, my)
 
 

@@ -77,7 +77,10 @@ def articles(path: Path, min_chars: int = 200) -> Iterator[str]:
     opener = bz2.open if path.suffix == ".bz2" else open
     with opener(path, "rb") as stream:
         for _, element in ET.iterparse(stream):
-            if element.tag.rsplit("}", 1)[-1] != "text":
+            tag = element.tag.rsplit("}", 1)[-1]
+            if tag == "page":
+                element.clear()  # a whole dump is never held in memory
+            if tag != "text":
                 continue
             raw = element.text or ""
             element.clear()

@@ -41,6 +41,7 @@ class RunConfig:
     max_ppl_ratio: float | None = None  # reject a candidate whose ratio exceeds this (on the windows seen so far)
     heal: str = "none"  # search/healing.py: HEALINGS; the objective is the healed model's ratio
     heal_tokens: int = 32768  # healing's fitting windows, after the held-out ones in the corpus
+    heal_fit: str = "sequential"  # later runs fitted on the model healed so far, or "parallel": on the unpruned one
     eval_dataset: str | None = None  # a second corpus (another domain) every front point is also measured on
     eval_tokens: int = 8192
 
@@ -70,6 +71,7 @@ class RunConfig:
             dtype=self.dtype,
             heal=self.heal,
             heal_tokens=self.fit_tokens or None,
+            heal_fit=self.heal_fit if self.heal != "none" else None,
             eval_dataset=_absolute(self.eval_dataset),
             eval_tokens=self.eval_tokens if self.eval_dataset else None,
         )

@@ -80,7 +80,7 @@ class Evaluator:
                 if self.splits.fit is None:
                     raise ValueError("healing needs fitting windows (make_splits(fit_tokens=...))")
                 self._fit = collect_fit_data(self.model, self.splits.fit, self.splits.bos_id, self.batch_size)
-            if len(self._healings) >= 256:
+            if len(self._healings) >= 64:
                 self._healings.pop(next(iter(self._healings)))
             self._healings[key] = fit(self.model, self._fit, key, self.ridge, self.sequential)
         return self._healings[key]
@@ -97,7 +97,7 @@ class Evaluator:
         raises Rejected once its ratio provably exceeds `ceiling` (a ratio), or exceeds `cap`
         (--max-ppl-ratio) over the windows seen so far but not all."""
         cache = self.prefix(split)
-        healing = Healing({}) if unhealed else self.healing(removed)
+        healing = Healing({}) if unhealed or not removed else self.healing(removed)
         with healed(self.model, healing):
             evaluation = cache.nll_batches(removed, healing.first_changed)
             try:

@@ -166,9 +166,11 @@ def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | N
         raise SearchError(
             "the windows differ from the study's (dataset or tokenizer changed); cannot refit the healing"
         )
-    apply_numerics(model, settings.dtype)  # fitted in the study's numerics (the float32 weights are what is saved)
+    # Mixed numerics (bf16-mixed) fit under the study's autocast; a study with half-precision weights is
+    # refitted on the float32 weights that are saved (its verification tolerance covers the difference).
+    apply_numerics(model, settings.dtype)
     data = collect_fit_data(model, splits.fit, splits.bos_id, batch_size=4)
-    healing = fit(model, data, removed, DEFAULT_RIDGE, True)
+    healing = fit(model, data, removed, DEFAULT_RIDGE, settings.heal_fit != "parallel")
     del data
     fold_permanently(model, healing)
     return {
@@ -176,6 +178,7 @@ def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | N
         "fitting_tokens": int(splits.fit.numel()),
         "fitting_windows": "after the held-out windows in the corpus (never the held-out ones)",
         "ridge": DEFAULT_RIDGE,
+        "fit": settings.heal_fit or "sequential",
         "folded_into": {str(layer): f"layer {layer} MLP output projection" for layer in sorted(healing.maps)},
         "unhealed_runs": [list(run) for run in healing.unhealed],
     }

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from evaluators.healing import unreachable_runs
 from evaluators.latency import Latency
 from evaluators.perplexity import Rejected
 from search import space
@@ -125,7 +126,7 @@ def make_objective(
             latency_ms=latency.ms,
         )
         if evaluator.heal != "none":
-            write_trial(trial, unhealed_runs=evaluator.healing(removed).unhealed or None)
+            write_trial(trial, unhealed_runs=unreachable_runs(removed) or None)
         if not any(dominated(values, t.values) for t in study.get_trials(deepcopy=False, states=COMPLETE)):
             write_trial(trial, test_ppl_ratio=evaluator.test_ratio(removed))
             second = "eval" in evaluator.splits.measured  # --eval-dataset: another domain, never fitted on

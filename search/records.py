@@ -36,6 +36,7 @@ class Settings:
     dtype: str
     heal: str = "none"  # search/healing.py; a study written before healing existed measured unhealed models
     heal_tokens: int | None = None  # healing's fitting windows (None when unhealed)
+    heal_fit: str | None = None  # "sequential" or "parallel" (None when unhealed)
     eval_dataset: str | None = None  # a second corpus every front point is also measured on
     eval_tokens: int | None = None
 

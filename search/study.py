@@ -143,6 +143,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         layer_kinds=layer_kinds(model),
         max_ppl_ratio=config.max_ppl_ratio,
         heal=config.heal,
+        sequential=config.heal_fit == "sequential",
     )
     return loaded, evaluator, budget
 

@@ -158,6 +158,14 @@ def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentG
         help="fitting tokens for --heal linear, taken from the corpus after the held-out windows "
         f"(never from them) (default: {d.heal_tokens})",
     )
+    healing.add_argument(
+        "--heal-fit",
+        choices=["sequential", "parallel"],
+        default=d.heal_fit,
+        help="sequential: each later removed run is fitted on the model already pruned and healed before it "
+        "(better held-out, a partial forward pass per later run); parallel: every run on the unpruned model's "
+        f"activations (cheaper) (default: {d.heal_fit})",
+    )
     return what
 
 

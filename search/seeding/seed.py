@@ -111,6 +111,8 @@ def seed_study(
         base["test"],
         base_ms,
     )
+    if "eval" in base:
+        log.info("second corpus (%s): baseline ppl %.3f", config.eval_dataset, base["eval"])
 
     stages: list[Stage] = []
     if transfer is not None:

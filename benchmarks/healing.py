@@ -1,0 +1,201 @@
+"""Healing side by side: unhealed greedy, ReplaceMe, greedy-then-healed and the healing-aware search.
+
+    python benchmarks/healing.py --json > benchmarks/results/healing.json     # default model and corpus
+    python benchmarks/healing.py --layers 1 2 3 4 --no-search --json          # the methods only
+    python benchmarks/healing.py --render benchmarks/results/healing.json     # the README's table
+
+For k = 1..9 removed layers on the default model and corpus:
+- `staged_greedy` (heal none): SLEB's path, scored and measured unhealed;
+- `replaceme` (heal linear): the contiguous block of least angular distance, healed (ReplaceMe);
+- `greedy_then_healed` (heal linear): the staged_greedy pick, healed;
+- `search` (heal linear): a `--budget 25% --heal linear` study; for each k its front point with exactly
+  k layers removed (the study's own choice: lowest calibration ratio).
+Every row has the calibration ratio (the search's fitness), the held-out ratio and the ratio on the
+second corpus (`--eval-dataset`, default: the Wikipedia sample in the gensim wheel), each against
+the unpruned model on the same windows. `evaluations` counts the perplexity evaluations choosing
+needed; `seconds` is the wall time of choosing and measuring (the study's for `search`).
+
+Also printed: what a healed evaluation costs against an unhealed one of the same set, timed
+interleaved in this process (fit included; the one-off collection of fitting activations not).
+All methods share one store and so one evaluation cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluators.wiki import ENWIKI_SAMPLE  # noqa: E402
+from search.caching import CachingEvaluator, with_store  # noqa: E402
+from search.front import front_report  # noqa: E402
+from search.methods import choose  # noqa: E402
+from search.records import StudyRecord, TrialRecord, counts_towards_trials  # noqa: E402
+from search.store import open_storage  # noqa: E402
+from search.study import RunConfig, prepare, run  # noqa: E402
+
+METHODS = (("staged_greedy", "none"), ("replaceme", "linear"), ("greedy_then_healed", "linear"))
+
+
+def eval_cost(cached: CachingEvaluator, removed: tuple[int, ...], rounds: int = 3) -> dict:
+    """Seconds of one healed and one unhealed calibration evaluation of `removed`, interleaved, no cache."""
+    evaluator = cached.evaluator
+    evaluator.healing(())  # the fitting activations: collected once per process, not per evaluation
+    healed, unhealed = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        evaluator.ppl(removed, "calib", unhealed=True)
+        unhealed.append(time.perf_counter() - started)
+        evaluator._healings.clear()  # the fit is part of a healed evaluation
+        started = time.perf_counter()
+        evaluator.ppl(removed, "calib")
+        healed.append(time.perf_counter() - started)
+    return {
+        "removed_layers": list(removed),
+        "healed_s": statistics.median(healed),
+        "unhealed_s": statistics.median(unhealed),
+        "ratio": statistics.median(healed) / statistics.median(unhealed),
+    }
+
+
+def method_rows(cached: CachingEvaluator, ks: list[int], sensitivity_tokens: int, say) -> list[dict]:
+    rows = []
+    for k in ks:
+        for method, heal in METHODS:
+            started = time.perf_counter()
+            choice = choose(cached, method, k, sensitivity_tokens)
+            (removed,) = choice.sets
+            unhealed = heal == "none"
+            row = {
+                "k": k,
+                "method": method,
+                "heal": heal,
+                "removed_layers": list(removed),
+                **{
+                    f"{split}_ppl_ratio": cached.ratio(removed, split, unhealed=unhealed)
+                    for split in cached.splits.measured
+                },
+                "evaluations": choice.evaluations,
+                "seconds": time.perf_counter() - started,
+            }
+            rows.append(row)
+            say(f"k={k} {method}: {list(removed)} held-out x{row['test_ppl_ratio']:.3f}")
+    return rows
+
+
+def search_rows(config: RunConfig, ks: list[int], say) -> list[dict]:
+    started = time.perf_counter()
+    study = run(config)
+    seconds = time.perf_counter() - started
+    say(f"search ({config.trials} trials): {seconds:.0f} s")
+    trials = [t for t in study.get_trials(deepcopy=False) if counts_towards_trials(t)]
+    measured = [t for t in trials if TrialRecord.of(t).duplicate_of is None]
+    evaluations = (StudyRecord.read(study).sensitivity_passes or 0) + len(measured)
+    rows = []
+    for k in ks:
+        points = [p for p in front_report(study)["front"] if len(p["removed_layers"]) == k]
+        if not points:
+            continue
+        best = min(points, key=lambda p: p["ppl_ratio"])
+        rows.append(
+            {
+                "k": k,
+                "method": "search",
+                "heal": config.heal,
+                "removed_layers": best["removed_layers"],
+                "calib_ppl_ratio": best["ppl_ratio"],
+                "test_ppl_ratio": best["test_ppl_ratio"],
+                "eval_ppl_ratio": best.get("eval_ppl_ratio"),
+                "evaluations": evaluations,
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
+def render(result: dict) -> str:
+    methods = [m for m, _ in METHODS] + ["search"]
+    lines = [
+        "| k | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for k in sorted({r["k"] for r in result["rows"]}):
+        cells = []
+        for method in methods:
+            row = next((r for r in result["rows"] if r["k"] == k and r["method"] == method), None)
+            figures = [row.get(key) for key in ("test_ppl_ratio", "eval_ppl_ratio")] if row else []
+            cells.append(" / ".join(f"{f:.3f}" for f in figures if f is not None) or "-")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model")
+    parser.add_argument("--dataset")
+    parser.add_argument("--eval-dataset", default=ENWIKI_SAMPLE)
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--layers", type=int, nargs="+", default=list(range(1, 10)))
+    parser.add_argument("--trials", type=int, default=60, help="trials of the healing-aware study")
+    parser.add_argument("--heal-tokens", type=int, default=RunConfig.heal_tokens)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--storage", help="SQLAlchemy URL (default: a fresh SQLite file)")
+    parser.add_argument("--no-search", action="store_true", help="the methods only")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--render", metavar="JSON", help="print the markdown table of a saved result")
+    args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    storage = args.storage or f"sqlite:///{tempfile.mkdtemp(prefix='healing-')}/healing.db"
+    config = RunConfig(
+        model=args.model,
+        dataset=args.dataset,
+        eval_dataset=args.eval_dataset,
+        budget=args.budget,
+        trials=args.trials,
+        dtype=args.dtype,
+        storage=storage,
+        study="healing-search",
+        heal="linear",
+        heal_tokens=args.heal_tokens,
+    )
+    started = time.perf_counter()
+    loaded, evaluator, _ = prepare(config)
+    cached = with_store(evaluator, open_storage(storage), loaded.fingerprint, loaded.dtype)
+    base = cached.baseline()
+    rows = method_rows(cached, args.layers, config.sensitivity_tokens, say)
+    deepest = next(r for r in reversed(rows) if r["method"] == "greedy_then_healed")["removed_layers"]
+    cost = eval_cost(cached, tuple(deepest))
+    say(f"healed evaluation {cost['healed_s']:.1f} s vs unhealed {cost['unhealed_s']:.1f} s: x{cost['ratio']:.2f}")
+    dtype = loaded.dtype
+    del loaded, evaluator, cached  # the study loads its own copy
+    if not args.no_search:
+        rows += search_rows(config.__class__(**{**config.__dict__, "dtype": dtype}), args.layers, say)
+    result = {
+        "model": config.model or "SmolLM2-135M-Instruct (embedded)",
+        "budget": config.budget,
+        "dataset": config.dataset or "Lee corpus (embedded)",
+        "eval_dataset": config.eval_dataset,
+        "dtype": dtype,
+        "heal_tokens": config.heal_tokens,
+        "baseline_ppl": base,
+        "healed_eval_cost": cost,
+        "rows": rows,
+        "wall_s": time.perf_counter() - started,
+    }
+    print(json.dumps(result, indent=1) if args.json else render(result))
+
+
+if __name__ == "__main__":
+    main()
