@@ -26,7 +26,7 @@ def default_corpus_path() -> Path:
     return packaged_file("gensim", "test/test_data/lee_background.cor", "default corpus", "gensim", "--dataset FILE")
 
 
-def load_texts(spec: str | None):
+def load_texts(spec: str | None, flag: str = "--dataset"):
     """A `datasets.Dataset` of documents: None (default corpus), a file, a folder, or `name[:config[:split]]`."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import datasets
@@ -43,13 +43,13 @@ def load_texts(spec: str | None):
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
-            raise SearchError(f"--dataset folder {spec!r} holds no files")
+            raise SearchError(f"{flag} folder {spec!r} holds no files")
         return datasets.load_dataset("text", data_files=files, split="train")
     name, config, split = (spec.split(":") + [None, None])[:3]
     try:
         return datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as exc:  # datasets raises many types for "not found / offline"
-        raise SearchError(f"cannot load --dataset {spec!r}: {first_line(exc)}") from None
+        raise SearchError(f"cannot load {flag} {spec!r}: {first_line(exc)}") from None
 
 
 def _text_column(dataset) -> str:
@@ -109,9 +109,9 @@ def bos_to_prepend(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def _token_ids(tokenizer, spec: str | None, needed: int) -> list[int]:
+def _token_ids(tokenizer, spec: str | None, needed: int, flag: str = "--dataset") -> list[int]:
     """Documents tokenised in order, 64 at a time, until `needed` tokens (or the corpus) are read."""
-    dataset = load_texts(spec)
+    dataset = load_texts(spec, flag)
     column = _text_column(dataset)
     ids: list[int] = []
     batch: list[str] = []
@@ -131,7 +131,7 @@ def _token_ids(tokenizer, spec: str | None, needed: int) -> list[int]:
 def eval_windows(tokenizer, spec: str, tokens: int, seq_len: int) -> torch.Tensor:
     """The first `tokens` of a second corpus (--eval-dataset) in windows: measured, never fitted on."""
     n = max(1, tokens // seq_len)
-    ids = _token_ids(tokenizer, spec, n * seq_len)
+    ids = _token_ids(tokenizer, spec, n * seq_len, "--eval-dataset")
     if len(ids) < n * seq_len:
         raise SearchError(f"--eval-dataset {spec!r} has {len(ids)} tokens, fewer than --eval-tokens {tokens}")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

@@ -74,8 +74,8 @@ class CachingEvaluator:
     def calib_ratio(self, removed: Sequence[int], ceiling: float | None = None) -> float:
         return capped_ratio(self, removed, ceiling)
 
-    def test_ratio(self, removed: Sequence[int], unhealed: bool = False) -> float:
-        return self.ppl(removed, "test", unhealed=unhealed) / self.evaluator.base_ppl["test"]
+    def test_ratio(self, removed: Sequence[int]) -> float:
+        return self.ratio(removed, "test")
 
     def ratio(self, removed: Sequence[int], split: str, unhealed: bool = False) -> float:
         """A reported (never capped) ratio on `split`: "test", or "eval" (the second corpus)."""

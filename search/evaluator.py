@@ -101,21 +101,18 @@ class Evaluator:
         with healed(self.model, healing):
             evaluation = cache.nll_batches(removed, healing.first_changed)
             try:
-                return self._bounded(cache, evaluation, split, ceiling, cap)
+                return bounded_perplexity(
+                    evaluation,
+                    cache.base_nll,
+                    self.base_ppl[split],
+                    target_count(cache.windows, cache.bos_id),
+                    len(cache.windows),
+                    self.batch_size,
+                    ceiling,
+                    cap,
+                )
             finally:
                 evaluation.close()  # a stopped evaluation restores the model's layers now, not when collected
-
-    def _bounded(self, cache: PrefixCache, evaluation, split: str, ceiling: float | None, cap: float | None) -> float:
-        return bounded_perplexity(
-            evaluation,
-            cache.base_nll,
-            self.base_ppl[split],
-            target_count(cache.windows, cache.bos_id),
-            len(cache.windows),
-            self.batch_size,
-            ceiling,
-            cap,
-        )
 
     def calib_ratio(self, removed: Sequence[int], ceiling: float | None = None) -> float:
         """The objective; --max-ppl-ratio applies to it (held-out figures are never capped)."""

@@ -169,6 +169,11 @@ def test_a_healed_study_reports_unhealed_and_second_corpus_figures(tmp_path, tin
     assert_one_line_error(changed, "other settings", "heal")
     same = cli(*tiny_run_args(tiny_model_dir, corpus, tmp_path / "x.db"), "--eval-dataset", str(corpus), cwd=tmp_path)
     assert_one_line_error(same, "--eval-dataset is the --dataset corpus")
+    missing = cli(
+        *tiny_run_args(tiny_model_dir, corpus, tmp_path / "y.db"), "--eval-dataset", "no-such:corpus", cwd=tmp_path
+    )
+    assert_one_line_error(missing, "cannot load --eval-dataset 'no-such:corpus'")
+    assert not (tmp_path / "y.db").exists()  # refused before the store was created
 
 
 def test_heal_linear_is_refused_in_one_line_for_gemma3(tmp_path, corpus):
