@@ -99,16 +99,31 @@ def _finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTria
     return trial
 
 
-def export_trial(
-    study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
-) -> ExportReport:
-    trial = _finished_trial(study, number)
-    record, measured = StudyRecord.read(study), TrialRecord.of(trial)
-    n_layers, removed = record.baseline.layers, list(measured.removed_layers)
-    out = Path(out)
+@dataclass
+class Pruned:
+    """One trial's model with its layers removed and the study's healing folded in, ready to write."""
+
+    model: Any
+    tokenizer: Any
+    trial: optuna.trial.FrozenTrial
+    record: StudyRecord
+    removed: list[int]
+    healing: dict | None  # what pruning.json says of the linear healing (None: unhealed)
+
+
+def check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SearchError(f"--out {out} exists and is not empty; choose a new directory")
 
+
+def prune_trial(
+    study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
+) -> Pruned:
+    """Reload the study's model in float32, fold its healing as the study fitted it, remove the layers."""
+    trial = _finished_trial(study, number)
+    record, measured = StudyRecord.read(study), TrialRecord.of(trial)
+    n_layers, removed = record.baseline.layers, list(measured.removed_layers)
+    check_out(Path(out))
     loaded = load_model(record.model_spec, "float32", device, trust_remote_code)
     if record.model_fingerprint not in ("", loaded.fingerprint):
         raise SearchError("the model found now differs from the one this study measured (fingerprint mismatch)")
@@ -123,28 +138,38 @@ def export_trial(
         )
     healing = _heal(model, loaded.tokenizer, record, removed)
     remove_layers(model, removed)
-    _write(
-        model,
-        loaded.tokenizer,
-        out,
-        {
-            "source_model": record.model_source,
-            "model_fingerprint": record.model_fingerprint or None,
-            "study": study.study_name,
-            "trial": trial.number,
-            "removed_layers": removed,
-            "layers_before": n_layers,
-            "layers_after": n_layers - len(removed),
-            "params_reduction": measured.params_reduction,
-            "ppl_ratio": trial.values[0],
-            "latency_ratio": trial.values[1],
-            "test_ppl_ratio": measured.test_ppl_ratio,
-            "healing": healing,
-            "settings": asdict(record.settings),
-        },
-    )
-    del model, loaded
-    return verify(out, study, trial, device)
+    return Pruned(model, loaded.tokenizer, trial, record, removed, healing)
+
+
+def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
+    """pruning.json: where the model came from, which layers went, what the study measured."""
+    record, trial, measured = pruned.record, pruned.trial, TrialRecord.of(pruned.trial)
+    n_layers = record.baseline.layers
+    return {
+        "source_model": record.model_source,
+        "model_fingerprint": record.model_fingerprint or None,
+        "study": study.study_name,
+        "trial": trial.number,
+        "removed_layers": pruned.removed,
+        "layers_before": n_layers,
+        "layers_after": n_layers - len(pruned.removed),
+        "params_reduction": measured.params_reduction,
+        "ppl_ratio": trial.values[0],
+        "latency_ratio": trial.values[1],
+        "test_ppl_ratio": measured.test_ppl_ratio,
+        "healing": pruned.healing,
+        "settings": asdict(record.settings),
+    }
+
+
+def export_trial(
+    study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
+) -> ExportReport:
+    pruned = prune_trial(study, number, out, device, trust_remote_code)
+    write_model(pruned.model, pruned.tokenizer, Path(out), pruning_record(study, pruned))
+    trial, expected = pruned.trial, expected_test_ppl(pruned.record, pruned.trial)
+    del pruned
+    return verify(Path(out), study, trial, device, expected)
 
 
 def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | None:
@@ -184,7 +209,8 @@ def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | N
     }
 
 
-def _write(model, tokenizer, out: Path, record: dict) -> None:
+def write_model(model, tokenizer, out: Path, record: dict) -> None:
+    """Safetensors, config, tokenizer and pruning.json, moved into place whole (or not at all)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
@@ -198,8 +224,22 @@ def _write(model, tokenizer, out: Path, record: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def verify(out: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial, device: str = "cpu") -> ExportReport:
-    """Reload `out` with stock transformers and compare it with what the study reported.
+def expected_test_ppl(record: StudyRecord, trial: optuna.trial.FrozenTrial) -> float | None:
+    """The held-out perplexity the study reported for `trial` (None: never measured held-out)."""
+    ratio = TrialRecord.of(trial).test_ppl_ratio
+    return None if ratio is None else ratio * record.baseline.test_ppl
+
+
+def verify(
+    out: Path,
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    device: str = "cpu",
+    expected: float | None = None,
+    dtype: str | None = None,
+) -> ExportReport:
+    """Reload `out` with stock transformers and check it reproduces `expected` held-out perplexity
+    (measured in `dtype`, default the study's) and generates the same with and without the KV cache.
 
     Two checks, each in the numerics it is about. The KV-cache check runs in float32, the dtype
     the exported files hold, so it tests the cache's wiring (layer renumbering, per-layer lists),
@@ -210,6 +250,7 @@ def verify(out: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial, devi
 
     record, measured = StudyRecord.read(study), TrialRecord.of(trial)
     settings = record.settings
+    dtype = dtype or settings.dtype
     tokenizer = AutoTokenizer.from_pretrained(out)
     splits = make_splits(tokenizer, settings.dataset, settings.calib_tokens, settings.test_tokens, settings.seq_len)
     if record.data_fingerprint not in ("", splits.fingerprint()):
@@ -224,13 +265,11 @@ def verify(out: Path, study: optuna.Study, trial: optuna.trial.FrozenTrial, devi
     except Exception as exc:  # a cache wired to the wrong layers can fail outright (e.g. an index past its end)
         divergence, kv_error = None, f"{type(exc).__name__}: {first_line(exc)}"
 
-    if DTYPES[settings.dtype] != torch.float32:  # half-precision weights: load them as the study did
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[settings.dtype])
+    if DTYPES[dtype] != torch.float32:  # half-precision weights: load them as the study did
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype])
         model = model.to(device).eval()
-    apply_numerics(model, settings.dtype)  # the held-out figure was measured with these numerics
+    apply_numerics(model, dtype)  # the held-out figure was measured with these numerics
     reloaded = perplexity(model, splits.test, splits.bos_id)
-    ratio = measured.test_ppl_ratio
-    expected = None if ratio is None else ratio * record.baseline.test_ppl
     return ExportReport(
         out=str(out),
         trial=trial.number,

@@ -135,3 +135,41 @@ def export(args: argparse.Namespace) -> None:
     )
     if not report.ok:
         raise SearchError("verification failed: the exported model does not reproduce the trial (see above)")
+
+
+def heal(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from evaluators.lora import LoraSettings
+    from search.export import pick_trial
+    from search.lora import format_heal, heal_trial
+
+    study = stored_study(args)
+    number = args.trial if args.trial is not None else pick_trial(study, args.pick)
+    settings = LoraSettings(
+        steps=args.steps,
+        rank=args.rank,
+        alpha=args.alpha,
+        lr=args.lr,
+        windows_per_step=args.windows_per_step,
+        seed=args.seed,
+    )
+    logging.getLogger("search").info("LoRA-healing trial %d of study %r into %s", number, study.study_name, args.out)
+    report = heal_trial(
+        study,
+        number,
+        Path(args.out),
+        settings,
+        tokens=args.tokens,
+        eval_dataset=args.eval_dataset,
+        eval_tokens=args.eval_tokens,
+        reference=args.reference,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if args.format == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_heal(report))
+    if not report.export.ok:
+        raise SearchError("verification failed: the exported model does not reproduce its measured perplexity")

@@ -28,6 +28,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
 def _budget(text: str) -> float:
     try:
         return parse_budget(text)
@@ -329,4 +339,66 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
     )
+    _heal_parser(sub, picks)
     return parser
+
+
+def _heal_parser(sub, picks: dict) -> None:
+    from evaluators.lora import LoraSettings
+
+    d = LoraSettings()
+    heal = sub.add_parser(
+        "heal",
+        help="LoRA-heal one trial's pruned model, export it and report held-out perplexity before and after",
+        description="Fine-tune LoRA adapters (peft) on the trial's pruned model (its study's linear healing "
+        "folded in first) on fitting tokens taken after the held-out windows, merge them, and export and "
+        "verify the model like `export`. Because fine-tuning on a corpus adapts any model to it, the unpruned "
+        "model is fine-tuned the same way as a reference and both ratios are reported.",
+        epilog=DEFAULTS_NOTE,
+    )
+    which = heal.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="trial number to heal")
+    which.add_argument("--pick", choices=picks["choices"], help=f"pick a point of the front: {picks['help']}")
+    heal.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    _stored_study_flags(heal)
+    lora = heal.add_argument_group("LoRA")
+    lora.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimiser steps (default: {d.steps})")
+    lora.add_argument("--rank", type=_positive_int, default=d.rank, help=f"adapter rank (default: {d.rank})")
+    lora.add_argument(
+        "--alpha", type=_positive_int, default=d.alpha, help=f"LoRA alpha; the scale is alpha/rank (default: {d.alpha})"
+    )
+    lora.add_argument("--lr", type=_positive_float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    lora.add_argument(
+        "--windows-per-step",
+        type=_positive_int,
+        default=d.windows_per_step,
+        help=f"fitting windows per step (default: {d.windows_per_step})",
+    )
+    lora.add_argument(
+        "--tokens",
+        type=_positive_int,
+        help="fitting tokens, taken from the corpus after the held-out windows (default: the study's "
+        "--heal-tokens, or 32768)",
+    )
+    lora.add_argument("--seed", type=int, default=d.seed, help=f"seed of the window order (default: {d.seed})")
+    lora.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip fine-tuning the unpruned model as the reference (saves about half the time)",
+    )
+    measure = heal.add_argument_group("measurement")
+    measure.add_argument(
+        "--eval-dataset",
+        metavar="SPEC",
+        help="a second corpus (another domain) measured before and after, never fitted on; a spec like "
+        "`run --eval-dataset`, e.g. enwiki-sample (default: the study's, if any)",
+    )
+    measure.add_argument(
+        "--eval-tokens", type=_positive_int, help="tokens of --eval-dataset measured (default: the study's, or 8192)"
+    )
+    measure.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    measure.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
+    )
+    heal.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")

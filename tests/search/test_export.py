@@ -76,7 +76,7 @@ def test_export_refuses_to_overwrite_and_unfinished_trials(tiny_study, tmp_path)
 
 def test_written_directory_shrinks_per_layer_lists(tmp_path):
     """Qwen2 interleaves sliding and full attention: the saved `layer_types` must match the kept layers."""
-    from search.export import _write
+    from search.export import write_model
     from search.model.surgery import remove_layers
     from tests.conftest import tiny_model, tiny_tokenizer
 
@@ -86,7 +86,7 @@ def test_written_directory_shrinks_per_layer_lists(tmp_path):
     remove_layers(model, [0, 3])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    _write(model, tiny_tokenizer(), tmp_path / "q", {"removed_layers": [0, 3]})
+    write_model(model, tiny_tokenizer(), tmp_path / "q", {"removed_layers": [0, 3]})
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert reloaded.config.num_hidden_layers == 4
     assert reloaded.config.layer_types == [t for i, t in enumerate(types) if i not in (0, 3)]

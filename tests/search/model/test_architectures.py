@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from search.export import _write
+from search.export import write_model
 from search.model.architectures import REGISTRY, architecture_of
 from search.model.surgery import decoder_layers, layers_removed, remove_layers
 from tests.conftest import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
@@ -35,7 +35,7 @@ def test_round_trip(family, tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, whole)  # restored
 
     remove_layers(model, removed)
-    _write(model, tiny_tokenizer(), tmp_path / "out", {"removed_layers": removed})
+    write_model(model, tiny_tokenizer(), tmp_path / "out", {"removed_layers": removed})
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert reloaded.config.num_hidden_layers == 4
     if types:
