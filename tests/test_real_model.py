@@ -110,3 +110,12 @@ def test_export_of_a_bf16_mixed_study_on_the_default_model(tmp_path, monkeypatch
     assert seen and set(seen) == {torch.float32}
     record = json.loads((out / "pruning.json").read_text())
     assert record["settings"]["dtype"] == "bf16-mixed" and record["layers_after"] == 29
+
+    # LoRA on top of the same trial, in the study's bf16-mixed numerics, through the CLI.
+    healed = tmp_path / "healed"
+    heal_args = ["--steps", "4", "--tokens", "2048", "--no-reference", "--format", "json"]
+    assert main(["heal", "--pick", "knee", "--out", str(healed), *heal_args, *common]) == 0
+    lora = json.loads((healed / "pruning.json").read_text())["lora"]
+    assert lora["dtype"] == "bf16-mixed" and lora["steps"] == 4 and lora["fitting_tokens"] == 2048
+    before, trial_ratio = lora["measured"]["before"]["test_ppl"], record["test_ppl_ratio"]
+    assert before / lora["measured"]["unpruned"]["test_ppl"] == pytest.approx(trial_ratio, rel=1e-2)
