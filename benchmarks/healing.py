@@ -144,6 +144,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=list(range(1, 10)))
     parser.add_argument("--trials", type=int, default=60, help="trials of the healing-aware study")
     parser.add_argument("--heal-tokens", type=int, default=RunConfig.heal_tokens)
+    parser.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=RunConfig.calib_tokens,
+        help="calibration tokens (the search's fitness; more of them shrink its noise)",
+    )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--storage", help="SQLAlchemy URL (default: a fresh SQLite file)")
     parser.add_argument("--no-search", action="store_true", help="the methods only")
@@ -169,6 +175,7 @@ def main() -> None:
         study="healing-search",
         heal="linear",
         heal_tokens=args.heal_tokens,
+        calib_tokens=args.calib_tokens,
     )
     started = time.perf_counter()
     loaded, evaluator, _ = prepare(config)
@@ -189,6 +196,8 @@ def main() -> None:
         "eval_dataset": config.eval_dataset,
         "dtype": dtype,
         "heal_tokens": config.heal_tokens,
+        "calib_tokens": config.calib_tokens,
+        "trials": config.trials,
         "baseline_ppl": base,
         "healed_eval_cost": cost,
         "rows": rows,
