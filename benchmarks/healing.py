@@ -15,8 +15,10 @@ second corpus (`--eval-dataset`, default: the Wikipedia sample in the gensim whe
 the unpruned model on the same windows. `evaluations` counts the perplexity evaluations choosing
 needed; `seconds` is the wall time of choosing and measuring (the study's for `search`).
 
-Also printed: what a healed evaluation costs against an unhealed one of the same set, timed
-interleaved in this process (fit included; the one-off collection of fitting activations not).
+Also printed (`healed_eval_cost`): what a healed evaluation costs against an unhealed one of the
+same set, timed interleaved in this process (fit included; the one-off collection of fitting
+activations not), for one greedy-then-healed pick per number of removed runs, with each
+`--heal-fit` mode.
 All methods share one store and so one evaluation cache.
 """
 
@@ -32,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluators.healing import runs  # noqa: E402
 from evaluators.wiki import ENWIKI_SAMPLE  # noqa: E402
 from search.caching import CachingEvaluator, with_store  # noqa: E402
 from search.front import front_report  # noqa: E402
@@ -44,24 +47,33 @@ METHODS = (("staged_greedy", "none"), ("replaceme", "linear"), ("greedy_then_hea
 
 
 def eval_cost(cached: CachingEvaluator, removed: tuple[int, ...], rounds: int = 3) -> dict:
-    """Seconds of one healed and one unhealed calibration evaluation of `removed`, interleaved, no cache."""
+    """Seconds of one healed and one unhealed calibration evaluation of `removed`, interleaved, no cache,
+    with each fit mode (sequential: later runs fitted on the model healed so far; parallel)."""
     evaluator = cached.evaluator
     evaluator.healing(())  # the fitting activations: collected once per process, not per evaluation
-    healed, unhealed = [], []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        evaluator.ppl(removed, "calib", unhealed=True)
-        unhealed.append(time.perf_counter() - started)
-        evaluator._healings.clear()  # the fit is part of a healed evaluation
-        started = time.perf_counter()
-        evaluator.ppl(removed, "calib")
-        healed.append(time.perf_counter() - started)
-    return {
-        "removed_layers": list(removed),
-        "healed_s": statistics.median(healed),
-        "unhealed_s": statistics.median(unhealed),
-        "ratio": statistics.median(healed) / statistics.median(unhealed),
-    }
+    mode = evaluator.sequential
+    row: dict = {"removed_layers": list(removed)}
+    try:
+        for name, sequential in (("sequential", True), ("parallel", False)):
+            evaluator.sequential = sequential
+            healed, unhealed = [], []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                evaluator.ppl(removed, "calib", unhealed=True)
+                unhealed.append(time.perf_counter() - started)
+                evaluator._healings.clear()  # the fit is part of a healed evaluation
+                started = time.perf_counter()
+                evaluator.ppl(removed, "calib")
+                healed.append(time.perf_counter() - started)
+            row[name] = {
+                "healed_s": statistics.median(healed),
+                "unhealed_s": statistics.median(unhealed),
+                "ratio": statistics.median(healed) / statistics.median(unhealed),
+            }
+    finally:
+        evaluator.sequential = mode
+        evaluator._healings.clear()
+    return row
 
 
 def method_rows(cached: CachingEvaluator, ks: list[int], sensitivity_tokens: int, say) -> list[dict]:
@@ -182,9 +194,16 @@ def main() -> None:
     cached = with_store(evaluator, open_storage(storage), loaded.fingerprint, loaded.dtype)
     base = cached.baseline()
     rows = method_rows(cached, args.layers, config.sensitivity_tokens, say)
-    deepest = next(r for r in reversed(rows) if r["method"] == "greedy_then_healed")["removed_layers"]
-    cost = eval_cost(cached, tuple(deepest))
-    say(f"healed evaluation {cost['healed_s']:.1f} s vs unhealed {cost['unhealed_s']:.1f} s: x{cost['ratio']:.2f}")
+    by_runs: dict[int, list[int]] = {}  # one greedy-then-healed pick per number of removed runs
+    for row in rows:
+        if row["method"] == "greedy_then_healed":
+            by_runs.setdefault(len(runs(row["removed_layers"])), row["removed_layers"])
+    cost = [eval_cost(cached, tuple(removed)) for _, removed in sorted(by_runs.items())]
+    for c in cost:
+        say(
+            f"healed evaluation of {c['removed_layers']}: x{c['sequential']['ratio']:.2f} sequential, "
+            f"x{c['parallel']['ratio']:.2f} parallel (unhealed {c['sequential']['unhealed_s']:.1f} s)"
+        )
     dtype = loaded.dtype
     del loaded, evaluator, cached  # the study loads its own copy
     if not args.no_search:
