@@ -92,7 +92,7 @@ class ExportReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def _finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+def finished_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     trial = find_trial(study, number)
     if trial.state != optuna.trial.TrialState.COMPLETE:
         raise SearchError(f"trial {number} is {trial.state.name}, not finished; pick a finished trial")
@@ -120,7 +120,7 @@ def prune_trial(
     study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
 ) -> Pruned:
     """Reload the study's model in float32, fold its healing as the study fitted it, remove the layers."""
-    trial = _finished_trial(study, number)
+    trial = finished_trial(study, number)
     record, measured = StudyRecord.read(study), TrialRecord.of(trial)
     n_layers, removed = record.baseline.layers, list(measured.removed_layers)
     check_out(Path(out))

@@ -28,7 +28,7 @@ from evaluators.data import Splits, eval_windows, make_splits
 from evaluators.lora import LoraRun, LoraSettings, finetune_lora
 from evaluators.perplexity import perplexity
 from search.errors import SearchError
-from search.export import ExportReport, check_out, prune_trial, pruning_record, verify, write_model
+from search.export import ExportReport, check_out, finished_trial, prune_trial, pruning_record, verify, write_model
 from search.model.loading import load_model
 from search.model.numerics import apply_numerics, mixed_precision
 from search.records import StudyRecord
@@ -97,7 +97,10 @@ def heal_trial(
     out = Path(out)
     record = StudyRecord.read(study)
     stored = record.settings
+    finished_trial(study, number)  # before minutes of fine-tuning the reference
     eval_dataset = eval_dataset or stored.eval_dataset
+    if eval_dataset and Path(eval_dataset).expanduser().exists():
+        eval_dataset = str(Path(eval_dataset).expanduser().resolve())  # as the study stores its --dataset
     if eval_dataset and eval_dataset == stored.dataset:
         raise SearchError("--eval-dataset is the study's --dataset corpus; pass text from another domain")
     tokens = tokens or stored.heal_tokens or DEFAULT_TOKENS

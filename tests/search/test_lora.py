@@ -111,3 +111,12 @@ def test_heal_refuses_the_study_corpus_as_second_corpus(tmp_path, tiny_model_dir
     study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=6))
     with pytest.raises(SearchError, match="another domain"):
         heal_trial(study, _deepest_measured(study).number, tmp_path / "out", FAST, eval_dataset=str(corpus))
+
+
+def test_heal_refuses_a_missing_trial_before_any_work(tmp_path, tiny_model_dir, corpus, windows_seen):
+    from search.study import run
+
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=6))
+    with pytest.raises(SearchError, match="no trial 999"):
+        heal_trial(study, 999, tmp_path / "out", FAST)
+    assert not windows_seen and not (tmp_path / "out").exists()
