@@ -146,14 +146,8 @@ def heal(args: argparse.Namespace) -> None:
 
     study = stored_study(args)
     number = args.trial if args.trial is not None else pick_trial(study, args.pick)
-    settings = LoraSettings(
-        steps=args.steps,
-        rank=args.rank,
-        alpha=args.alpha,
-        lr=args.lr,
-        windows_per_step=args.windows_per_step,
-        seed=args.seed,
-    )
+    fields = LoraSettings.__dataclass_fields__  # --steps, --rank, --alpha, --lr, --windows-per-step, --seed
+    settings = LoraSettings(**{k: v for k, v in vars(args).items() if k in fields})
     logging.getLogger("search").info("LoRA-healing trial %d of study %r into %s", number, study.study_name, args.out)
     report = heal_trial(
         study,

@@ -103,6 +103,7 @@ def test_heal_command(tmp_path, tiny_model_dir, corpus, capsys):
     code = main(["heal", "--pick", "knee", "--out", str(tmp_path / "j"), "--no-reference", "--format", "json", *flags])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["ok"] and report["reference"] is None and "test_ppl_ratio" in report
+    assert (report["lora"]["steps"], report["lora"]["rank"], report["fitting_tokens"]) == (2, 2, 512)
 
 
 def test_heal_refuses_the_study_corpus_as_second_corpus(tmp_path, tiny_model_dir, corpus):
