@@ -107,10 +107,9 @@ def finetune_lora(
     bar = tqdm(range(settings.steps), desc=desc, unit="step", disable=desc is None)
     try:
         for step in bar:
-            picks = [
-                order[(step * settings.windows_per_step + i) % len(order)] for i in range(settings.windows_per_step)
-            ]
-            (inputs,) = window_batches(windows[torch.stack(picks)], bos_id, settings.windows_per_step, device)
+            first = step * settings.windows_per_step
+            picks = order[[(first + i) % len(order) for i in range(settings.windows_per_step)]]
+            (inputs,) = window_batches(windows[picks], bos_id, settings.windows_per_step, device)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(step, settings)
             context = torch.autocast(device.type, dtype=autocast) if autocast else nullcontext()

@@ -63,3 +63,11 @@ def test_learning_rate_warms_up_then_decays():
 def test_no_windows_is_refused():
     with pytest.raises(ValueError, match="at least one"):
         finetune_lora(tiny_model("llama", layers=2), torch.zeros(0, 8, dtype=torch.long), None, desc=None)
+
+
+def test_several_windows_per_step_cycle_through_the_windows():
+    windows = _windows(3)
+    merged, run = finetune_lora(
+        tiny_model("llama", layers=2), windows, 1, LoraSettings(steps=4, windows_per_step=2), desc=None
+    )
+    assert len(run.losses) == 4 and all(loss > 0 for loss in run.losses)
