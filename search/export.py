@@ -117,13 +117,19 @@ def check_out(out: Path) -> None:
 
 
 def prune_trial(
-    study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
+    study: optuna.Study,
+    number: int,
+    out: Path | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> Pruned:
-    """Reload the study's model in float32, fold its healing as the study fitted it, remove the layers."""
+    """Reload the study's model in float32, fold its healing as the study fitted it, remove the layers.
+    `out`: where it will be written, checked before the work (None: kept in memory)."""
     trial = finished_trial(study, number)
     record, measured = StudyRecord.read(study), TrialRecord.of(trial)
     n_layers, removed = record.baseline.layers, list(measured.removed_layers)
-    check_out(Path(out))
+    if out is not None:
+        check_out(Path(out))
     loaded = load_model(record.model_spec, "float32", device, trust_remote_code)
     if record.model_fingerprint not in ("", loaded.fingerprint):
         raise SearchError("the model found now differs from the one this study measured (fingerprint mismatch)")

@@ -9,8 +9,9 @@ from dataclasses import asdict
 
 import optuna
 
+from evaluators.accuracy import TaskResult
 from search.errors import SearchError
-from search.records import StudyRecord, TrialRecord
+from search.records import AccuracyKey, StudyRecord, TrialRecord, read_accuracy, removal_key
 from search.tables import cell, table
 
 FRONT_FIELDS = ("trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
@@ -65,7 +66,57 @@ def front_report(study: optuna.Study) -> dict:
         report["heal"] = record.settings.heal
     if record.settings.eval_dataset:
         report["eval_dataset"] = record.settings.eval_dataset
+    add_accuracy(study, report)
     return report
+
+
+def retained(value: float, baseline: float, higher_is_better: bool) -> float | None:
+    """The share of the baseline's score kept: 1.0 is unchanged; for lower-is-better metrics baseline / value."""
+    if higher_is_better:
+        return value / baseline if baseline else None
+    return baseline / value if value else None
+
+
+def baseline_accuracy(stored: dict[AccuracyKey, TaskResult]) -> dict[str, TaskResult]:
+    """Per task, the baseline result over the most documents: what front points are compared with."""
+    chosen = {}
+    for (key, task, _), result in sorted(stored.items(), key=lambda item: (item[1].n, item[1].limit or 0)):
+        if key == "baseline":
+            chosen[task] = result  # sorted by documents: the last one written here has the most
+    return chosen
+
+
+def point_accuracy(
+    stored: dict[AccuracyKey, TaskResult], chosen: dict[str, TaskResult], removed: list[int]
+) -> dict[str, tuple[TaskResult, float | None]]:
+    """A removal set's results measured with the baseline's --limit, each with its share of the baseline."""
+    found = {}
+    for task, base in chosen.items():
+        result = stored.get((removal_key(removed), task, base.limit))
+        if result is not None:
+            found[task] = (result, retained(result.value, base.value, result.higher_is_better))
+    return found
+
+
+def add_accuracy(study: optuna.Study, report: dict) -> None:
+    """Accuracy from `evaluate`, where measured (keys documented in the README)."""
+    stored = read_accuracy(study)
+    chosen = baseline_accuracy(stored)
+    if not chosen:
+        return
+    base = report["baseline"]
+    base["accuracy"] = {task: r.value for task, r in chosen.items()}
+    base["accuracy_stderr"] = {task: r.stderr for task, r in chosen.items()}
+    report["accuracy_tasks"] = {
+        task: {"metric": r.metric, "n": r.n, "limit": r.limit, "harness": r.harness, "numerics": r.numerics}
+        for task, r in chosen.items()
+    }
+    for point in report["front"]:
+        found = point_accuracy(stored, chosen, point["removed_layers"])
+        if found:
+            point["accuracy"] = {task: r.value for task, (r, _) in found.items()}
+            point["accuracy_stderr"] = {task: r.stderr for task, (r, _) in found.items()}
+            point["accuracy_retained"] = {task: kept for task, (_, kept) in found.items()}
 
 
 def format_table(report: dict) -> str:
@@ -81,21 +132,44 @@ def format_table(report: dict) -> str:
         title.insert(2, f"second corpus {report.get('eval_dataset')}: baseline ppl {base['eval_ppl']:.3f}")
     if "heal" in report:
         title.insert(-1, f"healed ({report['heal']}): ratios are the healed model's; unhealed_* the same set unhealed")
+    tasks = report.get("accuracy_tasks", {})
+    for task, about in tasks.items():
+        stderr = base["accuracy_stderr"][task]
+        title.insert(
+            -1,
+            f"accuracy {task} ({about['metric']}, n={about['n']}, {about['harness']}, {about['numerics']}): baseline "
+            f"{base['accuracy'][task]:.4f}"
+            + (f" ± {stderr:.4f}" if stderr is not None else "")
+            + "; front points show value (share of the baseline's)",
+        )
     fields = _fields(report)
     rows = [
         [cell(p.get(h), fixed=True) if h != "params_reduction" else f"{p[h]:.1%}" for h in fields]
+        + [_accuracy_cell(p, task) for task in tasks]
         for p in report["front"]
     ]
-    return "\n".join(title) + "\n" + table(fields, rows)
+    return "\n".join(title) + "\n" + table([*fields, *tasks], rows)
+
+
+def _accuracy_cell(point: dict, task: str) -> str:
+    value = point.get("accuracy", {}).get(task)
+    if value is None:
+        return "-"
+    kept = point["accuracy_retained"][task]
+    return f"{value:.4f} ({kept:.0%})" if kept is not None else f"{value:.4f}"
 
 
 def format_csv(report: dict) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     fields = _fields(report)
-    writer.writerow(fields)
+    tasks = list(report.get("accuracy_tasks", {}))
+    writer.writerow([*fields, *(f"{kind}:{task}" for task in tasks for kind in ("accuracy", "accuracy_retained"))])
     for point in report["front"]:
-        writer.writerow([" ".join(map(str, point[f])) if f == "removed_layers" else point.get(f) for f in fields])
+        writer.writerow(
+            [" ".join(map(str, point[f])) if f == "removed_layers" else point.get(f) for f in fields]
+            + [point.get(kind, {}).get(task) for task in tasks for kind in ("accuracy", "accuracy_retained")]
+        )
     return out.getvalue().rstrip("\n")
 
 

@@ -1,4 +1,5 @@
-"""The front as a picture: every finished trial, the front highlighted and labelled, the baseline marked."""
+"""The front as a picture: every finished trial, the front highlighted and labelled (with the accuracy
+retained, once `evaluate` measured it), the baseline marked."""
 
 from __future__ import annotations
 
@@ -42,9 +43,11 @@ def plot_front(study: optuna.Study, path: Path) -> Path:
         label="Pareto front",
         zorder=3,
     )
+    task = next(iter(report.get("accuracy_tasks", {})), None)  # `evaluate` ran: label its accuracy retained
     for p in front:
+        kept = p.get("accuracy_retained", {}).get(task) if task else None
         ax.annotate(
-            f"{p['layers']}L",
+            f"{p['layers']}L" + (f", {kept:.0%} {task}" if kept is not None else ""),
             (p["latency_ratio"], p["ppl_ratio"]),
             textcoords="offset points",
             xytext=(5, 4),

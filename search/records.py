@@ -8,12 +8,14 @@ so existing studies open, resume and export unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from evaluators.accuracy import TaskResult
 from search.errors import SearchError
 
 COMPLETE = (TrialState.COMPLETE,)
@@ -297,3 +299,34 @@ def find_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
         if trial.number == number:
             return trial
     raise SearchError(f"study {study.study_name!r} has no trial {number} (it has {len(study.trials)} trials)")
+
+
+# --- accuracy (the `evaluate` command) -----------------------------------------------------------
+# Optuna freezes a finished trial's attributes, and accuracy is measured after the search, so each
+# result is a study attribute keyed by task, --limit and removal set: one key per result, so two
+# `evaluate` processes never overwrite each other's, and every trial of one set shares it.
+
+AccuracyKey = tuple[str, str, int | None]  # (removal_key, task, limit)
+
+
+def removal_key(removed: Sequence[int]) -> str:
+    """ "baseline" for the unpruned model, else the sorted layers: "14,16,17,18"."""
+    return ",".join(map(str, sorted(removed))) or "baseline"
+
+
+def read_accuracy(study: optuna.Study) -> dict[AccuracyKey, TaskResult]:
+    """Every stored accuracy result, by (removal_key, task, limit)."""
+    known = {f.name for f in fields(TaskResult)}
+    results: dict[AccuracyKey, TaskResult] = {}
+    for key, value in study.user_attrs.items():
+        if not key.startswith("accuracy:") or not isinstance(value, dict):
+            continue
+        result = TaskResult(**{k: v for k, v in value.items() if k in known})
+        removed = key.rsplit(":", 1)[1]
+        results[(removed, result.task, result.limit)] = result
+    return results
+
+
+def write_accuracy(study: optuna.Study, removed: Sequence[int], result: TaskResult) -> None:
+    limit = "all" if result.limit is None else result.limit
+    study.set_user_attr(f"accuracy:{result.task}:{limit}:{removal_key(removed)}", asdict(result))

@@ -6,8 +6,15 @@ import optuna
 from optuna.trial import TrialState
 
 from search.errors import SearchError
-from search.front import OPTIONAL_FIELDS, front_report
-from search.records import TrialRecord, counts_towards_trials, find_trial, read_baseline, read_settings
+from search.front import OPTIONAL_FIELDS, baseline_accuracy, front_report, point_accuracy
+from search.records import (
+    TrialRecord,
+    counts_towards_trials,
+    find_trial,
+    read_accuracy,
+    read_baseline,
+    read_settings,
+)
 from search.tables import cell, key_values, table
 
 
@@ -73,6 +80,13 @@ def trial_details(study: optuna.Study, number: int) -> dict:
             windows_evaluated=r.windows_evaluated,
             latency_ratio=r.latency_ratio,
         )
+    stored = read_accuracy(study)
+    accuracy = point_accuracy(stored, baseline_accuracy(stored), list(r.removed_layers)) if r.removed_layers else {}
+    if accuracy:  # from `evaluate`
+        details["accuracy"] = {
+            task: {"metric": res.metric, "value": res.value, "stderr": res.stderr, "n": res.n, "retained": kept}
+            for task, (res, kept) in accuracy.items()
+        }
     if details["test_ppl_ratio"] is None and t.state == TrialState.COMPLETE:
         details["test_ppl_ratio_note"] = "not measured: the trial was dominated when it finished, so never on the front"
     return details
@@ -85,4 +99,9 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def format_details(details: dict) -> str:
-    return key_values(details)
+    flat = {k: v for k, v in details.items() if k != "accuracy"}
+    for task, r in details.get("accuracy", {}).items():
+        stderr = f" ± {r['stderr']:.4f}" if r["stderr"] is not None else ""
+        kept = f", {r['retained']:.1%} of the baseline's" if r["retained"] is not None else ""
+        flat[f"accuracy {task}"] = f"{r['metric']} {r['value']:.4f}{stderr} (n={r['n']}{kept})"
+    return key_values(flat)

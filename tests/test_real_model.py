@@ -7,6 +7,9 @@ import sys
 import pytest
 import torch
 
+from evaluators.accuracy import harness_version, load_tasks, run_tasks, task_manager
+from evaluators.data import make_splits
+from search.accuracy import OFFLINE_TASKS
 from search.export import export_trial
 from search.front import front_report
 from search.model.loading import load_model
@@ -91,7 +94,7 @@ def test_run_on_the_default_model(tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"layers": 28, "new_tokens": 8}
 
 
-def test_export_of_a_bf16_mixed_study_on_the_default_model(tmp_path, monkeypatch):
+def test_export_of_a_bf16_mixed_study_on_the_default_model(tmp_path, monkeypatch, capsys):
     """The README's run-then-export flow as `--dtype auto` runs it on a CPU with bf16 units, forced here on any CPU.
 
     Under bf16 autocast, greedy decoding with and without the KV cache can flip on a near-tie; the
@@ -119,3 +122,37 @@ def test_export_of_a_bf16_mixed_study_on_the_default_model(tmp_path, monkeypatch
     assert lora["dtype"] == "bf16-mixed" and lora["steps"] == 4 and lora["fitting_tokens"] == 2048
     before, trial_ratio = lora["measured"]["before"]["test_ppl"], record["test_ppl_ratio"]
     assert before / lora["measured"]["unpruned"]["test_ppl"] == pytest.approx(trial_ratio, rel=1e-2)
+
+    # Accuracy of the same front through the harness, stored in the study and shown by `front`.
+    capsys.readouterr()
+    assert main(["evaluate", "--limit", "30", *common]) == 0
+    capsys.readouterr()
+    assert main(["front", "--format", "json", *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy_tasks"]["heldout_cloze"] == {
+        "metric": "acc",
+        "n": 30,
+        "limit": 30,
+        "harness": harness_version(),
+        "numerics": "bf16-mixed",
+    }
+    assert report["baseline"]["accuracy"]["heldout_cloze"] > 0.05
+    assert all("heldout_cloze" in p["accuracy_retained"] for p in report["front"])
+
+
+def test_cloze_task_tells_the_model_from_a_broken_one(smollm, tmp_path):
+    """The offline task is a measurement: the unpruned model scores far above one without layer 0."""
+    task = OFFLINE_TASKS["heldout_cloze"]
+    splits = make_splits(smollm.tokenizer, None, 512, 2048, 256)
+    docs = task.documents(smollm.tokenizer, splits)
+    assert len(docs) > 500  # most words of 2048 held-out tokens are a target
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    config = task.config("heldout_cloze", str(data))
+    tasks = load_tasks(task_manager(defaults=False), ["heldout_cloze"], {"heldout_cloze": config})
+    model, tokenizer = smollm.model, smollm.tokenizer
+    whole = run_tasks(model, tokenizer, tasks, limit=60, batch_size=16, numerics="float32")["heldout_cloze"]
+    with layers_removed(model, [0]):
+        broken = run_tasks(model, tokenizer, tasks, limit=60, batch_size=16, numerics="float32")["heldout_cloze"]
+    assert whole.value > 0.1 and broken.value < whole.value / 2
+    assert broken.metrics["perplexity"][0] > 10 * whole.metrics["perplexity"][0]

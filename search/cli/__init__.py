@@ -1,4 +1,4 @@
-"""`python -m search run|method|front|studies|show|export|heal`: flag parsing over the library; errors are one line.
+"""`python -m search run|method|front|studies|show|export|heal|evaluate`: flags over the library; errors are one line.
 
 parser.py holds the flags and help (choices come from the registries); commands.py what each
 subcommand does; `main` turns every failure into one `error:` line and an exit status.
@@ -21,6 +21,7 @@ COMMANDS = {
     "show": commands.show,
     "export": commands.export,
     "heal": commands.heal,
+    "evaluate": commands.evaluate,
 }
 
 

@@ -135,6 +135,39 @@ def export(args: argparse.Namespace) -> None:
     )
     if not report.ok:
         raise SearchError("verification failed: the exported model does not reproduce the trial (see above)")
+    if args.tasks:
+        from pathlib import Path
+
+        from search.accuracy import evaluate_directory
+
+        results = evaluate_directory(
+            Path(args.out), study, args.tasks, args.limit, args.batch_size, args.device, args.include_path
+        )
+        for task, result in results.items():
+            stderr = f" ± {result.stderr:.4f}" if result.stderr is not None else ""
+            print(
+                f"{task}: {result.metric} {result.value:.4f}{stderr} (n={result.n}); in {args.out}/pruning.json",
+                file=sys.stderr,
+            )
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from search.accuracy import evaluate_study, format_accuracy
+
+    study = stored_study(args)
+    report = evaluate_study(
+        study,
+        trials=args.trials,
+        tasks=args.tasks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        include=[Path(p) for p in args.include_path],
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.format == "json" else format_accuracy(report))
 
 
 def heal(args: argparse.Namespace) -> None:

@@ -339,8 +339,84 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
     )
+    export.add_argument(
+        "--tasks",
+        type=_task_list,
+        help="also measure accuracy on these tasks (as `evaluate --tasks`) and write it into pruning.json",
+    )
+    _accuracy_flags(export, with_device=False)
     _heal_parser(sub, picks)
+    _evaluate_parser(sub)
     return parser
+
+
+def _task_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one task")
+    return names
+
+
+def _limit(text: str) -> int | None:
+    return None if text == "all" else _positive_int(text)
+
+
+def _accuracy_flags(parser: argparse.ArgumentParser, with_device: bool = True) -> None:
+    """How the harness runs: shared by `evaluate` and `export --tasks`."""
+    from search.accuracy import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT
+
+    group = parser.add_argument_group("accuracy (lm-evaluation-harness)")
+    group.add_argument(
+        "--limit",
+        type=_limit,
+        default=DEFAULT_LIMIT,
+        help=f"documents per task, or `all` (default: {DEFAULT_LIMIT}; results are stored per limit)",
+    )
+    group.add_argument(
+        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help=f"(default: {DEFAULT_BATCH_SIZE})"
+    )
+    group.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of the harness's task YAML files to add to its registry (repeatable)",
+    )
+    if with_device:
+        group.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        group.add_argument(
+            "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
+        )
+
+
+def _evaluate_parser(sub) -> None:
+    from search.accuracy import DEFAULT_TASKS, OFFLINE_TASKS
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="downstream accuracy (lm-evaluation-harness) of front points and the baseline, stored in the study",
+        description="Build each chosen trial's model as `export` would (in memory, the study's healing folded "
+        "in), run lm-evaluation-harness tasks on it and on the unpruned baseline, and store the results in the "
+        "study, where `front`, `show` and `front --plot` display them. Results already stored (same task, "
+        "trial set and --limit) are reused.",
+        epilog=f"Offline tasks, built from the study's held-out windows: {OFFLINE_TASKS.describe()}. Any other "
+        "name is a harness task (e.g. arc_easy, hellaswag, piqa, winogrande, boolq, lambada_openai), whose data the "
+        "harness loads from the hub or the local `datasets` cache.",
+    )
+    which = evaluate.add_mutually_exclusive_group()
+    which.add_argument(
+        "--trial", type=int, action="append", dest="trials", metavar="N", help="a trial to evaluate (repeatable)"
+    )
+    which.add_argument("--front", action="store_true", help="every point of the front (the default)")
+    _stored_study_flags(evaluate)
+    evaluate.add_argument(
+        "--tasks",
+        type=_task_list,
+        default=list(DEFAULT_TASKS),
+        help=f"comma-separated task names (default: {','.join(DEFAULT_TASKS)})",
+    )
+    _accuracy_flags(evaluate)
+    evaluate.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
 
 
 def _heal_parser(sub, picks: dict) -> None:

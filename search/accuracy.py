@@ -1,0 +1,315 @@
+"""The `evaluate` command: downstream accuracy of front points (and the unpruned baseline), stored in the study.
+
+Each point's model is built exactly as `export` builds it (layers removed, the study's healing
+folded in) and handed to lm-evaluation-harness in memory (evaluators/accuracy.py), in the
+study's numerics. Results are stored per task and removal set (records.py), so `front`, `show`
+and the plot display them and a second `evaluate` measures only what is missing.
+
+Offline tasks (OFFLINE_TASKS) are built at run time from the study's held-out windows, which the
+search never optimised on; standard task names go to the harness's own registry and loaders.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from tqdm.auto import tqdm
+
+from evaluators.accuracy import TaskResult, Tasks, check_names, harness_version, load_tasks, run_tasks, task_manager
+from evaluators.cloze import cloze_documents, cloze_task
+from evaluators.data import Splits, make_splits
+from search.errors import SearchError
+from search.export import finished_trial, prune_trial
+from search.front import front_report, retained
+from search.model.loading import load_model
+from search.model.numerics import apply_numerics, mixed_precision
+from search.records import StudyRecord, TrialRecord, read_accuracy, removal_key, write_accuracy
+from search.registry import Registry
+
+log = logging.getLogger("search")
+
+DEFAULT_LIMIT = 500  # documents per task: the offline task's stderr is about 0.02 at this size
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class OfflineTask:
+    """A task whose documents are built from the study's tokenizer and held-out windows, never downloaded."""
+
+    documents: Callable[[Any, Splits], list[dict]]
+    config: Callable[[str, str], dict]  # (task name, JSON-lines data file) -> the harness's task config
+
+
+OFFLINE_TASKS: Registry[OfflineTask] = Registry("offline task")
+OFFLINE_TASKS.add(
+    "heldout_cloze",
+    OfflineTask(lambda tokenizer, splits: cloze_documents(tokenizer, splits.test), cloze_task),
+    "last-word cloze over the study's held-out windows in lambada_openai's format (acc, word perplexity)",
+)
+DEFAULT_TASKS = ("heldout_cloze",)
+
+
+def accuracy_numerics(dtype: str) -> str:
+    """The study's mixed precision, or float32 (a study with half-precision weights is measured in float32)."""
+    return dtype if dtype == "bf16-mixed" else "float32"
+
+
+@dataclass
+class Point:
+    trial: int
+    removed_layers: list[int]
+    layers: int
+    results: dict[str, TaskResult]
+    retained: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class AccuracyReport:
+    study: str
+    tasks: list[str]
+    limit: int | None
+    layers: int  # the unpruned model's
+    baseline: dict[str, TaskResult]
+    points: list[Point]
+    measured: int  # results computed by this call (the others were read from the store)
+    reused: int
+
+    def to_dict(self) -> dict:
+        def results(by_task: dict[str, TaskResult]) -> dict:
+            return {
+                task: {"metric": r.metric, "value": r.value, "stderr": r.stderr, "n": r.n}
+                for task, r in by_task.items()
+            }
+
+        return {
+            "study": self.study,
+            "tasks": self.tasks,
+            "limit": self.limit,
+            "baseline": {"layers": self.layers, "accuracy": results(self.baseline)},
+            "points": [
+                {
+                    "trial": p.trial,
+                    "removed_layers": p.removed_layers,
+                    "layers": p.layers,
+                    "accuracy": results(p.results),
+                    "accuracy_retained": p.retained,
+                }
+                for p in self.points
+            ],
+            "measured": self.measured,
+            "reused": self.reused,
+        }
+
+
+def evaluate_study(
+    study: optuna.Study,
+    trials: Sequence[int] | None = None,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    limit: int | None = DEFAULT_LIMIT,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "cpu",
+    include: Sequence[Path] = (),
+    trust_remote_code: bool = False,
+) -> AccuracyReport:
+    """Accuracy on `tasks` of the baseline and of `trials` (default: the front), measuring only what is not stored."""
+    record = StudyRecord.read(study)
+    tasks = list(dict.fromkeys(tasks))
+    numbers = list(trials) if trials is not None else [p["trial"] for p in front_report(study)["front"]]
+    sets = {number: _removed(study, number) for number in numbers}
+    manager = task_manager(include, defaults=any(t not in OFFLINE_TASKS for t in tasks))
+    check_names(manager, [t for t in tasks if t not in OFFLINE_TASKS], OFFLINE_TASKS.names)  # before any model
+
+    stored = read_accuracy(study)
+    keys = ["baseline", *dict.fromkeys(removal_key(removed) for removed in sets.values())]
+    missing = {key: [t for t in tasks if not _reusable(stored.get((key, t, limit)))] for key in keys}
+    todo = {key: names for key, names in missing.items() if names}
+    measured = 0
+    if todo:
+        measured = _measure(study, record, sets, todo, manager, limit, batch_size, device, trust_remote_code)
+        stored = read_accuracy(study)
+    baseline = {t: stored[("baseline", t, limit)] for t in tasks}
+    points = []
+    for number, removed in sets.items():
+        results = {t: stored[(removal_key(removed), t, limit)] for t in tasks}
+        points.append(
+            Point(
+                trial=number,
+                removed_layers=removed,
+                layers=record.baseline.layers - len(removed),
+                results=results,
+                retained={t: retained(r.value, baseline[t].value, r.higher_is_better) for t, r in results.items()},
+            )
+        )
+    total = len(keys) * len(tasks)
+    return AccuracyReport(
+        study.study_name, tasks, limit, record.baseline.layers, baseline, points, measured, total - measured
+    )
+
+
+def _removed(study: optuna.Study, number: int) -> list[int]:
+    removed = list(TrialRecord.of(finished_trial(study, number)).removed_layers)
+    if not removed:
+        raise SearchError(f"trial {number} has no removal set recorded; pick a trial that removed layers")
+    return removed
+
+
+def _reusable(result: TaskResult | None) -> bool:
+    """A stored result (same task, set and --limit) answers this request when the same harness version made it."""
+    return result is not None and result.harness == harness_version()
+
+
+def _measure(
+    study: optuna.Study,
+    record: StudyRecord,
+    sets: dict[int, list[int]],
+    todo: dict[str, list[str]],
+    manager,
+    limit: int | None,
+    batch_size: int,
+    device: str,
+    trust_remote_code: bool,
+) -> int:
+    """Evaluate every (removal set, tasks) pair in `todo`, baseline first; returns how many results were written."""
+    numerics = accuracy_numerics(record.settings.dtype)
+    loaded = load_model(record.model_spec, "float32", device, trust_remote_code)
+    if record.model_fingerprint not in ("", loaded.fingerprint):
+        raise SearchError(
+            f"study {study.study_name!r} measured another model than the one found now (fingerprint mismatch); "
+            "evaluate it where its model is"
+        )
+    needed = list(dict.fromkeys(t for names in todo.values() for t in names))
+    built = study_tasks(manager, needed, loaded.tokenizer, record)
+    first = {removal_key(removed): number for number, removed in reversed(list(sets.items()))}
+    written = 0
+    bar = tqdm(todo.items(), desc="accuracy", unit="model")
+    for key, names in bar:
+        bar.set_postfix_str(key if key == "baseline" else f"trial {first[key]}, removed {key}")
+        if key == "baseline":
+            model, tokenizer = loaded.model, loaded.tokenizer
+        else:
+            pruned = prune_trial(study, first[key], device=device, trust_remote_code=trust_remote_code)
+            model, tokenizer = pruned.model, pruned.tokenizer
+        if mixed_precision(model) is None:
+            apply_numerics(model, numerics)
+        results = run_tasks(model, tokenizer, built, limit, batch_size, numerics, names)
+        removed = [] if key == "baseline" else sets[first[key]]
+        for result in results.values():
+            write_accuracy(study, removed, result)
+            written += 1
+        log.info(
+            "%s: %s",
+            "baseline" if key == "baseline" else f"trial {first[key]} (removed {key})",
+            ", ".join(f"{t} {r.metric} {r.value:.4f}" for t, r in results.items()),
+        )
+        del model, tokenizer
+        if key != "baseline":
+            del pruned
+        gc.collect()
+    return written
+
+
+def study_tasks(manager, names: Sequence[str], tokenizer, record: StudyRecord) -> Tasks:
+    """Build `names` for this study: offline ones from its held-out windows (checked against the
+    study's fingerprint), the rest through the harness's registry; all data is loaded here."""
+    configs = {}
+    offline = [n for n in names if n in OFFLINE_TASKS]
+    if offline:
+        settings = record.settings
+        splits = make_splits(tokenizer, settings.dataset, settings.calib_tokens, settings.test_tokens, settings.seq_len)
+        if record.data_fingerprint not in ("", splits.fingerprint()):
+            raise SearchError("the held-out windows differ from the study's (dataset or tokenizer changed)")
+        for name in offline:
+            task = OFFLINE_TASKS[name]
+            docs = task.documents(tokenizer, splits)
+            if not docs:
+                raise SearchError(f"task {name}: the held-out windows hold no usable documents")
+            configs[name] = task.config(name, str(_write_documents(name, docs)))
+    return load_tasks(manager, names, configs)
+
+
+def _write_documents(name: str, docs: list[dict]) -> Path:
+    """A JSON-lines file named by its content, so `datasets` reuses its cache of it across runs."""
+    text = "".join(json.dumps(doc) + "\n" for doc in docs)
+    folder = Path(tempfile.gettempdir()) / "search-tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if not path.exists():
+        staging = path.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(text)
+        staging.replace(path)
+    return path
+
+
+def evaluate_directory(
+    out: Path,
+    study: optuna.Study,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    limit: int | None = DEFAULT_LIMIT,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "cpu",
+    include: Sequence[Path] = (),
+) -> dict[str, TaskResult]:
+    """`export --tasks`: the exported directory, reloaded with stock transformers, on `tasks`; the
+    results are added to its pruning.json (with the study's baseline result, where one is stored)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    record = StudyRecord.read(study)
+    tasks = list(dict.fromkeys(tasks))
+    manager = task_manager(include, defaults=any(t not in OFFLINE_TASKS for t in tasks))
+    check_names(manager, [t for t in tasks if t not in OFFLINE_TASKS], OFFLINE_TASKS.names)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    built = study_tasks(manager, tasks, tokenizer, record)
+    numerics = accuracy_numerics(record.settings.dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model = model.to(device).eval()
+    apply_numerics(model, numerics)
+    results = run_tasks(model, tokenizer, built, limit, batch_size, numerics)
+    stored = read_accuracy(study)
+    pruning_file = Path(out) / "pruning.json"
+    pruning = json.loads(pruning_file.read_text())
+    pruning["accuracy"] = {task: asdict(r) for task, r in results.items()}
+    baseline = {t: stored[("baseline", t, limit)] for t in tasks if ("baseline", t, limit) in stored}
+    if baseline:
+        pruning["accuracy_baseline"] = {task: asdict(r) for task, r in baseline.items()}
+        pruning["accuracy_retained"] = {
+            t: retained(results[t].value, b.value, results[t].higher_is_better) for t, b in baseline.items()
+        }
+    staging = pruning_file.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(pruning, indent=2) + "\n")
+    staging.replace(pruning_file)
+    return results
+
+
+def format_accuracy(report: AccuracyReport) -> str:
+    """The baseline and each point: value ± stderr and the share of the baseline's, per task."""
+    from search.tables import table
+
+    def shown(result: TaskResult, kept: float | None = None) -> str:
+        stderr = f" ± {result.stderr:.4f}" if result.stderr is not None else ""
+        return f"{result.value:.4f}{stderr}" + (f" ({kept:.0%})" if kept is not None else "")
+
+    header = ["trial", "removed_layers", "layers", *(f"{t} {report.baseline[t].metric}" for t in report.tasks)]
+    rows = [["baseline", "(none)", str(report.layers), *(shown(report.baseline[t]) for t in report.tasks)]]
+    for p in report.points:
+        rows.append(
+            [str(p.trial), " ".join(map(str, p.removed_layers)), str(p.layers)]
+            + [shown(p.results[t], p.retained[t]) for t in report.tasks]
+        )
+    first = report.baseline[report.tasks[0]]
+    limit = "every document" if report.limit is None else f"--limit {report.limit}"
+    title = (
+        f"study {report.study}: {first.harness}, {first.numerics}, {limit}; "
+        f"{report.measured} result(s) measured now, {report.reused} read from the store"
+    )
+    return title + "\n" + table(header, rows) + "\n(percentages: share of the baseline's score)"

@@ -1,0 +1,153 @@
+"""`evaluate` and `export --tasks` on tiny studies: the models measured, the store, the front, the errors."""
+
+import json
+import shutil
+
+import pytest
+from transformers import AutoTokenizer
+
+import search.accuracy
+from evaluators.data import make_splits
+from search.cli import main
+from search.front import front_report
+from search.records import COMPLETE, read_accuracy
+from search.study import run
+from tests.conftest import tiny_model
+from tests.search.test_study import tiny_config
+
+
+@pytest.fixture
+def evaluated(monkeypatch):
+    """Every model the harness is given (layer count) and the tasks it ran (the real run goes ahead)."""
+    calls: list[tuple[int, object]] = []
+    real = search.accuracy.run_tasks
+
+    def recording(model, tokenizer, tasks, *args, **kwargs):
+        calls.append((model.config.num_hidden_layers, tasks))
+        return real(model, tokenizer, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(search.accuracy, "run_tasks", recording)
+    return calls
+
+
+def _flags(tmp_path) -> list[str]:
+    return ["--storage", f"sqlite:///{tmp_path / 'store.db'}", "--study", "tiny"]
+
+
+def test_evaluate_front_stores_results_that_front_show_and_a_rerun_read(
+    tmp_path, tiny_model_dir, corpus, capsys, evaluated
+):
+    config = tiny_config(tmp_path, tiny_model_dir, corpus)
+    study = run(config)
+    front = front_report(study)["front"]
+    assert main(["evaluate", *_flags(tmp_path), "--limit", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[3].startswith("baseline") and f"{len(front) + 1} result(s) measured now" in out
+
+    # The baseline first, then each front point's pruned model; the documents are the held-out windows'.
+    assert [layers for layers, _ in evaluated] == [6] + [p["layers"] for p in front]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    splits = make_splits(tokenizer, str(corpus), config.calib_tokens, config.test_tokens, config.seq_len)
+    data = evaluated[0][1].configs["heldout_cloze"]["dataset_kwargs"]["data_files"]["test"]
+    docs = [json.loads(line) for line in open(data)]
+    assert docs == search.accuracy.OFFLINE_TASKS["heldout_cloze"].documents(tokenizer, splits)
+    held_out = [tokenizer.decode(w.tolist()) for w in splits.test]
+    assert all(any(d["text"] in text for text in held_out) for d in docs)
+
+    report = json.loads(_front(tmp_path, capsys, "json"))
+    base = report["baseline"]
+    assert set(base["accuracy"]) == {"heldout_cloze"} and base["accuracy_stderr"]["heldout_cloze"] is not None
+    assert report["accuracy_tasks"]["heldout_cloze"]["n"] == 8
+    for point in report["front"]:
+        value = point["accuracy"]["heldout_cloze"]
+        assert 0.0 <= value <= 1.0
+        kept = point["accuracy_retained"]["heldout_cloze"]
+        assert kept == (value / base["accuracy"]["heldout_cloze"] if base["accuracy"]["heldout_cloze"] else None)
+    csv_header = _front(tmp_path, capsys, "csv").splitlines()[0]
+    assert csv_header.endswith("accuracy:heldout_cloze,accuracy_retained:heldout_cloze")
+    assert "accuracy heldout_cloze (acc, n=8" in _front(tmp_path, capsys, "table")
+
+    # A second call measures nothing: same tasks, sets and --limit are read from the store.
+    evaluated.clear()
+    assert main(["evaluate", *_flags(tmp_path), "--limit", "8", "--format", "json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert not evaluated and again["measured"] == 0 and again["reused"] == len(front) + 1
+    assert again["baseline"]["accuracy"]["heldout_cloze"]["value"] == base["accuracy"]["heldout_cloze"]
+
+    # Another --limit is another measurement, stored beside the first; `show` prints the trial's.
+    assert main(["evaluate", *_flags(tmp_path), "--limit", "6", "--trial", str(front[0]["trial"])]) == 0
+    assert [layers for layers, _ in evaluated] == [6, front[0]["layers"]]
+    assert len(read_accuracy(study)) == len(front) + 1 + 2
+    assert main(["show", *_flags(tmp_path), "--trial", str(front[0]["trial"])]) == 0
+    assert "accuracy heldout_cloze  acc " in capsys.readouterr().out
+    assert main(["front", *_flags(tmp_path), "--plot", str(tmp_path / "front.png")]) == 0
+    assert (tmp_path / "front.png").stat().st_size > 0
+
+
+def _front(tmp_path, capsys, fmt: str) -> str:
+    assert main(["front", *_flags(tmp_path), "--format", fmt]) == 0
+    return capsys.readouterr().out
+
+
+def test_export_tasks_of_a_healed_bf16_study_reproduce_evaluate(tmp_path, tiny_model_dir, corpus, capsys):
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, dtype="bf16-mixed", heal="linear", heal_tokens=512))
+    point = max(front_report(study)["front"], key=lambda p: len(p["removed_layers"]))
+    number = str(point["trial"])
+    assert main(["evaluate", *_flags(tmp_path), "--trial", number, "--limit", "10", "--format", "json"]) == 0
+    stored = json.loads(capsys.readouterr().out)["points"][0]["accuracy"]["heldout_cloze"]
+    out = tmp_path / "exported"
+    assert (
+        main(
+            [
+                "export",
+                *_flags(tmp_path),
+                "--trial",
+                number,
+                "--out",
+                str(out),
+                "--tasks",
+                "heldout_cloze",
+                "--limit",
+                "10",
+            ]
+        )
+        == 0
+    )
+    pruning = json.loads((out / "pruning.json").read_text())
+    exported = pruning["accuracy"]["heldout_cloze"]
+    assert exported["numerics"] == "bf16-mixed" and exported["n"] == 10 and pruning["healing"] is not None
+    # The directory is the evaluated model: the same documents scored the same, a near tie aside.
+    assert abs(exported["value"] - stored["value"]) <= 1 / 10
+    base = pruning["accuracy_baseline"]["heldout_cloze"]["value"]
+    assert pruning["accuracy_retained"]["heldout_cloze"] == (exported["value"] / base if base else None)
+
+
+def test_evaluate_refuses_before_loading_any_model(tmp_path, tiny_model_dir, corpus, capsys, monkeypatch):
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=4))
+    capsys.readouterr()
+    loads: list[object] = []
+    monkeypatch.setattr(search.accuracy, "load_model", lambda *a, **k: loads.append(a))
+    unfinished = [t.number for t in study.get_trials() if t.state not in COMPLETE]
+    cases = [
+        (["--trial", "999"], "has no trial 999"),
+        (["--tasks", "heldout_clze"], "unknown task 'heldout_clze'; did you mean heldout_cloze"),
+        (["--tasks", "arc_esy"], "did you mean arc_easy"),
+        *([(["--trial", str(unfinished[0])], "not finished")] if unfinished else []),
+    ]
+    for flags, message in cases:
+        code = main(["evaluate", *_flags(tmp_path), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as exit:
+        main(["evaluate", *_flags(tmp_path), "--limit", "0"])
+    assert exit.value.code == 2 and "--limit: '0' must be greater than 0" in capsys.readouterr().err
+    assert not loads and not read_accuracy(study)
+
+
+def test_evaluate_refuses_a_study_whose_model_changed(tmp_path, tiny_model_dir, corpus, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    study = run(tiny_config(tmp_path, model_dir, corpus, trials=4))
+    tiny_model("llama", seed=1).save_pretrained(model_dir)  # other weights under the same path
+    assert main(["evaluate", *_flags(tmp_path), "--limit", "4"]) == 2
+    assert "measured another model" in capsys.readouterr().err and not read_accuracy(study)
