@@ -17,6 +17,7 @@ _EXPORTS = {
     "front_report": "search.front",
     "export_trial": "search.export",
     "heal_trial": "search.lora",
+    "evaluate_study": "search.accuracy",
     "LoraSettings": "evaluators.lora",
     "layers_removed": "search.model.surgery",
     "remove_layers": "search.model.surgery",

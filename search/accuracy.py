@@ -188,32 +188,30 @@ def _measure(
             "evaluate it where its model is"
         )
     needed = list(dict.fromkeys(t for names in todo.values() for t in names))
-    built = study_tasks(manager, needed, loaded.tokenizer, record)
+    tokenizer = loaded.tokenizer
+    unpruned: Any = loaded.model
+    del loaded
+    built = study_tasks(manager, needed, tokenizer, record)
+    if "baseline" not in todo:
+        unpruned = None  # one model in memory at a time
     first = {removal_key(removed): number for number, removed in reversed(list(sets.items()))}
     written = 0
     bar = tqdm(todo.items(), desc="accuracy", unit="model")
     for key, names in bar:
-        bar.set_postfix_str(key if key == "baseline" else f"trial {first[key]}, removed {key}")
+        what = "baseline" if key == "baseline" else f"trial {first[key]} (removed {key})"
+        bar.set_postfix_str(what)
         if key == "baseline":
-            model, tokenizer = loaded.model, loaded.tokenizer
+            model, unpruned = unpruned, None
         else:
-            pruned = prune_trial(study, first[key], device=device, trust_remote_code=trust_remote_code)
-            model, tokenizer = pruned.model, pruned.tokenizer
+            model = prune_trial(study, first[key], device=device, trust_remote_code=trust_remote_code).model
         if mixed_precision(model) is None:
             apply_numerics(model, numerics)
         results = run_tasks(model, tokenizer, built, limit, batch_size, numerics, names)
-        removed = [] if key == "baseline" else sets[first[key]]
         for result in results.values():
-            write_accuracy(study, removed, result)
+            write_accuracy(study, [] if key == "baseline" else sets[first[key]], result)
             written += 1
-        log.info(
-            "%s: %s",
-            "baseline" if key == "baseline" else f"trial {first[key]} (removed {key})",
-            ", ".join(f"{t} {r.metric} {r.value:.4f}" for t, r in results.items()),
-        )
-        del model, tokenizer
-        if key != "baseline":
-            del pruned
+        log.info("%s: %s", what, ", ".join(f"{t} {r.metric} {r.value:.4f}" for t, r in results.items()))
+        del model
         gc.collect()
     return written
 

@@ -84,7 +84,14 @@ def trial_details(study: optuna.Study, number: int) -> dict:
     accuracy = point_accuracy(stored, baseline_accuracy(stored), list(r.removed_layers)) if r.removed_layers else {}
     if accuracy:  # from `evaluate`
         details["accuracy"] = {
-            task: {"metric": res.metric, "value": res.value, "stderr": res.stderr, "n": res.n, "retained": kept}
+            task: {
+                "metric": res.metric,
+                "value": res.value,
+                "stderr": res.stderr,
+                "n": res.n,
+                "retained": kept,
+                "metrics": res.metrics,
+            }
             for task, (res, kept) in accuracy.items()
         }
     if details["test_ppl_ratio"] is None and t.state == TrialState.COMPLETE:
