@@ -151,3 +151,14 @@ def test_evaluate_refuses_a_study_whose_model_changed(tmp_path, tiny_model_dir, 
     tiny_model("llama", seed=1).save_pretrained(model_dir)  # other weights under the same path
     assert main(["evaluate", *_flags(tmp_path), "--limit", "4"]) == 2
     assert "measured another model" in capsys.readouterr().err and not read_accuracy(study)
+
+
+def test_evaluate_stores_its_results_on_postgresql(postgres_url, tiny_model_dir, corpus, tmp_path, capsys):
+    run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=4, study="pg-accuracy", storage=postgres_url))
+    flags = ["--storage", postgres_url, "--study", "pg-accuracy"]
+    assert main(["evaluate", *flags, "--limit", "4"]) == 0
+    capsys.readouterr()
+    assert main(["front", *flags, "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy_tasks"]["heldout_cloze"]["limit"] == 4
+    assert all("heldout_cloze" in point["accuracy_retained"] for point in report["front"])
