@@ -55,6 +55,11 @@ class Tasks:
     manager: Any
     configs: dict[str, dict] = field(default_factory=dict)  # tasks given as configs (offline ones), by name
 
+    def merged(self, other: Tasks) -> Tasks:
+        """Both sets of tasks, as one."""
+        loaded = {part: {**self.loaded[part], **other.loaded[part]} for part in self.loaded}
+        return Tasks([*self.names, *other.names], loaded, self.manager, {**self.configs, **other.configs})
+
     def objects(self, names: Sequence[str]) -> list:
         """The harness's task or group object of each name (a group brings its subtasks)."""
         return [self.loaded["groups"].get(name) or self.loaded["tasks"][name] for name in names]

@@ -135,7 +135,10 @@ def evaluate_study(
     todo = {key: names for key, names in missing.items() if names}
     measured = 0
     if todo:
-        measured = _measure(study, record, sets, todo, manager, limit, batch_size, device, trust_remote_code)
+        needed = list(dict.fromkeys(t for names in todo.values() for t in names))
+        standard = [t for t in needed if t not in OFFLINE_TASKS]
+        early = load_tasks(manager, standard) if standard else None  # missing data fails before any model loads
+        measured = _measure(study, record, sets, todo, manager, early, limit, batch_size, device, trust_remote_code)
         stored = read_accuracy(study)
     baseline = {t: stored[("baseline", t, limit)] for t in tasks}
     points = []
@@ -174,6 +177,7 @@ def _measure(
     sets: dict[int, list[int]],
     todo: dict[str, list[str]],
     manager,
+    early: Tasks | None,
     limit: int | None,
     batch_size: int,
     device: str,
@@ -191,7 +195,7 @@ def _measure(
     tokenizer = loaded.tokenizer
     unpruned: Any = loaded.model
     del loaded
-    built = study_tasks(manager, needed, tokenizer, record)
+    built = study_tasks(manager, needed, tokenizer, record, early)
     if "baseline" not in todo:
         unpruned = None  # one model in memory at a time
     first = {removal_key(removed): number for number, removed in reversed(list(sets.items()))}
@@ -216,9 +220,13 @@ def _measure(
     return written
 
 
-def study_tasks(manager, names: Sequence[str], tokenizer, record: StudyRecord) -> Tasks:
+def study_tasks(manager, names: Sequence[str], tokenizer, record: StudyRecord, loaded: Tasks | None = None) -> Tasks:
     """Build `names` for this study: offline ones from its held-out windows (checked against the
-    study's fingerprint), the rest through the harness's registry; all data is loaded here."""
+    study's fingerprint), the rest through the harness's registry; all data is loaded here.
+    `loaded`: tasks already built (loaded before the model, so missing data fails first)."""
+    if loaded is not None:
+        rest = [n for n in names if n not in loaded.names]
+        return loaded.merged(study_tasks(manager, rest, tokenizer, record)) if rest else loaded
     configs = {}
     offline = [n for n in names if n in OFFLINE_TASKS]
     if offline:

@@ -82,18 +82,18 @@ def baseline_accuracy(stored: dict[AccuracyKey, TaskResult]) -> dict[str, TaskRe
     chosen = {}
     for (key, task, _), result in sorted(stored.items(), key=lambda item: (item[1].n, item[1].limit or 0)):
         if key == "baseline":
-            chosen[task] = result  # sorted by documents: the last one written here has the most
+            chosen[task] = result  # in order of documents, so the one with the most stays
     return chosen
 
 
 def point_accuracy(
     stored: dict[AccuracyKey, TaskResult], chosen: dict[str, TaskResult], removed: list[int]
 ) -> dict[str, tuple[TaskResult, float | None]]:
-    """A removal set's results measured with the baseline's --limit, each with its share of the baseline."""
+    """A removal set's results measured like the baseline's (--limit, harness version), each with its share of it."""
     found = {}
     for task, base in chosen.items():
         result = stored.get((removal_key(removed), task, base.limit))
-        if result is not None:
+        if result is not None and result.harness == base.harness:
             found[task] = (result, retained(result.value, base.value, result.higher_is_better))
     return found
 

@@ -17,16 +17,19 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
 
+from evaluators.accuracy import TaskResult, Tasks, check_names, run_tasks, task_manager
 from evaluators.data import Splits, eval_windows, make_splits
 from evaluators.lora import LoraRun, LoraSettings, finetune_lora
 from evaluators.perplexity import perplexity
+from search.accuracy import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT, OFFLINE_TASKS, study_tasks
 from search.errors import SearchError
 from search.export import ExportReport, check_out, finished_trial, prune_trial, pruning_record, verify, write_model
 from search.model.loading import load_model
@@ -40,10 +43,21 @@ DEFAULT_TOKENS = 32768  # fitting tokens when the study itself did not heal (els
 
 @dataclass(frozen=True)
 class Figures:
-    """Perplexity of one model: held-out split, and the second corpus when there is one."""
+    """Perplexity of one model: held-out split, and the second corpus when there is one; accuracy with --tasks."""
 
     test_ppl: float
     eval_ppl: float | None = None
+    accuracy: dict[str, TaskResult] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AccuracySettings:
+    """`heal --tasks`: what `evaluate` would run, on each of the four models."""
+
+    tasks: Sequence[str] = ()
+    limit: int | None = DEFAULT_LIMIT
+    batch_size: int = DEFAULT_BATCH_SIZE
+    include: Sequence[Path] = ()
 
 
 @dataclass
@@ -74,10 +88,28 @@ class HealReport:
             out[f"reference_{split}_ppl_ratio"] = ratio(self.reference, self.unpruned, f"{split}_ppl")
         return {k: v for k, v in out.items() if v is not None}
 
+    def accuracy_retained(self) -> dict[str, dict[str, float]]:
+        """Per task, each model's share of another's headline accuracy (the unpruned model's unless named)."""
+        kept: dict[str, dict[str, float]] = {}
+        for task, unpruned in self.unpruned.accuracy.items():
+            shares = {
+                "before": (self.before, unpruned),
+                "after": (self.after, unpruned),
+                "reference": (self.reference, unpruned),
+                "after_vs_reference": (self.after, self.reference.accuracy.get(task) if self.reference else None),
+            }
+            kept[task] = {}
+            for name, (model, base) in shares.items():
+                result = model.accuracy.get(task) if isinstance(model, Figures) else None
+                if result is not None and base is not None and base.value:
+                    kept[task][name] = result.value / base.value
+        return kept
+
     def to_dict(self) -> dict:
         report = asdict(self)
         report["export"] = self.export.to_dict()
-        return {**report, **self.ratios(), "ok": self.export.ok}
+        kept = {"accuracy_retained": self.accuracy_retained()} if self.unpruned.accuracy else {}
+        return {**report, **self.ratios(), **kept, "ok": self.export.ok}
 
 
 def heal_trial(
@@ -91,13 +123,20 @@ def heal_trial(
     reference: bool = True,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    accuracy: AccuracySettings = AccuracySettings(),
 ) -> HealReport:
-    """LoRA-heal trial `number`, write it to `out`, verify the directory, and measure what changed."""
+    """LoRA-heal trial `number`, write it to `out`, verify the directory, and measure what changed
+    (perplexity, and with `accuracy.tasks` downstream accuracy, of all four models)."""
     started = time.perf_counter()
     out = Path(out)
     record = StudyRecord.read(study)
     stored = record.settings
     finished_trial(study, number)  # before minutes of fine-tuning the reference
+    tasks = list(dict.fromkeys(accuracy.tasks))
+    manager = None
+    if tasks:
+        manager = task_manager(accuracy.include, defaults=any(t not in OFFLINE_TASKS for t in tasks))
+        check_names(manager, [t for t in tasks if t not in OFFLINE_TASKS], OFFLINE_TASKS.names)
     eval_dataset = eval_dataset or stored.eval_dataset
     if eval_dataset and Path(eval_dataset).expanduser().exists():
         eval_dataset = str(Path(eval_dataset).expanduser().resolve())  # as the study stores its --dataset
@@ -119,12 +158,14 @@ def heal_trial(
         if eval_dataset
         else None
     )
+    built = study_tasks(manager, tasks, loaded.tokenizer, record) if manager is not None else None
+    scoring = _Scoring(built, accuracy, loaded.tokenizer, dtype)
     _numerics(loaded.model, dtype)
-    unpruned = _measure(loaded.model, splits, second)
+    unpruned = _measure(loaded.model, splits, second, scoring)
     tuned: Figures | None = None
     if reference:  # first, so the export below is written with every figure
         model, _ = finetune_lora(loaded.model, splits.fit, splits.bos_id, settings, desc="LoRA (unpruned reference)")
-        tuned = _measure(model, splits, second)
+        tuned = _measure(model, splits, second, scoring)
         log.info("unpruned reference: held-out ppl %.3f after LoRA, %.3f before", tuned.test_ppl, unpruned.test_ppl)
         del model
     del loaded
@@ -132,10 +173,10 @@ def heal_trial(
 
     pruned = prune_trial(study, number, out, device, trust_remote_code)
     _numerics(pruned.model, dtype)
-    before = _measure(pruned.model, splits, second)
+    before = _measure(pruned.model, splits, second, scoring)
     log.info("pruned model: held-out ppl %.3f before LoRA", before.test_ppl)
     model, run = finetune_lora(pruned.model, splits.fit, splits.bos_id, settings, desc="LoRA (pruned model)")
-    after = _measure(model, splits, second)
+    after = _measure(model, splits, second, scoring)
     log.info("pruned model: held-out ppl %.3f after LoRA (%.0f s)", after.test_ppl, run.seconds)
     lora = _lora_record(settings, run, int(splits.fit.numel()))
     pruning = pruning_record(study, pruned)
@@ -169,9 +210,23 @@ def heal_trial(
     )
 
 
-def _measure(model: Any, splits: Splits, second: torch.Tensor | None) -> Figures:
+@dataclass
+class _Scoring:
+    """The tasks (built once) each model is also scored on; none without --tasks."""
+
+    tasks: Tasks | None
+    settings: AccuracySettings
+    tokenizer: Any
+    numerics: str
+
+
+def _measure(model: Any, splits: Splits, second: torch.Tensor | None, scoring: _Scoring) -> Figures:
     test = perplexity(model, splits.test, splits.bos_id)
-    return Figures(test, None if second is None else perplexity(model, second, splits.bos_id))
+    accuracy = {}
+    if scoring.tasks is not None:
+        s = scoring.settings
+        accuracy = run_tasks(model, scoring.tokenizer, scoring.tasks, s.limit, s.batch_size, scoring.numerics)
+    return Figures(test, None if second is None else perplexity(model, second, splits.bos_id), accuracy)
 
 
 def _numerics(model: Any, dtype: str) -> None:
@@ -198,8 +253,15 @@ def format_heal(report: HealReport) -> str:
     if report.reference:
         rows.append(("unpruned, after the same LoRA", report.reference))
     second = report.unpruned.eval_ppl is not None
+    tasks = list(report.unpruned.accuracy)
     header = ["model", "held-out ppl"] + (["second-corpus ppl"] if second else [])
-    cells = [[name, f"{f.test_ppl:.3f}"] + ([f"{f.eval_ppl:.3f}"] if second else []) for name, f in rows]
+    header += [f"{t} {report.unpruned.accuracy[t].metric}" for t in tasks]
+    cells = [
+        [name, f"{f.test_ppl:.3f}"]
+        + ([f"{f.eval_ppl:.3f}"] if second else [])
+        + [f"{f.accuracy[t].value:.4f}" for t in tasks]
+        for name, f in rows
+    ]
     ratios = report.ratios()
     lines = [
         f"trial {report.trial}: removed {report.removed_layers}, LoRA rank {report.lora['rank']}, "
@@ -222,6 +284,11 @@ def format_heal(report: HealReport) -> str:
                 if "eval_ppl_ratio_vs_reference" in ratios
                 else ""
             )
+        )
+    for task, kept in report.accuracy_retained().items():
+        lines.append(
+            f"{task}: {kept['before']:.1%} of the unpruned model's before LoRA, {kept['after']:.1%} after"
+            + (f", {kept['after_vs_reference']:.1%} of the reference's" if "after_vs_reference" in kept else "")
         )
     lines.append(
         f"wrote {report.out}: reloaded, held-out ppl {report.export.measured_test_ppl:.3f} "

@@ -310,7 +310,7 @@ AccuracyKey = tuple[str, str, int | None]  # (removal_key, task, limit)
 
 
 def removal_key(removed: Sequence[int]) -> str:
-    """ "baseline" for the unpruned model, else the sorted layers: "14,16,17,18"."""
+    """The unpruned model's key is "baseline"; a pruned model's its sorted layers, e.g. "14,16,17,18"."""
     return ",".join(map(str, sorted(removed))) or "baseline"
 
 
@@ -321,7 +321,10 @@ def read_accuracy(study: optuna.Study) -> dict[AccuracyKey, TaskResult]:
     for key, value in study.user_attrs.items():
         if not key.startswith("accuracy:") or not isinstance(value, dict):
             continue
-        result = TaskResult(**{k: v for k, v in value.items() if k in known})
+        try:
+            result = TaskResult(**{k: v for k, v in value.items() if k in known})
+        except TypeError:  # a field this version requires is missing: not a result it can read
+            continue
         removed = key.rsplit(":", 1)[1]
         results[(removed, result.task, result.limit)] = result
     return results

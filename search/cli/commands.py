@@ -175,7 +175,7 @@ def heal(args: argparse.Namespace) -> None:
 
     from evaluators.lora import LoraSettings
     from search.export import pick_trial
-    from search.lora import format_heal, heal_trial
+    from search.lora import AccuracySettings, format_heal, heal_trial
 
     study = stored_study(args)
     number = args.trial if args.trial is not None else pick_trial(study, args.pick)
@@ -193,6 +193,7 @@ def heal(args: argparse.Namespace) -> None:
         reference=args.reference,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
+        accuracy=AccuracySettings(args.tasks or (), args.limit, args.batch_size, [Path(p) for p in args.include_path]),
     )
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2))

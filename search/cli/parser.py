@@ -477,4 +477,10 @@ def _heal_parser(sub, picks: dict) -> None:
     measure.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
     )
+    measure.add_argument(
+        "--tasks",
+        type=_task_list,
+        help="also score all four models on these accuracy tasks (as `evaluate --tasks`; default: none)",
+    )
+    _accuracy_flags(heal, with_device=False)
     heal.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")

@@ -132,6 +132,7 @@ def test_evaluate_refuses_before_loading_any_model(tmp_path, tiny_model_dir, cor
         (["--trial", "999"], "has no trial 999"),
         (["--tasks", "heldout_clze"], "unknown task 'heldout_clze'; did you mean heldout_cloze"),
         (["--tasks", "arc_esy"], "did you mean arc_easy"),
+        (["--tasks", "heldout_cloze,arc_easy"], "task arc_easy: its data cannot be loaded here"),  # offline
         *([(["--trial", str(unfinished[0])], "not finished")] if unfinished else []),
     ]
     for flags, message in cases:
@@ -162,3 +163,27 @@ def test_evaluate_stores_its_results_on_postgresql(postgres_url, tiny_model_dir,
     report = json.loads(capsys.readouterr().out)
     assert report["accuracy_tasks"]["heldout_cloze"]["limit"] == 4
     assert all("heldout_cloze" in point["accuracy_retained"] for point in report["front"])
+
+
+def test_heal_tasks_score_all_four_models(tmp_path, tiny_model_dir, corpus, capsys, evaluated, monkeypatch):
+    import search.lora
+
+    monkeypatch.setattr(search.lora, "run_tasks", search.accuracy.run_tasks)  # the recording one
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=6))
+    point = max(front_report(study)["front"], key=lambda p: len(p["removed_layers"]))
+    capsys.readouterr()
+    args = ["--trial", str(point["trial"]), "--out", str(tmp_path / "healed"), "--steps", "2", "--rank", "2"]
+    args += ["--tokens", "512", "--tasks", "heldout_cloze", "--limit", "6", "--format", "json"]
+    assert main(["heal", *_flags(tmp_path), *args]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # unpruned, the unpruned reference after LoRA, the pruned model before and after LoRA
+    assert [layers for layers, _ in evaluated] == [6, 6, point["layers"], point["layers"]]
+    kept = report["accuracy_retained"]["heldout_cloze"]
+    assert set(kept) <= {"before", "after", "reference", "after_vs_reference"}
+    measured = json.loads((tmp_path / "healed" / "pruning.json").read_text())["lora"]["measured"]
+    for name in ("unpruned", "before", "after", "reference"):
+        result = measured[name]["accuracy"]["heldout_cloze"]
+        assert result["n"] == 6 and result["numerics"] == "float32"
+    unpruned = measured["unpruned"]["accuracy"]["heldout_cloze"]["value"]
+    if unpruned:
+        assert kept["after"] == measured["after"]["accuracy"]["heldout_cloze"]["value"] / unpruned
