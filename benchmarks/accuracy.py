@@ -72,8 +72,8 @@ def main() -> None:
     study = load_study(open_storage(locate_store(args.study, args.storage), create=False), args.study)
     record = StudyRecord.read(study)
     front = front_report(study)["front"]
-    loaded = load_model(record.model_spec, "float32")
-    tasks = study_tasks(task_manager(defaults=False), [TASK], loaded.tokenizer, record)
+    tokenizer = load_model(record.model_spec, "float32").tokenizer
+    tasks = study_tasks(task_manager(defaults=False), [TASK], tokenizer, record)
     rows = []
     for numerics in args.numerics:
         base_docs: list[float] = []
@@ -81,8 +81,9 @@ def main() -> None:
             # A fresh model each time: apply_numerics wraps forward in autocast for good.
             built = load_model(record.model_spec, "float32") if point is None else prune_trial(study, point["trial"])
             model = built.model
+            model.__dict__.pop("forward", None)  # a healed study's refit left its own autocast: this row's only
             apply_numerics(model, numerics)
-            docs, metrics, seconds = per_document(model, loaded.tokenizer, tasks, args.limit, args.batch_size)
+            docs, metrics, seconds = per_document(model, tokenizer, tasks, args.limit, args.batch_size)
             del model, built
             if point is None:
                 base_docs = docs

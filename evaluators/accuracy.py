@@ -42,8 +42,9 @@ class TaskResult:
     limit: int | None  # --limit it ran with (None: every document)
     harness: str
     numerics: str  # what the forward passes ran in: the study's dtype, or float32
-    seconds: float
+    seconds: float  # the harness call that measured it (every task of that call together)
     metrics: dict[str, list[float | None]] = field(default_factory=dict)  # name: [value, stderr]
+    task_version: str | None = None  # the task definition's version, as the harness reports it
 
 
 @dataclass
@@ -82,7 +83,7 @@ def task_manager(include: Sequence[Path] = (), defaults: bool = True):
 def check_names(manager, names: Sequence[str], others: Sequence[str] = ()) -> None:
     """Unknown names and tags (which expand to several tasks) are refused before anything loads;
     `others`: task names known outside the harness (offline ones), suggested too."""
-    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._index import Kind  # private, but what the pinned version's index is made of
 
     index = manager.task_index
     for name in names:
@@ -115,6 +116,15 @@ def load_tasks(manager, names: Sequence[str], configs: dict[str, dict] | None = 
             ) from None
         except Exception as exc:  # a task definition the harness cannot build
             raise SearchError(f"cannot build task {name}: {type(exc).__name__}: {first_line(exc)}") from None
+        for group in built["groups"].values():
+            if not group.has_aggregation:  # the harness reports no score for it, only for its tasks
+                raise SearchError(
+                    f"group {group.name!r} has no aggregate score; pass its tasks by name: "
+                    + ", ".join(t.task_name for t in group.get_all_tasks())
+                )
+        twice = sorted(set(built["tasks"]) & set(loaded["tasks"]))
+        if twice:
+            raise SearchError(f"--tasks name {', '.join(twice)} twice (directly or inside a group); name each once")
         for part in loaded:
             loaded[part].update(built[part])
     missing = [n for n in names if n not in loaded["tasks"] and n not in loaded["groups"]]
@@ -142,8 +152,8 @@ def run_tasks(
 
     names = list(names or tasks.names)
     quiet_harness()
-    # The harness records `git describe` of the working directory (ours is not its subject) and lets git
-    # print "fatal: not a git repository" outside one.
+    # The harness records `git describe` of the working directory (not what is measured here) and lets
+    # git print "fatal: not a git repository" outside one; the pinned version's hook is replaced.
     lm_eval.evaluator.get_git_commit_hash = lambda: None
     started = time.perf_counter()
     device = next(model.parameters()).device
@@ -196,12 +206,13 @@ def _result(output: dict, name: str, limit: int | None, numerics: str, seconds: 
         value=value,
         stderr=stderr,
         n=_documents(output, name),
-        higher_is_better=bool(better.get(headline.split(",")[0], True)),
+        higher_is_better=better.get(headline.split(",")[0]) is not False,  # None: a group's tasks disagree
         limit=limit,
         harness=harness_version(),
         numerics=numerics,
         seconds=seconds,
         metrics=metrics,
+        task_version=None if name not in output.get("versions", {}) else str(output["versions"][name]),
     )
 
 

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +25,13 @@ import optuna
 from tqdm.auto import tqdm
 
 from evaluators.accuracy import TaskResult, Tasks, check_names, harness_version, load_tasks, run_tasks, task_manager
+from evaluators.cloze import VERSION as CLOZE_VERSION
 from evaluators.cloze import cloze_documents, cloze_task
 from evaluators.data import Splits, make_splits
 from search.errors import SearchError
 from search.export import finished_trial, prune_trial
 from search.front import front_report, retained
-from search.model.loading import load_model
+from search.model.loading import cache_dir, load_model
 from search.model.numerics import apply_numerics, mixed_precision
 from search.records import StudyRecord, TrialRecord, read_accuracy, removal_key, write_accuracy
 from search.registry import Registry
@@ -48,15 +48,37 @@ class OfflineTask:
 
     documents: Callable[[Any, Splits], list[dict]]
     config: Callable[[str, str], dict]  # (task name, JSON-lines data file) -> the harness's task config
+    version: int  # the config's metadata version: a stored result of another version is measured again
 
 
 OFFLINE_TASKS: Registry[OfflineTask] = Registry("offline task")
 OFFLINE_TASKS.add(
     "heldout_cloze",
-    OfflineTask(lambda tokenizer, splits: cloze_documents(tokenizer, splits.test), cloze_task),
-    "last-word cloze over the study's held-out windows in lambada_openai's format (acc, word perplexity)",
+    OfflineTask(lambda tokenizer, splits: cloze_documents(tokenizer, splits.test), cloze_task, CLOZE_VERSION),
+    "last-word cloze over the study's held-out windows, the word named earlier in its passage "
+    "(lambada_openai's format: acc, word perplexity)",
 )
 DEFAULT_TASKS = ("heldout_cloze",)
+
+
+@dataclass(frozen=True)
+class AccuracySettings:
+    """Which tasks, and how the harness runs them: shared by `evaluate`, `export --tasks` and `heal --tasks`."""
+
+    tasks: Sequence[str] = DEFAULT_TASKS
+    limit: int | None = DEFAULT_LIMIT  # documents per task (None: all)
+    batch_size: int = DEFAULT_BATCH_SIZE
+    include: Sequence[Path] = ()  # folders of harness task YAML
+
+
+def prepare_tasks(settings: AccuracySettings, names: Sequence[str] | None = None) -> tuple[Any, Tasks | None]:
+    """The harness's registry, with `names` (default: every task) checked and the standard ones'
+    data loaded: an unknown name or unreachable data fails here, before any model is loaded."""
+    names = list(dict.fromkeys(settings.tasks if names is None else names))
+    standard = [t for t in names if t not in OFFLINE_TASKS]
+    manager = task_manager(settings.include, defaults=bool(standard))
+    check_names(manager, standard, OFFLINE_TASKS.names)
+    return manager, load_tasks(manager, standard) if standard else None
 
 
 def accuracy_numerics(dtype: str) -> str:
@@ -123,22 +145,19 @@ def evaluate_study(
 ) -> AccuracyReport:
     """Accuracy on `tasks` of the baseline and of `trials` (default: the front), measuring only what is not stored."""
     record = StudyRecord.read(study)
-    tasks = list(dict.fromkeys(tasks))
+    settings = AccuracySettings(list(dict.fromkeys(tasks)), limit, batch_size, include)
+    tasks = list(settings.tasks)
     numbers = list(trials) if trials is not None else [p["trial"] for p in front_report(study)["front"]]
     sets = {number: _removed(study, number) for number in numbers}
-    manager = task_manager(include, defaults=any(t not in OFFLINE_TASKS for t in tasks))
-    check_names(manager, [t for t in tasks if t not in OFFLINE_TASKS], OFFLINE_TASKS.names)  # before any model
-
     stored = read_accuracy(study)
     keys = ["baseline", *dict.fromkeys(removal_key(removed) for removed in sets.values())]
     missing = {key: [t for t in tasks if not _reusable(stored.get((key, t, limit)))] for key in keys}
     todo = {key: names for key, names in missing.items() if names}
     measured = 0
-    if todo:
+    if todo:  # an unknown name is never stored, so it always gets here
         needed = list(dict.fromkeys(t for names in todo.values() for t in names))
-        standard = [t for t in needed if t not in OFFLINE_TASKS]
-        early = load_tasks(manager, standard) if standard else None  # missing data fails before any model loads
-        measured = _measure(study, record, sets, todo, manager, early, limit, batch_size, device, trust_remote_code)
+        manager, early = prepare_tasks(settings, needed)
+        measured = _measure(study, record, sets, todo, manager, early, settings, device, trust_remote_code)
         stored = read_accuracy(study)
     baseline = {t: stored[("baseline", t, limit)] for t in tasks}
     points = []
@@ -167,8 +186,11 @@ def _removed(study: optuna.Study, number: int) -> list[int]:
 
 
 def _reusable(result: TaskResult | None) -> bool:
-    """A stored result (same task, set and --limit) answers this request when the same harness version made it."""
-    return result is not None and result.harness == harness_version()
+    """A stored result (same task, set and --limit) answers this request when the same harness version
+    made it and, for an offline task, the same version of its documents' rules."""
+    if result is None or result.harness != harness_version():
+        return False
+    return result.task not in OFFLINE_TASKS or result.task_version == str(OFFLINE_TASKS[result.task].version)
 
 
 def _measure(
@@ -178,8 +200,7 @@ def _measure(
     todo: dict[str, list[str]],
     manager,
     early: Tasks | None,
-    limit: int | None,
-    batch_size: int,
+    settings: AccuracySettings,
     device: str,
     trust_remote_code: bool,
 ) -> int:
@@ -210,7 +231,7 @@ def _measure(
             model = prune_trial(study, first[key], device=device, trust_remote_code=trust_remote_code).model
         if mixed_precision(model) is None:
             apply_numerics(model, numerics)
-        results = run_tasks(model, tokenizer, built, limit, batch_size, numerics, names)
+        results = run_tasks(model, tokenizer, built, settings.limit, settings.batch_size, numerics, names)
         for result in results.values():
             write_accuracy(study, [] if key == "baseline" else sets[first[key]], result)
             written += 1
@@ -246,7 +267,7 @@ def study_tasks(manager, names: Sequence[str], tokenizer, record: StudyRecord, l
 def _write_documents(name: str, docs: list[dict]) -> Path:
     """A JSON-lines file named by its content, so `datasets` reuses its cache of it across runs."""
     text = "".join(json.dumps(doc) + "\n" for doc in docs)
-    folder = Path(tempfile.gettempdir()) / "search-tasks"
+    folder = cache_dir() / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
     if not path.exists():
@@ -259,33 +280,37 @@ def _write_documents(name: str, docs: list[dict]) -> Path:
 def evaluate_directory(
     out: Path,
     study: optuna.Study,
-    tasks: Sequence[str] = DEFAULT_TASKS,
-    limit: int | None = DEFAULT_LIMIT,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    settings: AccuracySettings = AccuracySettings(),
     device: str = "cpu",
-    include: Sequence[Path] = (),
+    prepared: tuple[Any, Tasks | None] | None = None,
 ) -> dict[str, TaskResult]:
-    """`export --tasks`: the exported directory, reloaded with stock transformers, on `tasks`; the
-    results are added to its pruning.json (with the study's baseline result, where one is stored)."""
+    """`export --tasks`: the exported directory, reloaded with stock transformers, on the tasks; the
+    results are added to its pruning.json (with the study's baseline result where one was measured
+    the same way). `prepared`: `prepare_tasks(settings)`, called before the export so that a bad
+    task name fails before any work."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     record = StudyRecord.read(study)
-    tasks = list(dict.fromkeys(tasks))
-    manager = task_manager(include, defaults=any(t not in OFFLINE_TASKS for t in tasks))
-    check_names(manager, [t for t in tasks if t not in OFFLINE_TASKS], OFFLINE_TASKS.names)
+    tasks = list(dict.fromkeys(settings.tasks))
+    manager, early = prepared or prepare_tasks(settings)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    built = study_tasks(manager, tasks, tokenizer, record)
+    built = study_tasks(manager, tasks, tokenizer, record, early)
     numerics = accuracy_numerics(record.settings.dtype)
     model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     model = model.to(device).eval()
     apply_numerics(model, numerics)
-    results = run_tasks(model, tokenizer, built, limit, batch_size, numerics)
+    results = run_tasks(model, tokenizer, built, settings.limit, settings.batch_size, numerics)
     stored = read_accuracy(study)
     pruning_file = Path(out) / "pruning.json"
     pruning = json.loads(pruning_file.read_text())
     pruning["accuracy"] = {task: asdict(r) for task, r in results.items()}
-    baseline = {t: stored[("baseline", t, limit)] for t in tasks if ("baseline", t, limit) in stored}
+    baseline = {
+        t: b
+        for t in tasks
+        if (b := stored.get(("baseline", t, settings.limit))) is not None
+        and (b.harness, b.numerics, b.task_version) == (results[t].harness, numerics, results[t].task_version)
+    }
     if baseline:
         pruning["accuracy_baseline"] = {task: asdict(r) for task, r in baseline.items()}
         pruning["accuracy_retained"] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 
 import optuna
@@ -77,23 +78,34 @@ def retained(value: float, baseline: float, higher_is_better: bool) -> float | N
     return baseline / value if value else None
 
 
-def baseline_accuracy(stored: dict[AccuracyKey, TaskResult]) -> dict[str, TaskResult]:
-    """Per task, the baseline result over the most documents: what front points are compared with."""
-    chosen = {}
-    for (key, task, _), result in sorted(stored.items(), key=lambda item: (item[1].n, item[1].limit or 0)):
-        if key == "baseline":
-            chosen[task] = result  # in order of documents, so the one with the most stays
-    return chosen
+def baseline_accuracy(stored: dict[AccuracyKey, TaskResult], keys: Sequence[str]) -> dict[str, TaskResult]:
+    """Per task, the baseline result that the removal sets `keys` are compared with. A task may be
+    stored with several --limits: the one that most of `keys` were measured with too, then the one
+    over the most documents (`all` before any number)."""
+    best: dict[str, tuple[tuple, TaskResult]] = {}
+    for (key, task, limit), base in stored.items():
+        if key != "baseline":
+            continue
+        covered = sum(_alike(stored.get((k, task, limit)), base) for k in keys)
+        rank = (covered, base.n, limit is None, limit or 0)
+        if task not in best or rank > best[task][0]:
+            best[task] = (rank, base)
+    return {task: base for task, (_, base) in best.items()}
+
+
+def _alike(result: TaskResult | None, base: TaskResult) -> bool:
+    """Measured like the baseline: same --limit (by key), harness version and task version."""
+    return result is not None and (result.harness, result.task_version) == (base.harness, base.task_version)
 
 
 def point_accuracy(
-    stored: dict[AccuracyKey, TaskResult], chosen: dict[str, TaskResult], removed: list[int]
+    stored: dict[AccuracyKey, TaskResult], chosen: dict[str, TaskResult], removed: Sequence[int]
 ) -> dict[str, tuple[TaskResult, float | None]]:
-    """A removal set's results measured like the baseline's (--limit, harness version), each with its share of it."""
+    """A removal set's results measured like the chosen baseline's, each with its share of it."""
     found = {}
     for task, base in chosen.items():
         result = stored.get((removal_key(removed), task, base.limit))
-        if result is not None and result.harness == base.harness:
+        if result is not None and _alike(result, base):
             found[task] = (result, retained(result.value, base.value, result.higher_is_better))
     return found
 
@@ -101,7 +113,7 @@ def point_accuracy(
 def add_accuracy(study: optuna.Study, report: dict) -> None:
     """Accuracy from `evaluate`, where measured (keys documented in the README)."""
     stored = read_accuracy(study)
-    chosen = baseline_accuracy(stored)
+    chosen = baseline_accuracy(stored, [removal_key(p["removed_layers"]) for p in report["front"]])
     if not chosen:
         return
     base = report["baseline"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,14 @@ from typing import Any
 import optuna
 import torch
 
-from evaluators.accuracy import TaskResult, Tasks, check_names, run_tasks, task_manager
+from evaluators.accuracy import TaskResult, Tasks, run_tasks
 from evaluators.data import Splits, eval_windows, make_splits
 from evaluators.lora import LoraRun, LoraSettings, finetune_lora
 from evaluators.perplexity import perplexity
-from search.accuracy import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT, OFFLINE_TASKS, study_tasks
+from search.accuracy import AccuracySettings, prepare_tasks, study_tasks
 from search.errors import SearchError
 from search.export import ExportReport, check_out, finished_trial, prune_trial, pruning_record, verify, write_model
+from search.front import retained
 from search.model.loading import load_model
 from search.model.numerics import apply_numerics, mixed_precision
 from search.records import StudyRecord
@@ -48,16 +48,6 @@ class Figures:
     test_ppl: float
     eval_ppl: float | None = None
     accuracy: dict[str, TaskResult] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AccuracySettings:
-    """`heal --tasks`: what `evaluate` would run, on each of the four models."""
-
-    tasks: Sequence[str] = ()
-    limit: int | None = DEFAULT_LIMIT
-    batch_size: int = DEFAULT_BATCH_SIZE
-    include: Sequence[Path] = ()
 
 
 @dataclass
@@ -101,8 +91,13 @@ class HealReport:
             kept[task] = {}
             for name, (model, base) in shares.items():
                 result = model.accuracy.get(task) if isinstance(model, Figures) else None
-                if result is not None and base is not None and base.value:
-                    kept[task][name] = result.value / base.value
+                share = (
+                    None
+                    if result is None or base is None
+                    else retained(result.value, base.value, result.higher_is_better)
+                )
+                if share is not None:
+                    kept[task][name] = share
         return kept
 
     def to_dict(self) -> dict:
@@ -123,7 +118,7 @@ def heal_trial(
     reference: bool = True,
     device: str = "cpu",
     trust_remote_code: bool = False,
-    accuracy: AccuracySettings = AccuracySettings(),
+    accuracy: AccuracySettings = AccuracySettings(tasks=()),
 ) -> HealReport:
     """LoRA-heal trial `number`, write it to `out`, verify the directory, and measure what changed
     (perplexity, and with `accuracy.tasks` downstream accuracy, of all four models)."""
@@ -133,10 +128,7 @@ def heal_trial(
     stored = record.settings
     finished_trial(study, number)  # before minutes of fine-tuning the reference
     tasks = list(dict.fromkeys(accuracy.tasks))
-    manager = None
-    if tasks:
-        manager = task_manager(accuracy.include, defaults=any(t not in OFFLINE_TASKS for t in tasks))
-        check_names(manager, [t for t in tasks if t not in OFFLINE_TASKS], OFFLINE_TASKS.names)
+    manager, early = prepare_tasks(accuracy) if tasks else (None, None)
     eval_dataset = eval_dataset or stored.eval_dataset
     if eval_dataset and Path(eval_dataset).expanduser().exists():
         eval_dataset = str(Path(eval_dataset).expanduser().resolve())  # as the study stores its --dataset
@@ -158,7 +150,7 @@ def heal_trial(
         if eval_dataset
         else None
     )
-    built = study_tasks(manager, tasks, loaded.tokenizer, record) if manager is not None else None
+    built = study_tasks(manager, tasks, loaded.tokenizer, record, early) if manager is not None else None
     scoring = _Scoring(built, accuracy, loaded.tokenizer, dtype)
     _numerics(loaded.model, dtype)
     unpruned = _measure(loaded.model, splits, second, scoring)
@@ -286,8 +278,9 @@ def format_heal(report: HealReport) -> str:
             )
         )
     for task, kept in report.accuracy_retained().items():
+        shares = {name: f"{kept[name]:.1%}" if name in kept else "-" for name in ("before", "after")}
         lines.append(
-            f"{task}: {kept['before']:.1%} of the unpruned model's before LoRA, {kept['after']:.1%} after"
+            f"{task}: {shares['before']} of the unpruned model's before LoRA, {shares['after']} after"
             + (f", {kept['after_vs_reference']:.1%} of the reference's" if "after_vs_reference" in kept else "")
         )
     lines.append(

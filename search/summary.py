@@ -14,6 +14,7 @@ from search.records import (
     read_accuracy,
     read_baseline,
     read_settings,
+    removal_key,
 )
 from search.tables import cell, key_values, table
 
@@ -81,7 +82,8 @@ def trial_details(study: optuna.Study, number: int) -> dict:
             latency_ratio=r.latency_ratio,
         )
     stored = read_accuracy(study)
-    accuracy = point_accuracy(stored, baseline_accuracy(stored), list(r.removed_layers)) if r.removed_layers else {}
+    chosen = baseline_accuracy(stored, [removal_key(r.removed_layers)])
+    accuracy = point_accuracy(stored, chosen, r.removed_layers) if r.removed_layers else {}
     if accuracy:  # from `evaluate`
         details["accuracy"] = {
             task: {

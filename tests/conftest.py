@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-WORDS = [f"w{i}" for i in range(90)]
+WORDS = [f"word{i}" for i in range(90)]
 VOCAB = 128
 
 

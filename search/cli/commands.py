@@ -114,11 +114,18 @@ def show(args: argparse.Namespace) -> None:
 
 def export(args: argparse.Namespace) -> None:
     import json
+    from pathlib import Path
 
     from search.export import export_trial, pick_trial
 
     study = stored_study(args)
     number = args.trial if args.trial is not None else pick_trial(study, args.pick)
+    accuracy = prepared = None
+    if args.tasks:  # task names and their data are checked before the export
+        from search.accuracy import AccuracySettings, prepare_tasks
+
+        accuracy = AccuracySettings(args.tasks, args.limit, args.batch_size, [Path(p) for p in args.include_path])
+        prepared = prepare_tasks(accuracy)
     logging.getLogger("search").info("exporting trial %d of study %r to %s", number, study.study_name, args.out)
     report = export_trial(study, number, args.out, args.device, args.trust_remote_code)
     expected = (
@@ -135,14 +142,10 @@ def export(args: argparse.Namespace) -> None:
     )
     if not report.ok:
         raise SearchError("verification failed: the exported model does not reproduce the trial (see above)")
-    if args.tasks:
-        from pathlib import Path
-
+    if accuracy is not None:
         from search.accuracy import evaluate_directory
 
-        results = evaluate_directory(
-            Path(args.out), study, args.tasks, args.limit, args.batch_size, args.device, args.include_path
-        )
+        results = evaluate_directory(Path(args.out), study, accuracy, args.device, prepared)
         for task, result in results.items():
             stderr = f" ± {result.stderr:.4f}" if result.stderr is not None else ""
             print(
@@ -174,8 +177,9 @@ def heal(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from evaluators.lora import LoraSettings
+    from search.accuracy import AccuracySettings
     from search.export import pick_trial
-    from search.lora import AccuracySettings, format_heal, heal_trial
+    from search.lora import format_heal, heal_trial
 
     study = stored_study(args)
     number = args.trial if args.trial is not None else pick_trial(study, args.pick)

@@ -13,13 +13,13 @@ from tests.conftest import tiny_model, tiny_tokenizer
 # One document per standard task in the format of its hub dataset; the task's own YAML (prompt,
 # choices, metrics, process_docs) is included unchanged, only the data comes from a local file.
 STANDARD = {
-    "lambada_openai": ("test", {"text": "w10 w11 w12 w13 w14 w15"}),
+    "lambada_openai": ("test", {"text": "word10 word11 word12 word13 word14 word15"}),
     "arc_easy": (
         "test",
         {
             "id": "q1",
-            "question": "w20 w21 w22?",
-            "choices": {"text": ["w30", "w31", "w32", "w33"], "label": ["A", "B", "C", "D"]},
+            "question": "word20 word21 word22?",
+            "choices": {"text": ["word30", "word31", "word32", "word33"], "label": ["A", "B", "C", "D"]},
             "answerKey": "B",
         },
     ),
@@ -27,20 +27,23 @@ STANDARD = {
         "validation",
         {
             "ind": 1,
-            "activity_label": "w40",
-            "ctx_a": "w41 w42",
-            "ctx_b": "w43",
-            "ctx": "w41 w42 w43",
-            "endings": ["w44", "w45", "w46", "w47"],
+            "activity_label": "word40",
+            "ctx_a": "word41 word42",
+            "ctx_b": "word43",
+            "ctx": "word41 word42 word43",
+            "endings": ["word44", "word45", "word46", "word47"],
             "source_id": "s",
             "split": "val",
             "split_type": "indomain",
             "label": "2",
         },
     ),
-    "piqa": ("validation", {"goal": "w50 w51", "sol1": "w52", "sol2": "w53", "label": 1}),
-    "winogrande": ("validation", {"sentence": "w60 w61 _ w62 w63.", "option1": "w64", "option2": "w65", "answer": "2"}),
-    "boolq": ("validation", {"question": "w70 w71", "passage": "w72 w73 w74", "idx": 0, "label": 1}),
+    "piqa": ("validation", {"goal": "word50 word51", "sol1": "word52", "sol2": "word53", "label": 1}),
+    "winogrande": (
+        "validation",
+        {"sentence": "word60 word61 _ word62 word63.", "option1": "word64", "option2": "word65", "answer": "2"},
+    ),
+    "boolq": ("validation", {"question": "word70 word71", "passage": "word72 word73 word74", "idx": 0, "label": 1}),
 }
 
 
@@ -63,6 +66,10 @@ def local_copies(tmp_path_factory) -> Path:
             f"dataset_kwargs: {{data_files: {{{split}: {data}}}}}",
         ]
         (folder / f"{name}_local.yaml").write_text("\n".join(yaml) + "\n")
+    # Two groups of local tasks: one with an aggregate score (stored under the group's name), one without.
+    aggregate = "aggregate_metric_list: [{metric: acc, aggregation: mean, weight_by_size: true}]"
+    (folder / "pair.yaml").write_text(f"group: local_pair\ntask: [piqa_local, boolq_local]\n{aggregate}\n")
+    (folder / "bare.yaml").write_text("group: local_bare\ntask: [piqa_local, boolq_local]\n")
     return folder
 
 
@@ -99,6 +106,20 @@ def test_offline_cloze_task_results_are_parsed_with_stderr(tmp_path, numerics):
     assert result.metrics["perplexity"][0] > 1.0 and result.metrics["perplexity"][1] is not None
     again = run_tasks(model, tiny_tokenizer(), tasks, limit=10, batch_size=5, numerics=numerics)["cloze"]
     assert again.metrics["perplexity"][0] == pytest.approx(result.metrics["perplexity"][0], rel=1e-3)
+
+
+def test_a_group_is_scored_by_its_aggregate(manager):
+    tasks = load_tasks(manager, ["local_pair"])
+    result = run_tasks(tiny_model("llama"), tiny_tokenizer(), tasks, limit=None, batch_size=4, numerics="float32")
+    assert list(result) == ["local_pair"] and result["local_pair"].n == 6  # three documents in each task
+    assert result["local_pair"].metric == "acc" and 0.0 <= result["local_pair"].value <= 1.0
+
+
+def test_groups_without_a_score_and_overlapping_names_are_refused(manager):
+    with pytest.raises(SearchError, match="group 'local_bare' has no aggregate score; pass its tasks by name"):
+        load_tasks(manager, ["local_bare"])
+    with pytest.raises(SearchError, match="--tasks name piqa_local twice"):
+        load_tasks(manager, ["piqa_local", "local_pair"])
 
 
 def test_unknown_task_and_tag_are_one_line_errors(manager):
