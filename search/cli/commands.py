@@ -122,9 +122,9 @@ def export(args: argparse.Namespace) -> None:
     number = args.trial if args.trial is not None else pick_trial(study, args.pick)
     accuracy = prepared = None
     if args.tasks:  # task names and their data are checked before the export
-        from search.accuracy import AccuracySettings, prepare_tasks
+        from search.accuracy import prepare_tasks
 
-        accuracy = AccuracySettings(args.tasks, args.limit, args.batch_size, [Path(p) for p in args.include_path])
+        accuracy = _accuracy_settings(args)
         prepared = prepare_tasks(accuracy)
     logging.getLogger("search").info("exporting trial %d of study %r to %s", number, study.study_name, args.out)
     report = export_trial(study, number, args.out, args.device, args.trust_remote_code)
@@ -154,6 +154,15 @@ def export(args: argparse.Namespace) -> None:
             )
 
 
+def _accuracy_settings(args: argparse.Namespace):
+    """`--tasks`, `--limit`, `--batch-size`, `--include-path` of `export` and `heal` (no --tasks: none)."""
+    from pathlib import Path
+
+    from search.accuracy import AccuracySettings
+
+    return AccuracySettings(args.tasks or (), args.limit, args.batch_size, [Path(p) for p in args.include_path])
+
+
 def evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -177,7 +186,6 @@ def heal(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from evaluators.lora import LoraSettings
-    from search.accuracy import AccuracySettings
     from search.export import pick_trial
     from search.lora import format_heal, heal_trial
 
@@ -197,7 +205,7 @@ def heal(args: argparse.Namespace) -> None:
         reference=args.reference,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
-        accuracy=AccuracySettings(args.tasks or (), args.limit, args.batch_size, [Path(p) for p in args.include_path]),
+        accuracy=_accuracy_settings(args),
     )
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=2))

@@ -362,7 +362,7 @@ def _limit(text: str) -> int | None:
 
 
 def _accuracy_flags(parser: argparse.ArgumentParser, with_device: bool = True) -> None:
-    """How the harness runs: shared by `evaluate` and `export --tasks`."""
+    """How the harness runs: shared by `evaluate`, `export --tasks` and `heal --tasks`."""
     from search.accuracy import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT
 
     group = parser.add_argument_group("accuracy (lm-evaluation-harness)")
@@ -370,10 +370,13 @@ def _accuracy_flags(parser: argparse.ArgumentParser, with_device: bool = True) -
         "--limit",
         type=_limit,
         default=DEFAULT_LIMIT,
-        help=f"documents per task, or `all` (default: {DEFAULT_LIMIT}; results are stored per limit)",
+        help=f"documents per task, or `all` (default: {DEFAULT_LIMIT})",
     )
     group.add_argument(
-        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help=f"(default: {DEFAULT_BATCH_SIZE})"
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"documents per forward pass (default: {DEFAULT_BATCH_SIZE})",
     )
     group.add_argument(
         "--include-path",
@@ -398,7 +401,7 @@ def _evaluate_parser(sub) -> None:
         description="Build each chosen trial's model as `export` would (in memory, the study's healing folded "
         "in), run lm-evaluation-harness tasks on it and on the unpruned baseline, and store the results in the "
         "study, where `front`, `show` and `front --plot` display them. Results already stored (same task, "
-        "trial set and --limit) are reused.",
+        "removal set, --limit and harness version) are reused; another --limit is stored beside them.",
         epilog=f"Offline tasks, built from the study's held-out windows: {OFFLINE_TASKS.describe()}. Any other "
         "name is a harness task (e.g. arc_easy, hellaswag, piqa, winogrande, boolq, lambada_openai), whose data the "
         "harness loads from the hub or the local `datasets` cache.",
