@@ -339,12 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
     )
-    export.add_argument(
-        "--tasks",
-        type=_task_list,
-        help="also measure accuracy on these tasks (as `evaluate --tasks`) and write it into pruning.json",
-    )
-    _accuracy_flags(export, with_device=False)
+    _accuracy_flags(export, "also measure accuracy on these tasks (as `evaluate`) and write it into pruning.json")
     _heal_parser(sub, picks)
     _evaluate_parser(sub)
     return parser
@@ -361,11 +356,20 @@ def _limit(text: str) -> int | None:
     return None if text == "all" else _positive_int(text)
 
 
-def _accuracy_flags(parser: argparse.ArgumentParser, with_device: bool = True) -> None:
-    """How the harness runs: shared by `evaluate`, `export --tasks` and `heal --tasks`."""
+def _accuracy_flags(
+    parser: argparse.ArgumentParser, tasks_help: str, default: tuple[str, ...] = (), with_device: bool = False
+) -> None:
+    """Which tasks and how the harness runs them: shared by `evaluate`, `export --tasks` and `heal --tasks`
+    (`--device` and `--trust-remote-code` only where the command has none already)."""
     from search.accuracy import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT
 
     group = parser.add_argument_group("accuracy (lm-evaluation-harness)")
+    group.add_argument(
+        "--tasks",
+        type=_task_list,
+        default=list(default) or None,
+        help=f"{tasks_help} (default: {','.join(default) or 'none'})",
+    )
     group.add_argument(
         "--limit",
         type=_limit,
@@ -412,13 +416,7 @@ def _evaluate_parser(sub) -> None:
     )
     which.add_argument("--front", action="store_true", help="every point of the front (the default)")
     _stored_study_flags(evaluate)
-    evaluate.add_argument(
-        "--tasks",
-        type=_task_list,
-        default=list(DEFAULT_TASKS),
-        help=f"comma-separated task names (default: {','.join(DEFAULT_TASKS)})",
-    )
-    _accuracy_flags(evaluate)
+    _accuracy_flags(evaluate, "comma-separated task names", DEFAULT_TASKS, with_device=True)
     evaluate.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
 
 
@@ -480,10 +478,5 @@ def _heal_parser(sub, picks: dict) -> None:
     measure.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
     )
-    measure.add_argument(
-        "--tasks",
-        type=_task_list,
-        help="also score all four models on these accuracy tasks (as `evaluate --tasks`; default: none)",
-    )
-    _accuracy_flags(heal, with_device=False)
+    _accuracy_flags(heal, "also score all four models on these accuracy tasks (as `evaluate`)")
     heal.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
