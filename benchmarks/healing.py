@@ -50,7 +50,7 @@ def eval_cost(cached: CachingEvaluator, removed: tuple[int, ...], rounds: int = 
     """Seconds of one healed and one unhealed calibration evaluation of `removed`, interleaved, no cache,
     with each fit mode (sequential: later runs fitted on the model healed so far; parallel)."""
     evaluator = cached.evaluator
-    evaluator.healing(())  # the fitting activations: collected once per process, not per evaluation
+    evaluator.healing(())  # the fitting statistics: summed once per process, not per evaluation
     mode = evaluator.sequential
     row: dict = {"removed_layers": list(removed)}
     try:
@@ -61,7 +61,7 @@ def eval_cost(cached: CachingEvaluator, removed: tuple[int, ...], rounds: int = 
                 started = time.perf_counter()
                 evaluator.ppl(removed, "calib", unhealed=True)
                 unhealed.append(time.perf_counter() - started)
-                evaluator._healings.clear()  # the fit is part of a healed evaluation
+                evaluator.clear_fits()  # the fit is part of a healed evaluation
                 started = time.perf_counter()
                 evaluator.ppl(removed, "calib")
                 healed.append(time.perf_counter() - started)
@@ -72,7 +72,7 @@ def eval_cost(cached: CachingEvaluator, removed: tuple[int, ...], rounds: int = 
             }
     finally:
         evaluator.sequential = mode
-        evaluator._healings.clear()
+        evaluator.clear_fits()
     return row
 
 

@@ -46,7 +46,7 @@ def main() -> None:
     )
     base = evaluator.baseline()
     print(f"baseline ppl: held-out {base['test']:.3f}, Wikipedia {base['eval']:.3f} ({loaded.dtype})", flush=True)
-    evaluator.healing(())  # collects the fitting activations once
+    evaluator.healing(())  # sums the fitting statistics once
     for text in args.sets:
         removed = [int(i) for i in text.split(",")]
         unhealed = [evaluator.ppl(removed, s, unhealed=True) / base[s] for s in ("test", "eval")]
@@ -55,7 +55,7 @@ def main() -> None:
         for ridge in args.ridge:
             for sequential in (True,) if one_run else (True, False):
                 evaluator.ridge, evaluator.sequential = ridge, sequential
-                evaluator._healings.clear()
+                evaluator.clear_fits()
                 started = time.perf_counter()
                 evaluator.healing(removed)
                 fit_s = time.perf_counter() - started

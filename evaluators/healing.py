@@ -8,10 +8,17 @@ healed model keeps its architecture and parameter count, so stock `transformers`
 idea of ReplaceMe, Shopkhoev et al. 2025).
 
 The fit is least squares with a ridge on A: it shrinks towards leaving the model unhealed (A = 0),
-never towards deleting the MLP. Windows: the fitting windows (`FitData`) are their own tokens, taken
-from the corpus beside the calibration windows and never from the held-out ones. Runs are fitted
-in order; with `sequential`, each later run is fitted on the activations of the model already
-pruned and healed before it (the errors it must correct), else on the unpruned model's.
+never towards deleting the MLP. Windows: the fitting windows are their own tokens, taken from the
+corpus beside the calibration windows and never from the held-out ones.
+
+No token's activations are held in memory beyond one batch: the least-squares problem only needs
+MᵀM and MᵀY, so `collect_fit_stats` sums them batch by batch (float64) for every run a study can
+remove, and fitting a run that the unpruned model leads into is a solve. Runs are fitted in order;
+with `sequential`, each later run is fitted on the model already pruned and healed before it (the
+errors it must correct), which only a pass of that model over the fitting windows shows. That pass
+is progressive: it starts after the previous run, fed the state its fit left (the unpruned stream
+plus the previous map's output, read back from scratch files on disk, evaluators/scratch.py), and
+runs only the kept layers up to the next run, not the stack from the first changed layer again.
 
 A run that starts at layer 0 has no preceding MLP and stays unhealed (reported, never faked). A
 family whose MLP output passes through a norm before the residual add cannot fold a map exactly:
@@ -20,9 +27,12 @@ family whose MLP output passes through a norm before the residual add cannot fol
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,10 +40,13 @@ from torch import nn
 
 from evaluators.forward import numerics, prepare
 from evaluators.perplexity import window_batches
+from evaluators.scratch import Scratch
 from search.model.architectures import architecture_of
+from search.model.numerics import mixed_precision
 from search.model.surgery import decoder_layers, layers_removed
 
 DEFAULT_RIDGE = 1e-2  # relative to the mean diagonal of M^T M
+CAPTURES = 16  # captures kept per fitting set (on disk, two batches' worth of tensors per fitting batch each)
 
 
 def runs(removed: Sequence[int]) -> list[tuple[int, int]]:
@@ -124,133 +137,271 @@ def _mix(delta: torch.Tensor) -> torch.Tensor:
 
 
 class _Stop(Exception):
-    """Raised by a hook once the layers a fit needs have run: the rest of the stack is skipped."""
+    """Raised by a hook once the layers a pass needs have run: the rest of the stack is skipped."""
 
 
 def _output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _tokens(states: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, d] -> [tokens, d] without each window's first position (BOS or context-only), in at
+    least float32 (a float64 model keeps float64: the tests compare sums at that precision)."""
+    return states[:, 1:].reshape(-1, states.shape[-1]).to(torch.promote_types(states.dtype, torch.float32))
+
+
+def _product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Σ over a batch's tokens of leftᵀ right: float32 products, float64 sums."""
+    return (_tokens(left).T @ _tokens(right)).double()
+
+
+def _add(sums: dict, key: Any, value: torch.Tensor) -> None:
+    sums[key] = sums[key] + value if key in sums else value
+
+
+Pair = tuple[int, int]  # (p, b): the MLP output of layer p against the residual stream entering layer b
+
+
+def run_pairs(removed: Sequence[int]) -> set[Pair]:
+    """The statistics a fit of `removed` reads: (p, b) for each healable run i..j, p = i-1, b = j+1."""
+    return {(first - 1, last + 1) for first, last in runs(removed) if first > 0}
+
+
+def all_pairs(n_layers: int, max_run: int) -> set[Pair]:
+    """Every (p, b) a run of at most `max_run` layers can need (b = n_layers: the stack's output)."""
+    return {(p, p + 1 + k) for p in range(n_layers - 1) for k in range(1, max_run + 1) if p + 1 + k <= n_layers}
+
+
 @dataclass
-class FitData:
-    """The unpruned model's activations on the fitting windows, per batch: each layer's input
-    (`inputs[n]`: the stack's output) and each layer's MLP output. Gram products are memoised."""
+class FitStats:
+    """What the maps are solved from, over the fitting windows (the held-out windows never enter):
+    for the unpruned stack, Σ MᵀM of layer p's MLP output (`gram`) and Σ Mᵀ(S_b - S_p+1), S_x the
+    residual stream entering layer x (`cross`), in float64, O(d²) each whatever the number of tokens;
+    and, for sequential fits, every layer's input and MLP output per batch on disk (`states`: keys
+    "s<x>" and "m<p>"), read back one batch at a time."""
 
     windows: torch.Tensor
     bos_id: int | None
     batch_size: int
-    inputs: dict[int, list[torch.Tensor]]
-    mlp_out: dict[int, list[torch.Tensor]]
-    _products: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    tokens: int  # fitted positions over all fitting windows
+    gram: dict[int, torch.Tensor]
+    cross: dict[Pair, torch.Tensor]
+    states: Scratch | None = None
+    # (runs before a layer, that layer) -> its capture on the model healed that far: sets sharing those
+    # runs (a greedy stage's candidates, a sampler's neighbours) continue from it instead of running again.
+    captures: OrderedDict[tuple, _Capture] = field(default_factory=OrderedDict, repr=False)
 
-    def product(self, layer: int, boundary: int | None) -> torch.Tensor:
-        """M_layer^T M_layer (boundary None) or M_layer^T S_boundary, float64, over the fitted tokens."""
-        key = ("mm" if boundary is None else "ms", layer, -1 if boundary is None else boundary)
-        if key not in self._products:
-            right = self.mlp_out[layer] if boundary is None else self.inputs[boundary]
-            total = torch.zeros((), dtype=torch.float64, device=self.mlp_out[layer][0].device)
-            for m, s in zip(self.mlp_out[layer], right, strict=True):
-                total = total + (_tokens(m).T @ _tokens(s)).double()
-            self._products[key] = total
-        return self._products[key]
+    @property
+    def batches(self) -> int:
+        return math.ceil(len(self.windows) / self.batch_size)
+
+    def close_captures(self) -> None:
+        for capture in self.captures.values():
+            capture.close()
+        self.captures.clear()
+
+    def close(self) -> None:
+        self.close_captures()
+        if self.states is not None:
+            self.states.close()
 
 
-def _tokens(states: torch.Tensor) -> torch.Tensor:
-    """[batch, seq, d] -> [tokens, d] without each window's first position (BOS or context-only)."""
-    return states[:, 1:].reshape(-1, states.shape[-1]).float()
-
-
-def _batches(data: FitData, device: torch.device) -> Iterator[torch.Tensor]:
-    return window_batches(data.windows, data.bos_id, data.batch_size, device)
+def _batches(
+    windows: torch.Tensor, bos_id: int | None, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    return window_batches(windows, bos_id, batch_size, device)
 
 
 @torch.inference_mode()
-def collect_fit_data(model: nn.Module, windows: torch.Tensor, bos_id: int | None, batch_size: int) -> FitData:
-    """One pass of the unpruned stack over the fitting windows (no LM head), keeping what fits need."""
+def collect_fit_stats(
+    model: nn.Module,
+    windows: torch.Tensor,
+    bos_id: int | None,
+    batch_size: int,
+    pairs: set[Pair],
+    keep_states: bool = True,
+) -> FitStats:
+    """One pass of the unpruned stack (no LM head) over the fitting windows, summing the statistics of
+    `pairs` and, with `keep_states`, writing every layer's input and MLP output to scratch files (what
+    sequential fits of later runs start from). Held in memory: the current batch's MLP outputs and
+    residual states that a later boundary of the same batch still needs, nothing across batches."""
     prepare(model)  # before the hooks: the fused-head probe runs a batch of its own
     layers = decoder_layers(model)
     n = len(layers)
-    data = FitData(windows, bos_id, batch_size, {i: [] for i in range(n + 1)}, {i: [] for i in range(n)})
-    handles = []
-    for index, layer in enumerate(layers):
+    stats = FitStats(windows, bos_id, batch_size, 0, {}, {}, Scratch() if keep_states else None)
+    # On disk in the dtype the layers compute in (bf16 under bf16-mixed: half the bytes to write and read
+    # back; measured to move healed ratios by at most 0.001), read back into the residual stream's dtype.
+    weights = next(model.parameters()).dtype
+    stored = mixed_precision(model) or weights
+    sources = set(range(n)) if keep_states else {p for p, _ in pairs}
+    targets: dict[int, list[int]] = {}  # b -> the p paired with it
+    for p, b in sorted(pairs):
+        targets.setdefault(b, []).append(p)
+    top = n if keep_states else max((b for _, b in pairs), default=0)
+    mlp: dict[int, torch.Tensor] = {}  # this batch: p -> M_p
+    after: dict[int, torch.Tensor] = {}  # this batch: p -> S_p+1
+    batch = [0]
 
-        def keep_input(module, args, kwargs, index=index):
-            data.inputs[index].append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+    def boundary(x: int, state: torch.Tensor) -> None:
+        """The residual stream entering layer x (x = n: the stack's output) of the current batch."""
+        if stats.states is not None:
+            stats.states.put(f"s{x}", batch[0], state.to(stored))
+        if x - 1 in mlp:
+            after[x - 1] = state
+        for p in targets.get(x, ()):
+            _add(stats.cross, (p, x), _product(mlp[p], state - after[p]))
+        if x >= top:
+            raise _Stop
 
-        def keep_mlp(module, args, output, index=index):
-            data.mlp_out[index].append(_output(output).detach().clone())
+    def keep_input(module, args, kwargs, index=0):
+        boundary(index, _input(args, kwargs).detach())
 
-        handles.append(layer.register_forward_pre_hook(keep_input, with_kwargs=True))
-        handles.append(output_projection(model, index).register_forward_hook(keep_mlp))
+    def keep_mlp(module, args, output, index=0):
+        m = _output(output).detach()
+        if stats.states is not None:
+            stats.states.put(f"m{index}", batch[0], m)
+        if index in pairs_from:
+            _add(stats.gram, index, _product(m, m))
+            mlp[index] = m
 
     def keep_last(module, args, output):
-        data.inputs[n].append(_output(output).detach().clone())
-        raise _Stop
+        boundary(n, _output(output).detach())
 
+    pairs_from = {p for p, _ in pairs}
+    handles = [
+        layer.register_forward_pre_hook(partial(keep_input, index=i), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    handles += [output_projection(model, p).register_forward_hook(partial(keep_mlp, index=p)) for p in sorted(sources)]
     handles.append(layers[n - 1].register_forward_hook(keep_last))
     causal_lm: Any = model
     try:
-        for inputs in _batches(data, next(model.parameters()).device):
-            try:
-                with numerics(model):
-                    causal_lm.base_model(input_ids=inputs, use_cache=False)
-            except _Stop:
-                pass
+        if top > 0:
+            for index, inputs in enumerate(_batches(windows, bos_id, batch_size, next(model.parameters()).device)):
+                batch[0] = index
+                try:
+                    with numerics(model):
+                        causal_lm.base_model(input_ids=inputs, use_cache=False)
+                except _Stop:
+                    pass
+                finally:
+                    mlp.clear()
+                    after.clear()
+                stats.tokens += inputs.shape[0] * (inputs.shape[1] - 1)
+    except BaseException:
+        stats.close()
+        raise
     finally:
         for handle in handles:
             handle.remove()
-    return data
+    return stats
+
+
+def add_pairs(model: nn.Module, stats: FitStats, pairs: set[Pair]) -> None:
+    """Sum the statistics of `pairs` the first pass did not (a run longer than it was told to expect)."""
+    missing = {pair for pair in pairs if pair not in stats.cross}
+    if missing:
+        more = collect_fit_stats(model, stats.windows, stats.bos_id, stats.batch_size, missing, keep_states=False)
+        stats.cross.update(more.cross)
+        for p, gram in more.gram.items():
+            stats.gram.setdefault(p, gram)
+
+
+@dataclass
+class _Capture:
+    """One kept layer's MLP output and output on every fitting window (per batch, on disk), in the model
+    pruned and healed up to it, and the sums fits read from them: whatever run follows that layer, its
+    map is a solve from here, and the run after it continues from here."""
+
+    scratch: Scratch  # "m", "out" per batch
+    gram: torch.Tensor  # Σ M'ᵀM'
+    cross: dict[int, torch.Tensor]  # boundary b -> Σ M'ᵀ(S_b - out')
+
+    def close(self) -> None:
+        self.scratch.close()
 
 
 @torch.inference_mode()
-def _pruned_products(
-    model: nn.Module, data: FitData, removed: Sequence[int], start: int | None, layer: int, target: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """M^T M and M^T (S_target - out_layer) on the pruned model as it is now (earlier maps folded),
-    running only layers start..layer, fed the unpruned input of `start` (None: from the embedding)."""
-    device = data.inputs[0][0].device
-    mm = torch.zeros((), dtype=torch.float64, device=device)
-    my = torch.zeros((), dtype=torch.float64, device=device)
+def _capture(
+    model: nn.Module,
+    stats: FitStats,
+    removed: Sequence[int],
+    start: int,
+    feed: Callable[[int], torch.Tensor],
+    layer: int,
+) -> _Capture:
+    """Run the pruned model healed so far from kept layer `start` (fed `feed(batch)`, the state the
+    previous run's fit left) to `layer` over the fitting windows, keeping that layer's MLP output and
+    output."""
+    device = next(model.parameters()).device
     captured: dict[str, torch.Tensor] = {}
     current: list[torch.Tensor] = []
 
-    def feed(module, args, kwargs):
+    def feed_hook(module, args, kwargs):
         if args:
             return (current[0], *args[1:]), kwargs
         kwargs["hidden_states"] = current[0]
         return args, kwargs
 
     def keep_mlp(module, args, output):
-        captured["m"] = _output(output)
+        captured["m"] = _output(output).detach()
 
     def stop(module, args, output):
-        captured["out"] = _output(output)
+        captured["out"] = _output(output).detach()
         raise _Stop
 
     causal_lm: Any = model
-    projection = output_projection(model, layer)
-    layer_module = decoder_layers(model)[layer]
-    with layers_removed(model, sorted(set(range(start or 0)) | set(removed))):
-        handles = [projection.register_forward_hook(keep_mlp), layer_module.register_forward_hook(stop)]
-        if start is not None:
-            handles.append(decoder_layers(model)[0].register_forward_pre_hook(feed, with_kwargs=True))
-        try:
-            for index, inputs in enumerate(_batches(data, next(model.parameters()).device)):
-                if start is not None:
-                    current[:] = [data.inputs[start][index]]
-                try:
-                    with numerics(model):
-                        causal_lm.base_model(input_ids=inputs, use_cache=False)
-                except _Stop:
-                    pass
-                m = _tokens(captured["m"])
-                residual = _tokens(data.inputs[target][index]) - _tokens(captured["out"])
-                mm = mm + (m.T @ m).double()
-                my = my + (m.T @ residual).double()
-        finally:
-            for handle in handles:
-                handle.remove()
-    return mm, my
+    projection, layer_module = output_projection(model, layer), decoder_layers(model)[layer]
+    found = _Capture(Scratch(), torch.zeros(()), {})
+    gram: torch.Tensor | None = None
+    try:
+        with layers_removed(model, sorted(set(range(start)) | set(removed))):
+            handles = [
+                decoder_layers(model)[0].register_forward_pre_hook(feed_hook, with_kwargs=True),
+                projection.register_forward_hook(keep_mlp),
+                layer_module.register_forward_hook(stop),
+            ]
+            try:
+                for index, inputs in enumerate(_batches(stats.windows, stats.bos_id, stats.batch_size, device)):
+                    current[:] = [feed(index)]
+                    try:
+                        with numerics(model):
+                            causal_lm.base_model(input_ids=inputs, use_cache=False)
+                    except _Stop:
+                        pass
+                    m, out = captured.pop("m"), captured.pop("out")
+                    gram = _product(m, m) if gram is None else gram + _product(m, m)
+                    found.scratch.put("m", index, m)
+                    found.scratch.put("out", index, out.to(m.dtype))  # as the fitting states: the compute dtype
+            finally:
+                for handle in handles:
+                    handle.remove()
+    except BaseException:
+        found.close()
+        raise
+    assert gram is not None, "the fitting windows have at least one batch"
+    found.gram = gram
+    return found
+
+
+def _cross(stats: FitStats, capture: _Capture, target: int, device: torch.device) -> torch.Tensor:
+    """Σ M'ᵀ(S_target - out') over the fitting windows, S_target the unpruned stream (from disk)."""
+    if target not in capture.cross:
+        assert stats.states is not None
+        total: torch.Tensor | None = None
+        for index in range(stats.batches):
+            m = capture.scratch.get("m", index, device)
+            dtype = torch.promote_types(m.dtype, torch.float32)
+            out = capture.scratch.get("out", index, device).to(dtype)
+            value = _product(m, stats.states.get(f"s{target}", index, device).to(dtype) - out)
+            total = value if total is None else total + value
+        assert total is not None
+        capture.cross[target] = total
+    return capture.cross[target]
 
 
 def solve(mm: torch.Tensor, my: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -260,31 +411,72 @@ def solve(mm: torch.Tensor, my: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(mm + lam * eye, my)
 
 
+def _healed_state(out: torch.Tensor, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A kept layer's output with its MLP output mapped by (I + delta): out + M·delta."""
+    return out + (m.to(out.dtype) @ delta.to(out.dtype))
+
+
 def fit_healing(
     model: nn.Module,
-    data: FitData,
+    stats: FitStats,
     removed: Sequence[int],
     ridge: float = DEFAULT_RIDGE,
     sequential: bool = True,
 ) -> Healing:
-    """One map per removed run (see the module docstring); the model is left as it was."""
+    """One map per removed run (see the module docstring); the model is left as it was.
+
+    The first healable run sees the unpruned model up to its preceding layer, so its map comes from the
+    streamed sums alone. With `sequential`, run r+1 is fitted on the model pruned and healed up to run
+    r: one pass over the fitting windows through the kept layers between the two runs, fed the state
+    after run r (its preceding layer's output plus its mapped MLP output: the unpruned states on disk
+    after the first run, the previous pass's after later ones)."""
+    removed = sorted(set(removed))
+    add_pairs(model, stats, run_pairs(removed))
+    device, residual = next(model.parameters()).device, next(model.parameters()).dtype
+    states = stats.states
+    if sequential and states is None:
+        raise ValueError("sequential fits need the fitting states (collect_fit_stats(keep_states=True))")
     maps: dict[int, torch.Tensor] = {}
     unhealed: list[tuple[int, int]] = []
-    removed = sorted(set(removed))
-    for first, last in runs(removed):
+    state: Callable[[int], torch.Tensor] | None = None  # batch -> the stream after the last run; None: unchanged
+    end = 0  # the last layer of the previous run
+    found = runs(removed)
+    for number, (first, last) in enumerate(found):
+        layer, target = first - 1, last + 1
         if first == 0:
             unhealed.append((first, last))
-            continue
-        layer, target = first - 1, last + 1
-        earlier = [i for i in removed if i < first]
-        if not earlier or not sequential:  # the unpruned activations are this layer's own
-            mm = data.product(layer, None)
-            my = data.product(layer, target) - data.product(layer, first)
+            if states is not None:
+                state = partial(_state, states, "s0", None, None, device, residual)  # from the embedding
+        elif not sequential or state is None:  # nothing before it changed: the unpruned sums are its own
+            maps[layer] = solve(stats.gram[layer], stats.cross[(layer, target)], ridge)
+            if states is not None:
+                state = partial(_state, states, f"s{first}", f"m{layer}", maps[layer], device, residual)
         else:
-            start: int | None = min([removed[0], *maps])  # nothing before it changed: its unpruned input holds
-            if start in removed:
-                start = None  # layer 0 is removed: from the embedding
-            with healed(model, Healing(maps)):
-                mm, my = _pruned_products(model, data, removed, start, layer, target)
-        maps[layer] = solve(mm, my, ridge).to(data.inputs[0][0].device)
+            key = (tuple(found[:number]), layer)  # what the model up to `layer` is: the runs before it
+            capture = stats.captures.get(key)
+            if capture is None:
+                capture = stats.captures[key] = _capture(model, stats, removed, end + 1, state, layer)
+            stats.captures.move_to_end(key)
+            maps[layer] = solve(capture.gram, _cross(stats, capture, target, device), ridge)
+            state = partial(_state, capture.scratch, "out", "m", maps[layer], device, residual)
+        end = last
+    while len(stats.captures) > CAPTURES:  # after the fit: a capture in use is never closed under it
+        stats.captures.pop(next(iter(stats.captures))).close()
     return Healing(maps, tuple(unhealed))
+
+
+def _state(
+    scratch: Scratch,
+    out: str,
+    mlp: str | None,
+    delta: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    index: int,
+) -> torch.Tensor:
+    """Batch `index` of a stored stream in the residual's `dtype`, with the mapped MLP output added when a
+    run was healed there."""
+    stream = scratch.get(out, index, device).to(dtype)
+    if mlp is None or delta is None:
+        return stream
+    return _healed_state(stream, scratch.get(mlp, index, device), delta)

@@ -112,6 +112,24 @@ class PrefixCache:
     def perplexity(self, removed: Sequence[int]) -> float:
         return from_batches(self.nll_batches(removed))
 
+    def head(self, n_windows: int) -> PrefixCache | None:
+        """The same cache over its first `n_windows` windows, sharing the stored states; None unless they
+        are whole batches (a batch's shape is part of what makes the states exact)."""
+        if n_windows > len(self.windows) or (n_windows % self.batch_size and n_windows != len(self.windows)):
+            return None
+        batches = math.ceil(n_windows / self.batch_size)
+        states = {boundary: stored[:batches] for boundary, stored in self.states.items()}
+        return PrefixCache(
+            self.model,
+            self.windows[:n_windows],
+            self.bos_id,
+            self.batch_size,
+            self.base,
+            self.n_layers,
+            states,
+            self.base_nll[:batches],
+        )
+
 
 @torch.inference_mode()
 def build_prefix_cache(

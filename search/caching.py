@@ -54,8 +54,11 @@ class CachingEvaluator:
         ceiling: float | None = None,
         cap: float | None = None,
         unhealed: bool = False,
+        sequential: bool | None = None,
     ) -> float:
         healing = self.evaluator.heal != "none" and not unhealed and bool(removed)
+        if healing and sequential is not None and sequential != self.evaluator.sequential:
+            return self.evaluator.ppl(removed, split, ceiling, cap, unhealed, sequential)  # a screen: not stored
         store = (self.healed_stores if healing else self.stores).get(split)
         cached = store.get(removed) if store is not None else None
         if cached is not None:
@@ -99,10 +102,13 @@ def with_store(
     healed = f"{numerics}/{heal_key(evaluator)}"
 
     def caches(numerics: str) -> dict[str, EvalCache]:
-        return {
+        found = {
             split: EvalCache(storage.engine, model_fingerprint, splits.split_fingerprint(split), numerics)
             for split in splits.measured
         }
+        windows = evaluator.windows("sensitivity")  # greedy's windows: the same rows as `sensitivity()`'s cache
+        found["sensitivity"] = replace(found["calib"], data_fingerprint=windows_fingerprint(windows, splits.bos_id))
+        return found
 
     return CachingEvaluator(evaluator, caches(numerics), caches(healed) if evaluator.heal != "none" else {})
 
@@ -113,4 +119,6 @@ def heal_key(evaluator: Evaluator) -> str:
     fit = evaluator.splits.fit
     fitted = windows_fingerprint(fit, evaluator.splits.bos_id) if fit is not None else "-"
     spec = f"{evaluator.heal}:{evaluator.ridge}:{evaluator.sequential}:{fitted}"
+    if evaluator.sequential:  # since the streamed fit: later runs start from fitting states stored in the compute dtype
+        spec += ":streamed"
     return f"h:{evaluator.heal}:{hashlib.sha256(spec.encode()).hexdigest()[:12]}"

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from evaluators.data import Splits
-from evaluators.healing import DEFAULT_RIDGE, FitData, Healing, collect_fit_data, healed
+from evaluators.healing import DEFAULT_RIDGE, FitStats, Healing, all_pairs, collect_fit_stats, healed
 from evaluators.latency import Latency, measure_latencies, reachable_shapes, shape_key
 from evaluators.perplexity import bounded_perplexity, check_cap, target_count
 from evaluators.prefix import PrefixCache, build_prefix_cache
 from search.healing import HEALINGS
+from search.model.surgery import decoder_layers
 
 if TYPE_CHECKING:
     from search.caching import CachingEvaluator
@@ -41,24 +42,32 @@ class Evaluator:
     heal: str = "none"  # search/healing.py: HEALINGS; what `ppl` measures unless told otherwise
     ridge: float = DEFAULT_RIDGE
     sequential: bool = True
+    max_run: int = 1  # the longest run of removed layers the statistics are summed for up front (the budget's)
+    sensitivity_tokens: int = 2048  # the "sensitivity" split: the first calibration tokens, which greedy scores on
     _prefix: dict[str, PrefixCache] = field(default_factory=dict, repr=False)
-    _fit: FitData | None = field(default=None, repr=False)
-    _healings: dict[tuple[int, ...], Healing] = field(default_factory=dict, repr=False)
+    _fit: FitStats | None = field(default=None, repr=False)
+    _healings: dict[tuple[tuple[int, ...], bool], Healing] = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:
         return len(self.layer_kinds)
 
     def windows(self, split: str) -> torch.Tensor:
+        if split == "sensitivity":
+            return self.sensitivity_windows(self.sensitivity_tokens)
         return self.splits.windows(split)
 
     def has_prefix(self, split: str) -> bool:
         return split in self._prefix
 
     def prefix(self, split: str) -> PrefixCache:
-        """The split's prefix cache, built on first use (one forward pass of the unpruned model)."""
+        """The split's prefix cache, built on first use (one forward pass of the unpruned model); the
+        sensitivity windows share the calibration cache's states where they are its first batches."""
         if split not in self._prefix:
-            self._prefix[split] = build_prefix_cache(
+            shared = None
+            if split == "sensitivity":
+                shared = self.prefix("calib").head(len(self.windows(split)))
+            self._prefix[split] = shared or build_prefix_cache(
                 self.model, self.windows(split), self.splits.bos_id, self.batch_size
             )
         return self._prefix[split]
@@ -69,21 +78,40 @@ class Evaluator:
             self.base_ppl[split] = (known or {}).get(split) or self.prefix(split).base_ppl
         return self.base_ppl
 
-    def healing(self, removed: Sequence[int]) -> Healing:
-        """The maps that heal `removed` (fitted once per set; fitting data gathered on first use)."""
-        key = tuple(sorted(set(removed)))
+    def healing(self, removed: Sequence[int], sequential: bool | None = None) -> Healing:
+        """The maps that heal `removed` (fitted once per set; the fitting statistics summed on first use);
+        `sequential=False` fits every run on the unpruned model's sums (free: no pass), whatever the study's."""
+        sequential = self.sequential if sequential is None else sequential
+        removal = tuple(sorted(set(removed)))
+        key = (removal, sequential)
         if key not in self._healings:
             fit = HEALINGS[self.heal]
             if fit is None:
                 return Healing({})
-            if self._fit is None:
+            if self._fit is None or (self.sequential and self._fit.states is None):
                 if self.splits.fit is None:
                     raise ValueError("healing needs fitting windows (make_splits(fit_tokens=...))")
-                self._fit = collect_fit_data(self.model, self.splits.fit, self.splits.bos_id, self.batch_size)
+                if self._fit is not None:
+                    self._fit.close()
+                self._fit = collect_fit_stats(
+                    self.model,
+                    self.splits.fit,
+                    self.splits.bos_id,
+                    self.batch_size,
+                    all_pairs(len(decoder_layers(self.model)), self.max_run),
+                    keep_states=self.sequential,
+                )
             if len(self._healings) >= 64:
                 self._healings.pop(next(iter(self._healings)))
-            self._healings[key] = fit(self.model, self._fit, key, self.ridge, self.sequential)
+            self._healings[key] = fit(self.model, self._fit, removal, self.ridge, sequential)
         return self._healings[key]
+
+    def clear_fits(self) -> None:
+        """Forget every fitted set and the fitting captures (the summed statistics stay): the next healed
+        evaluation pays its whole fit again, as benchmarks of that cost need."""
+        self._healings.clear()
+        if self._fit is not None:
+            self._fit.close_captures()
 
     def ppl(
         self,
@@ -92,12 +120,14 @@ class Evaluator:
         ceiling: float | None = None,
         cap: float | None = None,
         unhealed: bool = False,
+        sequential: bool | None = None,
     ) -> float:
-        """Perplexity of the pruned model, healed as `self.heal` says (unless `unhealed`);
-        raises Rejected once its ratio provably exceeds `ceiling` (a ratio), or exceeds `cap`
-        (--max-ppl-ratio) over the windows seen so far but not all."""
+        """Perplexity of the pruned model, healed as `self.heal` says (unless `unhealed`; `sequential`
+        overrides the study's fit); raises Rejected once its ratio provably exceeds `ceiling` (a ratio),
+        or exceeds `cap` (--max-ppl-ratio) over the windows seen so far but not all."""
         cache = self.prefix(split)
-        healing = Healing({}) if unhealed or not removed else self.healing(removed)
+        self.base_ppl.setdefault(split, cache.base_ppl)
+        healing = Healing({}) if unhealed or not removed else self.healing(removed, sequential)
         with healed(self.model, healing):
             evaluation = cache.nll_batches(removed, healing.first_changed)
             try:

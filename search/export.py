@@ -21,7 +21,7 @@ import optuna
 import torch
 
 from evaluators.data import make_splits
-from evaluators.healing import DEFAULT_RIDGE, collect_fit_data, fold_permanently
+from evaluators.healing import DEFAULT_RIDGE, collect_fit_stats, fold_permanently, run_pairs
 from evaluators.perplexity import perplexity
 from search.errors import SearchError, first_line
 from search.front import front_report
@@ -200,9 +200,12 @@ def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | N
     # Mixed numerics (bf16-mixed) fit under the study's autocast; a study with half-precision weights is
     # refitted on the float32 weights that are saved (its verification tolerance covers the difference).
     apply_numerics(model, settings.dtype)
-    data = collect_fit_data(model, splits.fit, splits.bos_id, batch_size=4)
-    healing = fit(model, data, removed, DEFAULT_RIDGE, settings.heal_fit != "parallel")
-    del data
+    sequential = settings.heal_fit != "parallel"
+    stats = collect_fit_stats(model, splits.fit, splits.bos_id, 4, run_pairs(removed), keep_states=sequential)
+    try:
+        healing = fit(model, stats, removed, DEFAULT_RIDGE, sequential)
+    finally:
+        stats.close()
     fold_permanently(model, healing)
     return {
         "method": settings.heal,

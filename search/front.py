@@ -143,7 +143,12 @@ def format_table(report: dict) -> str:
     if "eval_ppl" in base:
         title.insert(2, f"second corpus {report.get('eval_dataset')}: baseline ppl {base['eval_ppl']:.3f}")
     if "heal" in report:
-        title.insert(-1, f"healed ({report['heal']}): ratios are the healed model's; unhealed_* the same set unhealed")
+        unhealed = any(key.startswith("unhealed_") for key in _fields(report))
+        title.insert(
+            -1,
+            f"healed ({report['heal']}): ratios are the healed model's"
+            + ("; unhealed_* the same set unhealed" if unhealed else ""),
+        )
     tasks = report.get("accuracy_tasks", {})
     for task, about in tasks.items():
         stderr = base["accuracy_stderr"][task]

@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from evaluators.healing import FitData, Healing, fit_healing, fold_reason
+from evaluators.healing import FitStats, Healing, fit_healing, fold_reason
 from search.errors import SearchError
 from search.registry import Registry
 
-Fit = Callable[[nn.Module, FitData, Sequence[int], float, bool], Healing]
+Fit = Callable[[nn.Module, FitStats, Sequence[int], float, bool], Healing]
 
 HEALINGS: Registry[Fit | None] = Registry("healing")
 HEALINGS.add("none", None, "measure the pruned model as it is")

@@ -131,13 +131,6 @@ def make_objective(
             write_trial(trial, test_ppl_ratio=evaluator.test_ratio(removed))
             second = "eval" in evaluator.splits.measured  # --eval-dataset: another domain, never fitted on
             write_trial(trial, eval_ppl_ratio=evaluator.ratio(removed, "eval") if second else None)
-            if evaluator.heal != "none":  # the same set unhealed, beside it: what healing bought
-                write_trial(
-                    trial,
-                    unhealed_ppl_ratio=evaluator.ratio(removed, "calib", unhealed=True),
-                    unhealed_test_ppl_ratio=evaluator.ratio(removed, "test", unhealed=True),
-                    unhealed_eval_ppl_ratio=evaluator.ratio(removed, "eval", unhealed=True) if second else None,
-                )
         write_trial(trial, eval_s=time.perf_counter() - start)
         _report(trial, on_result)
         return values

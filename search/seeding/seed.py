@@ -7,12 +7,12 @@ resume, and a resumed run reads it back instead of measuring again.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import optuna
 from tqdm.auto import tqdm
 
+from evaluators.healing import runs
 from evaluators.perplexity import Rejected
 from search import baselines, space
 from search.caching import CachingEvaluator
@@ -29,9 +29,15 @@ OBJECTIVES = ["ppl_ratio", "latency_ratio"]
 Seeds = list[tuple[tuple[int, ...], str]]
 
 
+SHORTLIST = 6  # candidates per greedy stage after the first, besides the current set's neighbours
+CONFIRMED = 3  # candidates per healed greedy stage measured with the study's fit after the screen
+
+
 def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig) -> tuple[list[Stage], Seeds]:
-    """Staged greedy removal by `--criterion`, and the one-pass methods' picks, on the first
-    `--sensitivity-tokens` calibration tokens."""
+    """Staged greedy removal and the one-pass methods' picks. Unhealed, greedy ranks by `--criterion`
+    on the first `--sensitivity-tokens` calibration tokens. Healed, the path is scored on healed
+    models on the same tokens (healing changes which layers are safe to remove: it favours runs); a
+    one-pass `--criterion` adds its own unhealed path as seeds."""
     windows, store = evaluator.sensitivity(config.sensitivity_tokens)
     scoring = Scoring(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size, store)
     criterion = CRITERIA[config.criterion]
@@ -42,45 +48,55 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
             scoring, removed, candidates, f"greedy stage {len(removed) + 1}/{most} ({config.criterion})"
         )
 
-    stages = staged_greedy(score, budget)
+    healing = evaluator.heal != "none"
+    others: Seeds = []
+    if healing:
+        stages = staged_greedy(healed_scores(evaluator, most), budget, shortlist=SHORTLIST)
+        if criterion.one_pass:
+            unhealed = staged_greedy(score, budget)
+            others += [(stage.removed, f"greedy stage {n} ({config.criterion})") for n, stage in enumerate(unhealed, 1)]
+    else:
+        stages = staged_greedy(score, budget, shortlist=None if criterion.one_pass else SHORTLIST)
     for n, stage in enumerate(stages, 1):
-        log.info("greedy stage %d (%s): remove %s (score %.4g)", n, config.criterion, list(stage.removed), stage.score)
+        how = "healed ratio" if healing else config.criterion
+        log.info("greedy stage %d (%s): remove %s (score %.4g)", n, how, list(stage.removed), stage.score)
     # The one-pass criteria of the unpruned model seed the study too (one forward pass for all of them).
     found = scoring.similarity(max_block=most)
-    others = [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in range(1, most + 1)]
+    others += [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in range(1, most + 1)]
     others += [(baselines.angular_block(found.angular[k], k), f"angular block of {k}") for k in found.angular]
     others += [
         (baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in range(1, most + 1)
     ]
-    if evaluator.heal != "none":  # healing changes which sets are best: a greedy path scored healed, first
-        healed = staged_greedy(healed_scores(evaluator, stages[0].scores if stages else {}), budget)
-        for n, stage in enumerate(healed, 1):
-            log.info("healed greedy stage %d: remove %s (healed ratio %.4g)", n, list(stage.removed), stage.score)
-        others = [(stage.removed, f"healed greedy stage {n}") for n, stage in enumerate(healed, 1)] + others
     return stages, others
 
 
-SHORTLIST = 6  # candidates per healed greedy stage besides the current set's neighbours
+def healed_scores(evaluator: CachingEvaluator, most: int) -> ScoreFn:
+    """Score a stage's candidates by the healed ratio on the first `--sensitivity-tokens` calibration
+    tokens, as unhealed greedy scores. A sequential fit costs a pass over the fitting windows per later
+    run, so candidates are screened with every run fitted on the unpruned model (no pass; the study's
+    fit itself for a single run) and the `CONFIRMED` best are measured again with the study's fit,
+    which picks the stage's set. An evaluation stops once it provably cannot beat the best so far (its
+    score is then the proven lower bound, enough to rank it for the next stage's shortlist)."""
 
-
-def healed_scores(evaluator: CachingEvaluator, profile: dict[int, float]) -> ScoreFn:
-    """Score a stage's candidates by the healed calibration ratio, but only a shortlist: the
-    `SHORTLIST` least sensitive layers unhealed (`profile`, stage 1 of greedy) and the layers next to
-    those already removed (healing favours contiguous runs). Others score inf. Each evaluation stops
-    once it provably cannot beat the stage's best; its figure lands in the evaluation cache, so the
-    seed trials of the chosen sets cost nothing more."""
+    def measure(removal: tuple[int, ...], best: float | None, screen: bool) -> float:
+        parallel = screen and len(runs(removal)) > 1  # one run: the screen is the study's fit (and cached)
+        try:
+            ppl = evaluator.ppl(removal, "sensitivity", best, sequential=False if parallel else None)
+        except Rejected as rejected:
+            return max(rejected.lower_bound, best or 0.0)
+        return ppl / evaluator.base_ppl["sensitivity"]
 
     def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
-        ranked = sorted(candidates, key=lambda i: (profile.get(i, math.inf), i))
-        shortlist = ranked[:SHORTLIST] + [i for i in ranked[SHORTLIST:] if i - 1 in removed or i + 1 in removed]
-        scores = dict.fromkeys(candidates, math.inf)
-        best: float | None = None
-        bar = tqdm(shortlist, desc=f"healed greedy stage {len(removed) + 1}", leave=False)
+        sets = {layer: tuple(sorted((*removed, layer))) for layer in candidates}
+        screened: dict[int, float] = {}
+        bar = tqdm(candidates, desc=f"healed greedy stage {len(removed) + 1}/{most}", leave=False)
         for layer in bar:
-            try:
-                scores[layer] = evaluator.calib_ratio(tuple(sorted((*removed, layer))), best)
-            except Rejected:
-                continue
+            screened[layer] = measure(sets[layer], min(screened.values(), default=None), screen=True)
+        scores = dict(screened)
+        best: float | None = None
+        for layer in sorted(candidates, key=lambda i: (screened[i], i))[:CONFIRMED]:
+            if len(runs(sets[layer])) > 1 and evaluator.sequential:
+                scores[layer] = measure(sets[layer], best, screen=False)
             best = scores[layer] if best is None else min(best, scores[layer])
         return scores
 

@@ -1,6 +1,6 @@
-"""Linear healing: folding is exact in every family that allows it, the fit solves its least-squares
-problem on activations computed independently here, and healed perplexity from the prefix cache is
-the plain forward pass's."""
+"""Linear healing: folding is exact in every family that allows it; the streamed sums and the progressive
+sequential fit equal the least-squares problem set up on activations held and computed independently
+here; healed perplexity from the prefix cache is the plain forward pass's."""
 
 import math
 
@@ -8,14 +8,17 @@ import pytest
 import torch
 
 from evaluators.healing import (
+    DEFAULT_RIDGE,
     Healing,
-    collect_fit_data,
+    all_pairs,
+    collect_fit_stats,
     fit_healing,
     fold_permanently,
     fold_reason,
     healed,
     output_projection,
     runs,
+    solve,
     unreachable_runs,
 )
 from evaluators.perplexity import perplexity
@@ -59,42 +62,107 @@ def test_a_family_with_a_norm_after_its_mlp_is_refused_in_one_line():
     check_healable(model, "none")  # unhealed search works on every family
 
 
-def _activations(model, windows, removed, layer):
-    """Independently of healing.py: the pruned model's MLP output at `layer` and every layer's input."""
-    outputs = []
-    handle = output_projection(model, layer).register_forward_hook(lambda m, a, out: outputs.append(out))
+def _activations(model, windows, removed, layer, width=32):
+    """Independently of healing.py: the pruned model's MLP output at `layer` and every layer's input,
+    every window held at once (the last entry: the last layer's output before the final norm)."""
+    outputs, last = [], []
+    projection = output_projection(model, layer)  # by its index in the unpruned stack
     with torch.no_grad(), layers_removed(model, removed):
-        hidden = model(input_ids=windows, output_hidden_states=True).hidden_states
-    handle.remove()
-    return outputs[0][:, 1:].reshape(-1, 32).double(), [h[:, 1:].reshape(-1, 32).double() for h in hidden]
+        handles = [
+            projection.register_forward_hook(lambda m, a, out: outputs.append(out)),
+            decoder_layers(model)[-1].register_forward_hook(
+                lambda m, a, out: last.append(out[0] if isinstance(out, tuple) else out)
+            ),
+        ]
+        hidden = list(model(input_ids=windows, output_hidden_states=True).hidden_states)
+        for handle in handles:
+            handle.remove()
+    hidden[-1] = last[-1]  # output_hidden_states' last entry is after the final norm
+    flat = [h[:, 1:].reshape(-1, width).double() for h in hidden]
+    return outputs[0][:, 1:].reshape(-1, width).double(), flat
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_each_map_solves_its_least_squares_problem_sequentially(family):
-    model = tiny_model(family, layers=8)
-    windows = torch.randint(3, VOCAB, (6, 40))
-    data = collect_fit_data(model, windows, None, batch_size=4)
-    removed, ridge = [2, 3, 6], 1e-3
-    healing = fit_healing(model, data, removed, ridge=ridge, sequential=True)
-    assert set(healing.maps) == {1, 5} and healing.unhealed == ()
-    _, dense = _activations(model, windows, [], 1)
-    # First run (2..3): on the unpruned model, map layer 1's MLP output onto what layers 2..3 added.
-    m, _ = _activations(model, windows, [], 1)
-    target = dense[4] - dense[2]  # hidden_states[i] is layer i's input
-    # Second run (6): on the model pruned of 2, 3 and healed at 1; target the unpruned input of layer 7.
-    with healed(model, Healing({1: healing.maps[1]})):
-        m2, pruned = _activations(model, windows, [2, 3, 6], 5)
-    target2 = dense[7] - pruned[4]  # the pruned stack's 4th input is layer 5's output
-    for (x, y), layer in (((m, target), 1), ((m2, target2), 5)):
-        gram = x.T @ x
-        lhs = (gram + ridge * gram.diagonal().mean() * torch.eye(32, dtype=torch.float64)) @ healing.maps[layer]
-        assert torch.allclose(lhs, x.T @ y, rtol=1e-3, atol=1e-3 * (x.T @ y).abs().max().item())
+def _reference_healing(model, windows, removed, ridge, sequential):
+    """The sequential fit as first specified, on activations held for every window: each later run is
+    fitted on the whole pruned model, healed so far, run again from the embedding."""
+    maps = {}
+    _, dense = _activations(model, windows, [], 0)
+    for first, last in runs(removed):
+        if first == 0:
+            continue
+        layer, target = first - 1, last + 1
+        earlier = [i for i in removed if i < first]
+        if sequential and earlier:
+            with healed(model, Healing(dict(maps))):
+                m, pruned = _activations(model, windows, [*earlier, *range(first, last + 1)], layer)
+            position = layer - len([i for i in earlier if i < layer])  # layer's index in the pruned stack
+            out = pruned[position + 1]
+        else:
+            m, _ = _activations(model, windows, [], layer)
+            out = dense[layer + 1]
+        y = dense[target] - out
+        gram = m.T @ m
+        lam = ridge * gram.diagonal().mean()
+        maps[layer] = torch.linalg.solve(gram + lam * torch.eye(32, dtype=torch.float64), m.T @ y)
+    return maps
+
+
+@pytest.mark.parametrize("family", FOLDABLE)
+def test_streamed_sums_equal_the_sums_over_held_activations(family):
+    model = tiny_model(family, layers=6).double()
+    windows = torch.randint(3, VOCAB, (7, 24))  # 7 windows in batches of 3: a short last batch
+    stats = collect_fit_stats(model, windows, None, 3, all_pairs(6, 3), keep_states=False)
+    _, dense = _activations(model, windows, [], 0)
+    assert stats.tokens == 7 * 23 and stats.states is None
+    assert set(stats.cross) == all_pairs(6, 3) and set(stats.gram) == {p for p, _ in all_pairs(6, 3)}
+    for (p, b), cross in stats.cross.items():
+        m, _ = _activations(model, windows, [], p)
+        assert torch.allclose(stats.gram[p], m.T @ m, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(cross, m.T @ (dense[b] - dense[p + 1]), rtol=1e-10, atol=1e-10)
+        assert cross.shape == (32, 32)  # O(d²) per pair, whatever the number of tokens
+
+
+@pytest.mark.parametrize("family", FOLDABLE)
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "parallel"])
+def test_streamed_progressive_fit_equals_the_fit_on_held_activations(family, sequential):
+    """Three runs (the last one ending at the stack's output) fitted progressively from streamed sums and
+    states on disk give the maps of the held-activation fit, to float64 rounding."""
+    model = tiny_model(family, layers=8).double()
+    windows = torch.randint(3, VOCAB, (7, 24))
+    stats = collect_fit_stats(model, windows, None, 3, all_pairs(8, 2), keep_states=sequential)
+    try:
+        # [2, 3, 5] and [2, 3, 5, 6] continue from the capture [2, 3, 5, 7] left at layer 4 (another target)
+        for removed in ([2, 3, 5, 7], [1, 4, 5], [0, 2, 5], [2, 3, 5], [2, 3, 5, 6]):
+            healing = fit_healing(model, stats, removed, ridge=1e-3, sequential=sequential)
+            expected = _reference_healing(model, windows, removed, 1e-3, sequential)
+            assert set(healing.maps) == set(expected)
+            for layer, delta in expected.items():
+                assert torch.allclose(healing.maps[layer], delta, rtol=1e-7, atol=1e-9 * delta.abs().max().item())
+        if sequential:
+            assert len(stats.captures) == 5  # one per distinct (runs before, layer): the last two sets ran nothing
+    finally:
+        stats.close()
+    if sequential:
+        assert len(stats.captures) == 0 and not stats.states.directory.exists()  # closed: the scratch files are gone
+
+
+def test_a_run_longer_than_the_summed_ones_is_summed_on_demand():
+    model = tiny_model("llama", layers=6)
+    windows = torch.randint(3, VOCAB, (4, 20))
+    stats = collect_fit_stats(model, windows, None, 4, all_pairs(6, 1), keep_states=True)
+    try:
+        healing = fit_healing(model, stats, [1, 2, 3])  # a run of 3 with sums for runs of 1 only
+        full = collect_fit_stats(model, windows, None, 4, all_pairs(6, 3), keep_states=False)
+        assert torch.allclose(healing.maps[0], solve(full.gram[0], full.cross[(0, 4)], DEFAULT_RIDGE))
+    finally:
+        stats.close()
 
 
 def test_a_run_from_layer_0_is_left_unhealed_and_reported():
     model = tiny_model("llama", layers=6)
-    data = collect_fit_data(model, torch.randint(3, VOCAB, (4, 20)), None, batch_size=4)
-    healing = fit_healing(model, data, [0, 1, 4])
+    stats = collect_fit_stats(model, torch.randint(3, VOCAB, (4, 20)), None, 4, all_pairs(6, 2))
+    healing = fit_healing(model, stats, [0, 1, 4])
+    stats.close()
     assert healing.unhealed == ((0, 1),) == unreachable_runs([0, 1, 4]) and set(healing.maps) == {3}
 
 
@@ -102,10 +170,10 @@ def test_a_run_from_layer_0_is_left_unhealed_and_reported():
 def test_healed_perplexity_from_the_prefix_cache_is_the_plain_forward_pass(family):
     model = tiny_model(family, layers=6)
     fit_windows, windows = torch.randint(3, VOCAB, (8, 32)), torch.randint(3, VOCAB, (5, 24))
-    data = collect_fit_data(model, fit_windows, 1, batch_size=4)
+    stats = collect_fit_stats(model, fit_windows, 1, 4, all_pairs(6, 2))
     cache = build_prefix_cache(model, windows, 1, batch_size=2)
     for removed in ([3], [2, 4], [1, 2, 5]):
-        healing = fit_healing(model, data, removed)
+        healing = fit_healing(model, stats, removed)
         with healed(model, healing):
             cached = math.exp(sum(n for n, _ in cache.nll_batches(removed, healing.first_changed)) / (5 * 24))
             with layers_removed(model, removed):
@@ -115,6 +183,7 @@ def test_healed_perplexity_from_the_prefix_cache_is_the_plain_forward_pass(famil
         with layers_removed(model, removed):
             unhealed = perplexity(model, windows, 1, 2)
         assert not math.isclose(plain, unhealed, rel_tol=1e-6)
+    stats.close()
     assert len(decoder_layers(model)) == 6
 
 

@@ -87,3 +87,28 @@ def test_seed_sets_include_each_stage_less_one_layer():
     assert seeds[(2, 5)] == "greedy stage 3 less 4"
     assert seeds[(2, 4)] == "one-shot top 2"  # already there: the first reason stands
     assert seeds[(4, 5)] == "greedy stage 2"  # a stage itself keeps its reason
+
+
+def test_a_shortlist_scores_the_best_of_the_last_scoring_and_the_neighbours_only():
+    calls = []
+
+    def score(removed, candidates):
+        calls.append((removed, tuple(candidates)))
+        return fake_score(removed, candidates)
+
+    budget = Budget(0.35, total_params=1000, layer_params=[100] * 8)
+    stages = staged_greedy(score, budget, shortlist=2)
+    assert [s.removed for s in stages] == [(4,), (4, 5), (2, 4, 5)]  # the full path here
+    assert len(calls[0][1]) == 8  # stage 1 scores every layer: it is the sensitivity profile
+    # Stage 2: the 2 best of stage 1 (2, 6; 4 is removed) and 4's neighbours (3, 5).
+    assert calls[1] == ((4,), (2, 3, 5, 6))
+    # Stage 3: the 2 best at stage 2 (2, 6) and the neighbours of {4, 5} (3, 6); 0, 1 and 7 are not scored again.
+    assert calls[2] == ((4, 5), (2, 3, 6))
+    assert stages[1].scores.keys() == {2, 3, 5, 6}
+
+
+def test_shortlisted_keeps_neighbours_beyond_the_size():
+    from search.seeding.greedy import shortlisted
+
+    latest = {0: 1.0, 1: 1.1, 2: 1.2, 5: 1.3, 7: 1.4}
+    assert shortlisted([0, 1, 2, 5, 7], (6,), latest, 2) == [0, 1, 5, 7]
