@@ -110,16 +110,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="numerics of every run (default: auto, as the default run)")
     parser.add_argument("--also", type=Path, nargs="*", default=[], help="other checkouts: time their unhealed run")
     parser.add_argument("--skip-runs", action="store_true", help="only the memory part")
+    parser.add_argument("--skip-memory", action="store_true", help="only the default runs")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else print
     report: dict = {"dtype": args.dtype, "machine": os.uname().machine}
     if not args.skip_runs:
         report["default_run"] = default_runs(args.dtype, args.also, say)
-    report["memory"] = memory_rows(args.dtype, say)
-    extra = [row["extra_gb"] for row in report["memory"]]
-    report["memory_spread"] = (max(extra) - min(extra)) / max(extra)
-    say(f"healing's extra memory: spread {report['memory_spread']:.1%} across --heal-tokens 8192/32768/65536")
+    if not args.skip_memory:
+        report["memory"] = memory_rows(args.dtype, say)
+        extra = [row["extra_gb"] for row in report["memory"]]
+        report["memory_spread"] = (max(extra) - min(extra)) / max(extra)
+        say(f"healing's extra memory: spread {report['memory_spread']:.1%} across --heal-tokens 8192/32768/65536")
     if args.json:
         print(json.dumps(report, indent=2))
 

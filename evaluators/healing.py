@@ -155,7 +155,7 @@ def _tokens(states: torch.Tensor) -> torch.Tensor:
 
 
 def _product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Σ over a batch's tokens of leftᵀ right: float32 products, float64 sums."""
+    """Σ over a batch's tokens of leftᵀ right: float32 (or the model's float64) products, float64 sums."""
     return (_tokens(left).T @ _tokens(right)).double()
 
 
@@ -208,12 +208,6 @@ class FitStats:
         self.close_captures()
         if self.states is not None:
             self.states.close()
-
-
-def _batches(
-    windows: torch.Tensor, bos_id: int | None, batch_size: int, device: torch.device
-) -> Iterator[torch.Tensor]:
-    return window_batches(windows, bos_id, batch_size, device)
 
 
 @torch.inference_mode()
@@ -281,7 +275,9 @@ def collect_fit_stats(
     causal_lm: Any = model
     try:
         if top > 0:
-            for index, inputs in enumerate(_batches(windows, bos_id, batch_size, next(model.parameters()).device)):
+            for index, inputs in enumerate(
+                window_batches(windows, bos_id, batch_size, next(model.parameters()).device)
+            ):
                 batch[0] = index
                 try:
                     with numerics(model):
@@ -366,7 +362,7 @@ def _capture(
                 layer_module.register_forward_hook(stop),
             ]
             try:
-                for index, inputs in enumerate(_batches(stats.windows, stats.bos_id, stats.batch_size, device)):
+                for index, inputs in enumerate(window_batches(stats.windows, stats.bos_id, stats.batch_size, device)):
                     current[:] = [feed(index)]
                     try:
                         with numerics(model):

@@ -88,7 +88,7 @@ class Evaluator:
             fit = HEALINGS[self.heal]
             if fit is None:
                 return Healing({})
-            if self._fit is None or (self.sequential and self._fit.states is None):
+            if self._fit is None or (sequential and self._fit.states is None):
                 if self.splits.fit is None:
                     raise ValueError("healing needs fitting windows (make_splits(fit_tokens=...))")
                 if self._fit is not None:
@@ -99,7 +99,7 @@ class Evaluator:
                     self.splits.bos_id,
                     self.batch_size,
                     all_pairs(len(decoder_layers(self.model)), self.max_run),
-                    keep_states=self.sequential,
+                    keep_states=sequential or self.sequential,
                 )
             if len(self._healings) >= 64:
                 self._healings.pop(next(iter(self._healings)))

@@ -78,13 +78,17 @@ def healed_scores(evaluator: CachingEvaluator, most: int) -> ScoreFn:
     which picks the stage's set. An evaluation stops once it provably cannot beat the best so far (its
     score is then the proven lower bound, enough to rank it for the next stage's shortlist)."""
 
+    base: list[float] = []  # the unpruned model on these windows (from the evaluation cache on a redo)
+
     def measure(removal: tuple[int, ...], best: float | None, screen: bool) -> float:
+        if not base:
+            base.append(evaluator.ppl((), "sensitivity"))
         parallel = screen and len(runs(removal)) > 1  # one run: the screen is the study's fit (and cached)
         try:
             ppl = evaluator.ppl(removal, "sensitivity", best, sequential=False if parallel else None)
         except Rejected as rejected:
             return max(rejected.lower_bound, best or 0.0)
-        return ppl / evaluator.base_ppl["sensitivity"]
+        return ppl / base[0]
 
     def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
         sets = {layer: tuple(sorted((*removed, layer))) for layer in candidates}
