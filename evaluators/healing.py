@@ -191,7 +191,7 @@ class FitStats:
     gram: dict[int, torch.Tensor]
     cross: dict[Pair, torch.Tensor]
     states: Scratch | None = None
-    # (runs before a layer, that layer) -> its capture on the model healed that far: sets sharing those
+    # (ridge, runs before a layer, that layer) -> its capture on the model healed that far: sets sharing those
     # runs (a greedy stage's candidates, a sampler's neighbours) continue from it instead of running again.
     captures: OrderedDict[tuple, _Capture] = field(default_factory=OrderedDict, repr=False)
 
@@ -448,7 +448,7 @@ def fit_healing(
             if states is not None:
                 state = partial(_state, states, f"s{first}", f"m{layer}", maps[layer], device, residual)
         else:
-            key = (tuple(found[:number]), layer)  # what the model up to `layer` is: the runs before it
+            key = (ridge, tuple(found[:number]), layer)  # what the model up to `layer` is: the runs before it
             capture = stats.captures.get(key)
             if capture is None:
                 capture = stats.captures[key] = _capture(model, stats, removed, end + 1, state, layer)

@@ -196,3 +196,17 @@ def test_fold_permanently_leaves_the_healed_weights():
     fold_permanently(model, Healing({1: delta}))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=inputs).logits, expected)
+
+
+def test_a_capture_is_reused_only_for_the_same_ridge():
+    model = tiny_model("llama", layers=6).double()
+    windows = torch.randint(3, VOCAB, (4, 20))
+    stats = collect_fit_stats(model, windows, None, 4, all_pairs(6, 2))
+    try:
+        for ridge in (1e-3, 1e-1, 1e-3):  # the earlier run's map, and so the state after it, differs by ridge
+            healing = fit_healing(model, stats, [1, 3, 4], ridge=ridge)
+            expected = _reference_healing(model, windows, [1, 3, 4], ridge, True)
+            assert all(torch.allclose(healing.maps[k], v, rtol=1e-7, atol=1e-12) for k, v in expected.items())
+        assert len(stats.captures) == 2
+    finally:
+        stats.close()
