@@ -143,7 +143,7 @@ def test_streamed_progressive_fit_equals_the_fit_on_held_activations(family, seq
     finally:
         stats.close()
     if sequential:
-        assert len(stats.captures) == 0 and not stats.states.directory.exists()  # closed: the scratch files are gone
+        assert len(stats.captures) == 0 and stats.states.closed  # closed: the scratch files are gone
 
 
 def test_a_run_longer_than_the_summed_ones_is_summed_on_demand():
