@@ -9,7 +9,7 @@ import optuna
 from tqdm.auto import tqdm
 
 from search.caching import CachingEvaluator
-from search.objective import make_objective
+from search.objective import Lock, make_objective
 from search.records import TrialRecord, completed, counts_towards_trials
 from search.space import Budget
 
@@ -32,7 +32,7 @@ def describe(number: int, record: TrialRecord) -> str:
     return f"trial {number}: remove {list(record.removed_layers)} -> {outcome} ({how})"
 
 
-def optimize(study: optuna.Study, evaluator: CachingEvaluator, budget: Budget, target: int) -> None:
+def optimize(study: optuna.Study, evaluator: CachingEvaluator, budget: Budget, target: int, lock: Lock) -> None:
     """Trials until `target` count towards --trials (or the sampler only proposes infeasible sets)."""
     bar = tqdm(total=target, initial=completed(study), desc="trials", unit="trial")
     free_streak = 0
@@ -61,7 +61,7 @@ def optimize(study: optuna.Study, evaluator: CachingEvaluator, budget: Budget, t
         while completed(study) < target:
             try:
                 study.optimize(
-                    make_objective(evaluator, budget, on_result),
+                    make_objective(evaluator, budget, on_result, lock),
                     callbacks=[progress],
                     gc_after_trial=False,
                     show_progress_bar=False,

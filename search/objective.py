@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import optuna
 from optuna.trial import TrialState
@@ -36,26 +37,38 @@ from search.space import Budget
 DUPLICATE_POLL_S = 2.0
 # Called with each trial and its record as it finishes (measured, rejected or a duplicate).
 OnResult = Callable[[optuna.Trial, TrialRecord], None]
+# The store's cross-process lock for deciding who measures a set (`search.store.exclusive`).
+Lock = Callable[[], AbstractContextManager[None]]
 
 
 def dominated(values: Sequence[float], by: Sequence[float]) -> bool:
     return all(b <= v for b, v in zip(by, values)) and any(b < v for b, v in zip(by, values))
 
 
-def find_duplicate(study: optuna.Study, removed: tuple[int, ...], number: int) -> optuna.trial.FrozenTrial | None:
-    """A finished trial of the same set; waits while an earlier trial (another worker) is measuring it."""
+def claim(
+    trial: optuna.Trial, removed: tuple[int, ...], lock: Lock, **record: object
+) -> optuna.trial.FrozenTrial | None:
+    """Decide which trial measures `removed`: None when this one does, else a finished trial of the same set.
+
+    Checking the store and writing this trial's set happen under the store's lock, so of two workers
+    proposing one set at once, the second always sees the first (checking without it let both
+    measure it). Only a trial that measures carries its set while running, so waiting trials never
+    wait on each other; when the one measuring dies, the next to look claims the set.
+    """
     while True:
-        earlier_running = False
-        for trial in study.get_trials(deepcopy=False, states=(*COMPLETE, TrialState.RUNNING)):
-            if TrialRecord.of(trial).removed_layers != removed or trial.number == number:
-                continue
-            if trial.state == TrialState.COMPLETE:
-                return trial
-            earlier_running |= trial.number < number and not worker_gone(TrialRecord.of(trial).worker or "")
-        if not earlier_running:
-            return None
+        with lock():
+            measuring = False
+            for other in trial.study.get_trials(deepcopy=False, states=(*COMPLETE, TrialState.RUNNING)):
+                if other.number == trial.number or TrialRecord.of(other).removed_layers != removed:
+                    continue
+                if other.state == TrialState.COMPLETE:
+                    return other
+                measuring |= not worker_gone(TrialRecord.of(other).worker or "")
+            if not measuring:
+                write_trial(trial, removed_layers=removed, **record)
+                return None
         time.sleep(DUPLICATE_POLL_S)
-        optuna.storages.fail_stale_trials(study)  # a worker elsewhere that died: failed after the grace period
+        optuna.storages.fail_stale_trials(trial.study)  # a worker elsewhere that died: failed after the grace period
 
 
 def latency_entry(latency: Latency) -> LatencyEntry:
@@ -75,7 +88,7 @@ def shape_latency(study: optuna.Study, evaluator: CachingEvaluator, removed: Seq
 
 
 def make_objective(
-    evaluator: CachingEvaluator, budget: Budget, on_result: OnResult | None = None
+    evaluator: CachingEvaluator, budget: Budget, on_result: OnResult | None = None, lock: Lock = nullcontext
 ) -> Callable[[optuna.Trial], tuple[float, float]]:
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         write_trial(trial, worker=worker_id())  # first: lets a restart prove this trial was interrupted
@@ -83,13 +96,14 @@ def make_objective(
             write_trial(trial, proposed_by="sampler")
         removed = space.suggest(trial, budget.n_layers)
         reduction = budget.params_reduction(removed)
-        write_trial(trial, removed_layers=removed, layers=budget.n_layers - len(removed), params_reduction=reduction)
+        shape = {"layers": budget.n_layers - len(removed), "params_reduction": reduction}
         trial.set_constraint("params_reduction", reduction - budget.fraction)
         if not budget.allows(removed):
             # Free: no forward pass, and not counted towards --trials.
+            write_trial(trial, removed_layers=removed, **shape)
             raise optuna.TrialPruned("empty or over budget" if removed else "empty")
         study = trial.study
-        original = find_duplicate(study, removed, trial.number)
+        original = claim(trial, removed, lock, **shape)
         if original is not None:
             # The sampler proposed a set already measured: answer from the store, no forward pass.
             write_trial(trial, **TrialRecord.of(original).measurements(), duplicate_of=original.number)

@@ -141,12 +141,13 @@ def _lock_key(name: str) -> int:
 
 
 @contextmanager
-def exclusive(url: str, name: str) -> Iterator[None]:
+def exclusive(url: str, name: str, announce: bool = True) -> Iterator[None]:
     """Hold a lock named `name` across every process using the store at `url`.
 
     Guards what Optuna cannot do concurrently: first-time schema creation, and creating and seeding
     a study exactly once. The lock dies with its holder (a flock for SQLite, a session-level advisory
-    lock for PostgreSQL), so a killed worker never leaves it behind.
+    lock for PostgreSQL), so a killed worker never leaves it behind. `announce=False` keeps a wait
+    that is expected and short (deciding who measures a set) out of the log.
     """
     path = sqlite_path(url)
     if path is not None:
@@ -157,7 +158,8 @@ def exclusive(url: str, name: str) -> Iterator[None]:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.info("waiting for another worker on %s (%s)", path, name)
+                if announce:
+                    log.info("waiting for another worker on %s (%s)", path, name)
                 fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -179,7 +181,8 @@ def exclusive(url: str, name: str) -> Iterator[None]:
         key = _lock_key(name)
         got = connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
         if not got:
-            log.info("waiting for another worker on %s (%s)", redact(url), name)
+            if announce:
+                log.info("waiting for another worker on %s (%s)", redact(url), name)
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         connection.commit()
         yield

@@ -115,7 +115,7 @@ def run(config: RunConfig) -> optuna.Study:
         # The first run of a study samples from --seed; each later run (a resume, another worker)
         # from its own offset, so it does not replay the proposals of the runs before it.
         study.sampler = SAMPLERS[config.sampler](budget, config.seed + RUN_SEED_STRIDE * runs_before)
-        optimize(study, cached, budget, target)
+        optimize(study, cached, budget, target, lambda: exclusive(url, f"claim:{name}", announce=False))
     return study
 
 

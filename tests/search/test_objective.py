@@ -1,12 +1,22 @@
 """What one trial records: measured, rejected part-way, or answered by an earlier trial of the same set."""
 
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import optuna
 from optuna.trial import TrialState
 
-from search.records import TrialRecord, completed, counts_towards_trials
+from search import objective
+from search.records import TrialRecord, completed, counts_towards_trials, write_trial
+from search.recovery import worker_id
 from search.sampler import removal_set
+from search.store import exclusive
 from search.study import run
 from tests.search.test_study import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_rejected_trials_are_recorded_and_count(tmp_path, tiny_model_dir, corpus):
@@ -35,3 +45,36 @@ def test_every_finished_trial_records_what_it_measured(tmp_path, tiny_model_dir,
         assert record.worker and record.ppl_from in ("computed", "store") and record.eval_s is not None
     front = {t.number for t in study.best_trials}
     assert all(TrialRecord.of(t).test_ppl_ratio is not None for t in study.best_trials) and front
+
+
+def test_a_set_claimed_by_a_later_trial_is_not_measured_twice(tmp_path, monkeypatch):
+    # Worker B's trial (number 1) claims [2, 3] before worker A's earlier trial (number 0) has looked:
+    # A must wait for B's result and answer from it, not measure the set as well.
+    monkeypatch.setattr(objective, "DUPLICATE_POLL_S", 0.05)
+    url = f"sqlite:///{tmp_path / 'claim.db'}"
+    study = optuna.create_study(storage=url, directions=["minimize", "minimize"])
+    early, late = study.ask(), study.ask()
+    write_trial(late, worker=worker_id())
+    lock = lambda: exclusive(url, "claim:test", announce=False)  # noqa: E731
+    assert objective.claim(late, (2, 3), lock) is None  # nobody had it: `late` measures
+    answer: list[optuna.trial.FrozenTrial | None] = []
+    waiter = threading.Thread(target=lambda: answer.append(objective.claim(early, (2, 3), lock)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # waiting on the live trial measuring it
+    study.tell(late, (1.2, 0.9))
+    waiter.join(10)
+    assert [a.number for a in answer if a is not None] == [late.number]
+    assert "removed_layers" not in study.trials[early.number].user_attrs  # a waiter never looks like it measures
+
+
+def test_a_set_whose_measuring_worker_died_is_claimed_again(tmp_path):
+    url = f"sqlite:///{tmp_path / 'claim.db'}"
+    study = optuna.create_study(storage=url, directions=["minimize", "minimize"])
+    dead, alive = study.ask(), study.ask()
+    code = "from search.recovery import worker_id; print(worker_id())"
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    write_trial(dead, worker=ended.stdout.strip(), removed_layers=(4,))  # its worker has ended
+    lock = lambda: exclusive(url, "claim:test", announce=False)  # noqa: E731
+    assert objective.claim(alive, (4,), lock) is None  # claimed again at once, no waiting on the dead
+    assert TrialRecord.of(study.trials[alive.number]).removed_layers == (4,)
