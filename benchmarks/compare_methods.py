@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search.caching import with_store  # noqa: E402
 from search.front import front_report  # noqa: E402
-from search.methods import HEALED_METHODS, METHODS, choose, measure  # noqa: E402
+from search.methods import BLOCK_METHODS, HEALED_METHODS, METHODS, choose, measure  # noqa: E402
 from search.records import StudyRecord, TrialRecord, counts_towards_trials  # noqa: E402
 from search.store import open_storage  # noqa: E402
 from search.study import RunConfig, prepare, run  # noqa: E402
@@ -144,8 +144,10 @@ def main() -> None:
         for method in METHODS.names:
             if method in HEALED_METHODS:  # measured healed: benchmarks/healing.py compares those
                 continue
+            if method in BLOCK_METHODS:  # k counts blocks there, not layers: not comparable row by row
+                continue
             choices.append(choose(cached, method, k, config.sensitivity_tokens, draws=args.draws))
-            say(f"k={k} {method}: {[list(s) for s in choices[-1].sets]}")
+            say(f"k={k} {method}: {[s.describe() for s in choices[-1].sets]}")
     rows = measure(cached, choices)
     baselines_s = time.perf_counter() - started
     del loaded, evaluator, cached  # the studies load their own copy

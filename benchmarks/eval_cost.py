@@ -40,6 +40,7 @@ from evaluators.perplexity import perplexity  # noqa: E402
 from evaluators.prefix import build_prefix_cache  # noqa: E402
 from evaluators.sensitivity import removal_sensitivity, similarity  # noqa: E402
 from search.model.loading import load_model  # noqa: E402
+from search.model.removal import Removal  # noqa: E402
 from search.model.surgery import decoder_layers, layer_param_counts, layers_removed  # noqa: E402
 from search.study import RunConfig  # noqa: E402
 
@@ -102,19 +103,20 @@ def main() -> None:
     cached, cache_build_s = timed(lambda: build_prefix_cache(exact.model, windows, bos, args.batch_size))
     default, default_build_s = timed(lambda: build_prefix_cache(fast.model, windows, bos, args.batch_size))
 
-    def naive(removed):
-        with layers_removed(exact.model, removed):
+    def naive(removal: Removal):
+        with layers_removed(exact.model, removal.layers):
             return perplexity(exact.model, windows, bos, args.batch_size)
 
     methods = {"naive": naive, "cached": cached.perplexity, "default": default.perplexity}
     seconds = dict.fromkeys(methods, 0.0)
     rows = []
     for n, removed in enumerate(sets):
+        removal = Removal.of(removed)
         names = list(methods)
         names = names[n % 3 :] + names[: n % 3]  # rotate the order
         ppl = {}
         for name in names:
-            ppl[name], spent = timed(lambda name=name: methods[name](removed))
+            ppl[name], spent = timed(lambda name=name: methods[name](removal))
             seconds[name] += spent
         rows.append({"removed_layers": list(removed), **ppl})
         rows[-1]["ratio_naive"] = ppl["naive"] / naive_base
@@ -125,7 +127,7 @@ def main() -> None:
     naive_flops = sum(other_flops + sum(f for i, f in enumerate(layer_flops) if i not in r) for r in sets)
     cached_flops = 0.0
     for removed in sets:
-        start = cached.start(removed) or 0
+        start = cached.start(Removal.of(removed)) or 0
         cached_flops += other_flops + sum(f for i, f in enumerate(layer_flops) if i >= start and i not in removed)
 
     def ratio_diff(row):
@@ -135,8 +137,9 @@ def main() -> None:
     n_sens = max(1, min(len(windows), args.sensitivity_tokens // args.seq_len))
     sens = windows[:n_sens]
     model = fast.model
-    _, one_pass_s = timed(lambda: similarity(model, sens, (), bos, args.batch_size, max_block=4))
-    _, removal_s = timed(lambda: removal_sensitivity(model, sens, range(n_layers), (), bos, args.batch_size))
+    _, one_pass_s = timed(lambda: similarity(model, sens, Removal(), bos, args.batch_size, max_block=4))
+    singles = [Removal.of([layer]) for layer in range(n_layers)]
+    _, removal_s = timed(lambda: removal_sensitivity(model, sens, singles, Removal(), bos, args.batch_size))
 
     def uncached_removal():
         base = perplexity(model, sens, bos, args.batch_size)

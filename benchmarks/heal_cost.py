@@ -76,6 +76,7 @@ from evaluators.data import make_splits
 from evaluators.latency import layer_kinds
 from search.evaluator import Evaluator
 from search.model.loading import load_model
+from search.model.removal import Removal
 loaded = load_model(None, {dtype!r}, "cpu", False)
 splits = make_splits(loaded.tokenizer, None, 4096, 4096, 512, {tokens})
 evaluator = Evaluator(loaded.model, splits, torch.zeros(1, 8, dtype=torch.long),
@@ -84,7 +85,7 @@ evaluator.baseline()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 before = rss()
-evaluator.healing({removed!r})
+evaluator.healing(Removal.of({removed!r}))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({{"before_gb": before / 1e9, "peak_gb": peak / 1e9, "extra_gb": (peak - before) / 1e9,
                   "scratch_gb": evaluator._fit.states.bytes() / 1e9, "fitted_tokens": evaluator._fit.tokens}}))

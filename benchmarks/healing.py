@@ -39,6 +39,7 @@ from evaluators.wiki import ENWIKI_SAMPLE  # noqa: E402
 from search.caching import CachingEvaluator, with_store  # noqa: E402
 from search.front import front_report  # noqa: E402
 from search.methods import choose  # noqa: E402
+from search.model.removal import Removal  # noqa: E402
 from search.records import StudyRecord, TrialRecord, counts_towards_trials  # noqa: E402
 from search.store import open_storage  # noqa: E402
 from search.study import RunConfig, prepare, run  # noqa: E402
@@ -50,7 +51,8 @@ def eval_cost(cached: CachingEvaluator, removed: tuple[int, ...], rounds: int = 
     """Seconds of one healed and one unhealed calibration evaluation of `removed`, interleaved, no cache,
     with each fit mode (sequential: later runs fitted on the model healed so far; parallel)."""
     evaluator = cached.evaluator
-    evaluator.healing(())  # the fitting statistics: summed once per process, not per evaluation
+    removal = Removal.of(removed)
+    evaluator.healing(Removal())  # the fitting statistics: summed once per process, not per evaluation
     mode = evaluator.sequential
     row: dict = {"removed_layers": list(removed)}
     try:
@@ -59,11 +61,11 @@ def eval_cost(cached: CachingEvaluator, removed: tuple[int, ...], rounds: int = 
             healed, unhealed = [], []
             for _ in range(rounds):
                 started = time.perf_counter()
-                evaluator.ppl(removed, "calib", unhealed=True)
+                evaluator.ppl(removal, "calib", unhealed=True)
                 unhealed.append(time.perf_counter() - started)
                 evaluator.clear_fits()  # the fit is part of a healed evaluation
                 started = time.perf_counter()
-                evaluator.ppl(removed, "calib")
+                evaluator.ppl(removal, "calib")
                 healed.append(time.perf_counter() - started)
             row[name] = {
                 "healed_s": statistics.median(healed),
@@ -88,7 +90,7 @@ def method_rows(cached: CachingEvaluator, ks: list[int], sensitivity_tokens: int
                 "k": k,
                 "method": method,
                 "heal": heal,
-                "removed_layers": list(removed),
+                "removed_layers": list(removed.layers),
                 **{
                     f"{split}_ppl_ratio": cached.ratio(removed, split, unhealed=unhealed)
                     for split in cached.splits.measured
@@ -97,7 +99,7 @@ def method_rows(cached: CachingEvaluator, ks: list[int], sensitivity_tokens: int
                 "seconds": time.perf_counter() - started,
             }
             rows.append(row)
-            say(f"k={k} {method}: {list(removed)} held-out x{row['test_ppl_ratio']:.3f}")
+            say(f"k={k} {method}: {list(removed.layers)} held-out x{row['test_ppl_ratio']:.3f}")
     return rows
 
 

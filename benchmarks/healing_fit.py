@@ -26,6 +26,7 @@ from evaluators.latency import layer_kinds  # noqa: E402
 from evaluators.wiki import ENWIKI_SAMPLE  # noqa: E402
 from search.evaluator import Evaluator  # noqa: E402
 from search.model.loading import load_model  # noqa: E402
+from search.model.removal import Removal  # noqa: E402
 
 SETS = ["14,16,17,18", "14,15,17,19", "16,17,18", "12,13,14,15", "24,25,26,27"]
 
@@ -46,10 +47,11 @@ def main() -> None:
     )
     base = evaluator.baseline()
     print(f"baseline ppl: held-out {base['test']:.3f}, Wikipedia {base['eval']:.3f} ({loaded.dtype})", flush=True)
-    evaluator.healing(())  # sums the fitting statistics once
+    evaluator.healing(Removal())  # sums the fitting statistics once
     for text in args.sets:
         removed = [int(i) for i in text.split(",")]
-        unhealed = [evaluator.ppl(removed, s, unhealed=True) / base[s] for s in ("test", "eval")]
+        removal = Removal.of(removed)
+        unhealed = [evaluator.ppl(removal, s, unhealed=True) / base[s] for s in ("test", "eval")]
         print(f"{removed} unhealed: held-out {unhealed[0]:.3f}, Wikipedia {unhealed[1]:.3f}", flush=True)
         one_run = max(removed) - min(removed) == len(removed) - 1
         for ridge in args.ridge:
@@ -57,9 +59,9 @@ def main() -> None:
                 evaluator.ridge, evaluator.sequential = ridge, sequential
                 evaluator.clear_fits()
                 started = time.perf_counter()
-                evaluator.healing(removed)
+                evaluator.healing(removal)
                 fit_s = time.perf_counter() - started
-                healed = [evaluator.ppl(removed, s) / base[s] for s in ("test", "eval")]
+                healed = [evaluator.ppl(removal, s) / base[s] for s in ("test", "eval")]
                 how = "sequential" if sequential else "parallel"
                 print(
                     f"{removed} healed ({how}, ridge {ridge:g}): held-out {healed[0]:.3f}, "

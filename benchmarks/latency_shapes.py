@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluators.latency import measure_latencies  # noqa: E402
+from search.model.removal import Removal  # noqa: E402
 from search.model.surgery import (  # noqa: E402
     KV_CACHE_TOLERANCE,
     KV_CACHE_TOLERANCE_REDUCED,
@@ -71,7 +72,7 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.tokens), device=args.device)
     # Remove from the middle, as the searches do; which layers does not change the arithmetic.
     sets = [list(range(15, 15 + k)) for k in range(1, args.max_removed + 1)]
-    timed = measure_latencies(model, sets, ids, warmup=2, repeats=args.repeats)
+    timed = measure_latencies(model, [Removal.of(s) for s in sets], ids, warmup=2, repeats=args.repeats)
     with layers_removed(model, sets[-1]):
         divergence = kv_cache_divergence(model, ids[:1, :8], new_tokens=16)
     bound = KV_CACHE_TOLERANCE if DTYPES[args.dtype] == torch.float32 else KV_CACHE_TOLERANCE_REDUCED

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.data import make_splits  # noqa: E402
 from evaluators.prefix import build_prefix_cache  # noqa: E402
 from search.model.loading import load_model  # noqa: E402
+from search.model.removal import Removal  # noqa: E402
 from search.study import RunConfig  # noqa: E402
 
 
@@ -60,14 +61,18 @@ def main() -> None:
     started = time.perf_counter()
     ratios = {}
     for removed in itertools.combinations(args.pool, args.k):
-        ratios[removed] = calib.perplexity(removed) / calib.base_ppl
+        ratios[removed] = calib.perplexity(Removal.of(removed)) / calib.base_ppl
         if not args.json:
             print(f"{list(removed)} {ratios[removed]:.4f}", file=sys.stderr)
     scan_s = time.perf_counter() - started
     test = build_prefix_cache(loaded.model, splits.test, splits.bos_id, args.batch_size)
     best = sorted(ratios, key=ratios.get)[: args.top]
     rows = [
-        {"removed_layers": list(r), "calib_ppl_ratio": ratios[r], "test_ppl_ratio": test.perplexity(r) / test.base_ppl}
+        {
+            "removed_layers": list(r),
+            "calib_ppl_ratio": ratios[r],
+            "test_ppl_ratio": test.perplexity(Removal.of(r)) / test.base_ppl,
+        }
         for r in best
     ]
     result = {

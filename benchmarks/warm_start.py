@@ -35,11 +35,12 @@ def history(spec: str) -> dict:
     steps = []
     trials = [t for t in study.get_trials(deepcopy=False, states=COMPLETE) if TrialRecord.of(t).duplicate_of is None]
     for n, trial in enumerate(sorted(trials, key=lambda t: t.number), 1):
-        k = len(removal_set(trial))
+        removed = removal_set(trial).layers  # a warm start maps whole layers: layer studies only
+        k = len(removed)
         if k not in best or trial.values[0] < best[k]["ppl_ratio"]:
             best[k] = {
                 "ppl_ratio": trial.values[0],
-                "removed_layers": sorted(removal_set(trial)),
+                "removed_layers": list(removed),
                 "test_ppl_ratio": TrialRecord.of(trial).test_ppl_ratio,
             }
         steps.append((seeding + n, {k: b["ppl_ratio"] for k, b in best.items()}))

@@ -3,8 +3,8 @@
 Protocol: one fixed input; a warm-up pass of every variant; then rounds that time the baseline
 and every variant once each, in an order rotated and reversed from round to round, so slow
 drift of the machine (thermal, other load) hits all variants alike; ratios of medians are
-reported. Removing layers is a pointer swap (`layers_removed`), so switching variants costs
-nothing measurable.
+reported. Removing layers or blocks is a pointer swap (`removal_applied`), so switching variants
+costs nothing measurable, and a removed block is not computed: what is timed is the smaller model.
 
 Given each layer's kind, the medians are then smoothed by a least-squares fit of
 time = fixed part + per-layer cost x kept layers, per kind (the arithmetic is additive in
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from search.model.surgery import layer_param_counts, layers_removed
+from search.model.removal import KINDS, Removal
+from search.model.surgery import block_param_counts, layer_param_counts, removal_applied
 
 
 @dataclass(frozen=True)
@@ -48,35 +49,66 @@ def layer_kinds(model: nn.Module) -> list[str]:
     return [f"{size}{'/' + kind if kind else ''}" for size, kind in zip(sizes, types)]
 
 
-def kept_kinds(kinds: Sequence[str], removed: Sequence[int]) -> Counter[str]:
-    gone = set(removed)
-    return Counter(kind for i, kind in enumerate(kinds) if i not in gone)
+# Per layer, the kinds of its attention and MLP blocks (a sub-layer space); None: layers are the unit.
+BlockKinds = Sequence[tuple[str, str]] | None
 
 
-def shape_key(kinds: Sequence[str], removed: Sequence[int]) -> str:
-    """Identical for removal sets that leave the same multiset of layer kinds, e.g. `9280*26`.
+def block_kinds(model: nn.Module) -> list[tuple[str, str]]:
+    """What each layer's blocks cost to run: `attn:2360/sliding`, `mlp:6912` (parameters, attention type)."""
+    types = getattr(model.config, "layer_types", None) or [""] * len(block_param_counts(model))
+    return [
+        (f"attn:{attn}{'/' + kind if kind else ''}", f"mlp:{mlp}")
+        for (attn, mlp), kind in zip(block_param_counts(model), types)
+    ]
+
+
+def kept_kinds(kinds: Sequence[str], removal: Removal, blocks: BlockKinds = None) -> Counter[str]:
+    """The multiset of kept layer kinds, or with `blocks` of kept block kinds."""
+    if blocks is None:
+        if not removal.whole_layers_only:
+            raise ValueError(f"removal {removal} removes blocks: its shape needs the block kinds")
+        gone = set(removal.layers)
+        return Counter(kind for i, kind in enumerate(kinds) if i not in gone)
+    removed = removal.blocks()
+    return Counter(kind for i, pair in enumerate(blocks) for kind, part in zip(pair, KINDS) if (i, part) not in removed)
+
+
+def shape_key(kinds: Sequence[str], removal: Removal, blocks: BlockKinds = None) -> str:
+    """Identical for removals that leave the same multiset of layer kinds (e.g. `9280*26`), or in a
+    sub-layer space of block kinds (`attn:2360*28 mlp:6912*29`).
 
     Such models do the same arithmetic, so they share one latency measurement: timing each set
     separately would only add noise that lets a set dominate its twin by chance.
     """
-    return " ".join(f"{kind}*{count}" for kind, count in sorted(kept_kinds(kinds, removed).items()))
+    return " ".join(f"{kind}*{count}" for kind, count in sorted(kept_kinds(kinds, removal, blocks).items()))
+
+
+def _units(kinds: Sequence[str], blocks: BlockKinds) -> list[tuple[Removal, str]]:
+    if blocks is None:
+        return [(Removal.of([i]), kind) for i, kind in enumerate(kinds)]
+    return [
+        (Removal.from_blocks([(i, part)]), kind) for i, pair in enumerate(blocks) for kind, part in zip(pair, KINDS)
+    ]
 
 
 def reachable_shapes(
-    kinds: Sequence[str], allows: Callable[[tuple[int, ...]], bool], limit: int = 64
-) -> dict[str, tuple[int, ...]] | None:
-    """One removal set per shape that `allows` admits; None when there are too many to time upfront."""
-    by_kind: dict[str, list[int]] = defaultdict(list)
-    for index, kind in enumerate(kinds):
-        by_kind[kind].append(index)
+    kinds: Sequence[str], allows: Callable[[Removal], bool], limit: int = 64, blocks: BlockKinds = None
+) -> dict[str, Removal] | None:
+    """One removal per shape that `allows` admits; None when there are too many to time upfront."""
+    by_kind: dict[str, list[Removal]] = defaultdict(list)
+    for unit, kind in _units(kinds, blocks):
+        by_kind[kind].append(unit)
     names = sorted(by_kind)
     if math.prod(len(by_kind[k]) + 1 for k in names) > 100 * limit:
         return None
-    found: dict[str, tuple[int, ...]] = {}
+    found: dict[str, Removal] = {}
     for counts in itertools.product(*(range(len(by_kind[k]) + 1) for k in names)):
-        removed = tuple(sorted(i for k, c in zip(names, counts) for i in by_kind[k][len(by_kind[k]) - c :]))
-        if allows(removed):
-            found[shape_key(kinds, removed)] = removed
+        removal = Removal()
+        for k, c in zip(names, counts):
+            for unit in by_kind[k][len(by_kind[k]) - c :]:
+                removal = removal | unit
+        if allows(removal):
+            found[shape_key(kinds, removal, blocks)] = removal
             if len(found) > limit:
                 return None
     return found
@@ -123,11 +155,12 @@ def fit_additive(counts: Sequence[Sequence[int]], medians: Sequence[float]) -> l
 
 def measure_latencies(
     model: nn.Module,
-    removal_sets: Sequence[Sequence[int]],
+    removals: Sequence[Removal],
     input_ids: torch.Tensor,
     warmup: int = 1,
     repeats: int = 5,
     layer_kinds: Sequence[str] = (),
+    blocks: BlockKinds = None,
 ) -> list[Latency]:
     """Median forward time of the unpruned model and of each pruned variant, all timed round-robin.
 
@@ -135,11 +168,11 @@ def measure_latencies(
     drift and bursts of load spread over all variants instead of landing on one. With
     `layer_kinds` (one per layer), the medians are replaced by the additive fit where it applies.
     """
-    variants: list[Sequence[int]] = [(), *removal_sets]
+    variants: list[Removal] = [Removal(), *removals]
     times: list[list[float]] = [[] for _ in variants]
 
     def timed(index: int) -> float:
-        with layers_removed(model, variants[index]):
+        with removal_applied(model, variants[index]):
             return time_forward(model, input_ids)
 
     for _ in range(warmup):
@@ -154,8 +187,8 @@ def measure_latencies(
         for index in order:
             times[index].append(timed(index))
     medians = [statistics.median(t) for t in times]
-    kinds = sorted(set(layer_kinds))
-    kept = [kept_kinds(layer_kinds, v) for v in variants]
+    kept = [kept_kinds(layer_kinds, v, blocks) for v in variants] if layer_kinds else []
+    kinds = sorted(set().union(*kept)) if kept else []
     counts = [[c[kind] for kind in kinds] for c in kept]
     fitted = fit_additive(counts, medians) if kinds else None
     if fitted is None:
@@ -164,7 +197,23 @@ def measure_latencies(
 
 
 def measure_latency(
-    model: nn.Module, removed: Sequence[int], input_ids: torch.Tensor, warmup: int = 1, repeats: int = 5
+    model: nn.Module, removal: Removal, input_ids: torch.Tensor, warmup: int = 1, repeats: int = 5
 ) -> Latency:
-    """Median forward time of the unpruned model and of the model without `removed`, interleaved."""
-    return measure_latencies(model, [removed], input_ids, warmup, repeats)[0]
+    """Median forward time of the unpruned model and of the model without `removal`, interleaved."""
+    return measure_latencies(model, [removal], input_ids, warmup, repeats)[0]
+
+
+@torch.inference_mode()
+def kv_cache_bytes(model: nn.Module, input_ids: torch.Tensor, removal: Removal = Removal()) -> int:
+    """Bytes the KV cache holds after a prefill of `input_ids` on the model without `removal`: measured
+    on the cache the model itself fills (a layer without attention keeps only a placeholder of one
+    element per token), not counted from the config."""
+    with removal_applied(model, removal):
+        cache = model(input_ids=input_ids, use_cache=True).past_key_values
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

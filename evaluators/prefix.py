@@ -1,9 +1,10 @@
-"""Prefix hidden-state cache: start each pruned model's forward pass at its first removed layer.
+"""Prefix hidden-state cache: start each pruned model's forward pass at its first changed layer.
 
-A model with layers S removed computes exactly what the unpruned model computes up to layer
-min(S): same weights, same inputs, same batch shapes. So the input of every layer is taken once
-(the baseline pass, which the study needs anyway) and each candidate runs only the layers from its
-first removed one onwards, fed the stored input of that layer. The result is the plain forward
+A model with layers (or blocks of layers) S removed computes exactly what the unpruned model
+computes up to the first layer S changes: same weights, same inputs, same batch shapes. So the
+input of every layer is taken once (the baseline pass, which the study needs anyway) and each
+candidate runs only the layers from its first changed one onwards, fed the stored input of that
+layer. The result is the plain forward
 pass's perplexity, not an approximation (the tests compare both on random removal sets).
 
 A cache may also be taken on an already pruned model (`base`): staged greedy re-scores layers on
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from torch import nn
 
 from evaluators.forward import batch_nll, prepare
 from evaluators.perplexity import from_batches, nll_batches, window_batches
-from search.model.surgery import decoder_layers, layers_removed
+from search.model.removal import Removal
+from search.model.surgery import decoder_layers, removal_applied
 
 log = logging.getLogger("search")
 
@@ -53,7 +55,7 @@ class PrefixCache:
     windows: torch.Tensor
     bos_id: int | None
     batch_size: int
-    base: tuple[int, ...]  # layers removed in the model the states were taken from
+    base: Removal  # what is removed in the model the states were taken from
     n_layers: int
     states: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> its input, per batch
     base_nll: list[tuple[float, int]] = field(default_factory=list)  # the base model's NLL, per batch
@@ -62,29 +64,28 @@ class PrefixCache:
     def base_ppl(self) -> float:
         return from_batches(self.base_nll)
 
-    def start(self, removed: Sequence[int], before: int | None = None) -> int | None:
-        """The stored boundary a pruned model with `removed` starts from; None: from the embedding.
-        `before`: the first layer whose weights differ from the cached model's (a healed one)."""
-        removal = set(removed)
-        if not set(self.base) <= removal:
-            raise ValueError(f"removal set {sorted(removal)} does not contain the cache's base {list(self.base)}")
-        extra = removal - set(self.base)
-        kept = [i for i in range(self.n_layers) if i not in removal]
+    def start(self, removal: Removal, before: int | None = None) -> int | None:
+        """The stored boundary a pruned model with `removal` starts from; None: from the embedding.
+        `before`: the first layer whose weights differ from the cached model's (a healed one). A
+        removal that changes a layer starts at that layer's input (its attention block runs again
+        when only its MLP goes)."""
+        if not removal.covers(self.base):
+            raise ValueError(f"removal {removal} does not contain the cache's base {self.base}")
+        extra = (removal - self.base).changed_layers
+        kept = [i for i in range(self.n_layers) if i not in set(removal.layers)]
         # At least one layer must run after the start (the layer hook is where the state goes in).
         limit = min(min(extra, default=self.n_layers), max(kept), self.n_layers if before is None else before)
         return max((b for b in self.states if b <= limit), default=None)
 
-    def layers_run(self, removed: Sequence[int]) -> int:
-        """Decoder layers the cached evaluation of `removed` runs (the arithmetic it cannot avoid)."""
-        start = self.start(removed) or 0
-        return sum(1 for i in range(start, self.n_layers) if i not in set(removed))
+    def layers_run(self, removal: Removal) -> int:
+        """Decoder layers the cached evaluation of `removal` runs (the arithmetic it cannot avoid)."""
+        start = self.start(removal) or 0
+        return sum(1 for i in range(start, self.n_layers) if i not in set(removal.layers))
 
-    def nll_batches(
-        self, removed: Sequence[int], before: int | None = None
-    ) -> Generator[tuple[float, int], None, None]:
-        start = self.start(removed, before)
+    def nll_batches(self, removal: Removal, before: int | None = None) -> Generator[tuple[float, int], None, None]:
+        start = self.start(removal, before)
         if start is None:
-            with layers_removed(self.model, removed):
+            with removal_applied(self.model, removal):
                 yield from nll_batches(self.model, self.windows, self.bos_id, self.batch_size)
             return
         states = self.states[start]
@@ -99,7 +100,7 @@ class PrefixCache:
             return args, kwargs
 
         prepare(self.model)  # before the hook: the fused-head probe runs a batch of its own
-        with layers_removed(self.model, sorted(set(range(start)) | set(removed))), torch.inference_mode():
+        with removal_applied(self.model, Removal.of(range(start)) | removal), torch.inference_mode():
             handle = decoder_layers(self.model)[0].register_forward_pre_hook(feed, with_kwargs=True)
             try:
                 device = next(self.model.parameters()).device
@@ -109,8 +110,8 @@ class PrefixCache:
             finally:
                 handle.remove()
 
-    def perplexity(self, removed: Sequence[int]) -> float:
-        return from_batches(self.nll_batches(removed))
+    def perplexity(self, removal: Removal) -> float:
+        return from_batches(self.nll_batches(removal))
 
     def head(self, n_windows: int) -> PrefixCache | None:
         """The same cache over its first `n_windows` windows, sharing the stored states; None unless they
@@ -137,14 +138,13 @@ def build_prefix_cache(
     windows: torch.Tensor,
     bos_id: int | None = None,
     batch_size: int = 4,
-    base: Sequence[int] = (),
+    base: Removal = Removal(),
     max_bytes: int | None = None,
 ) -> PrefixCache:
     """One forward pass of the model with `base` removed, keeping every layer's input (memory permitting)."""
     n_layers = len(decoder_layers(model))
-    base = tuple(sorted(set(base)))
     cache = PrefixCache(model, windows, bos_id, batch_size, base, n_layers)
-    kept = [i for i in range(n_layers) if i not in base]
+    kept = [i for i in range(n_layers) if i not in set(base.layers)]
     param = next(model.parameters())
     tokens = windows.shape[0] * (windows.shape[1] + (1 if bos_id is not None else 0))
     config: Any = model.config  # a transformers PretrainedConfig (nn.Module has no config)
@@ -170,7 +170,7 @@ def build_prefix_cache(
     cache.states = {b: [] for b in stored}
     position = {b: kept.index(b) for b in stored}  # index in the pruned stack
     handles = []
-    with layers_removed(model, base):
+    with removal_applied(model, base):
         layers = decoder_layers(model)
         for boundary, index in position.items():
 

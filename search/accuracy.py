@@ -33,6 +33,7 @@ from search.export import finished_trial, prune_trial
 from search.front import front_report, retained
 from search.model.loading import cache_dir, load_model
 from search.model.numerics import apply_numerics, mixed_precision
+from search.model.removal import Removal
 from search.records import StudyRecord, TrialRecord, read_accuracy, removal_key, write_accuracy
 from search.registry import Registry
 
@@ -166,8 +167,8 @@ def evaluate_study(
         points.append(
             Point(
                 trial=number,
-                removed_layers=removed,
-                layers=record.baseline.layers - len(removed),
+                removed_layers=list(removed.layers),
+                layers=record.baseline.layers - len(removed.layers),
                 results=results,
                 retained={t: retained(r.value, baseline[t].value, r.higher_is_better) for t, r in results.items()},
             )
@@ -178,8 +179,8 @@ def evaluate_study(
     )
 
 
-def _removed(study: optuna.Study, number: int) -> list[int]:
-    removed = list(TrialRecord.of(finished_trial(study, number)).removed_layers)
+def _removed(study: optuna.Study, number: int) -> Removal:
+    removed = TrialRecord.of(finished_trial(study, number)).removal
     if not removed:
         raise SearchError(f"trial {number} has no removal set recorded; pick a trial that removed layers")
     return removed
@@ -196,7 +197,7 @@ def _reusable(result: TaskResult | None) -> bool:
 def _measure(
     study: optuna.Study,
     record: StudyRecord,
-    sets: dict[int, list[int]],
+    sets: dict[int, Removal],
     todo: dict[str, list[str]],
     manager,
     early: Tasks | None,
@@ -233,7 +234,7 @@ def _measure(
             apply_numerics(model, numerics)
         results = run_tasks(model, tokenizer, built, settings.limit, settings.batch_size, numerics, names)
         for result in results.values():
-            write_accuracy(study, [] if key == "baseline" else sets[first[key]], result)
+            write_accuracy(study, Removal() if key == "baseline" else sets[first[key]], result)
             written += 1
         log.info("%s: %s", what, ", ".join(f"{t} {r.metric} {r.value:.4f}" for t, r in results.items()))
         del model

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -20,6 +19,7 @@ import torch
 from evaluators.data import windows_fingerprint
 from search.evaluations import EvalCache, device_label
 from search.evaluator import Evaluator, capped_ratio
+from search.model.removal import Removal
 
 
 @dataclass
@@ -38,51 +38,51 @@ class CachingEvaluator:
         found = dict(known or {})
         for split in self.evaluator.splits.measured:
             store = self.stores.get(split)
-            if split not in found and store is not None and (cached := store.get(())) is not None:
+            if split not in found and store is not None and (cached := store.get(Removal())) is not None:
                 found[split] = cached
         measured = [split for split in self.evaluator.splits.measured if split not in found]
         base = self.evaluator.baseline(found)
         for split in measured:  # figures read from the study belong to its numerics, maybe not this run's
             if split in self.stores:
-                self.stores[split].put((), base[split])
+                self.stores[split].put(Removal(), base[split])
         return base
 
     def ppl(
         self,
-        removed: Sequence[int],
+        removal: Removal,
         split: str,
         ceiling: float | None = None,
         cap: float | None = None,
         unhealed: bool = False,
         sequential: bool | None = None,
     ) -> float:
-        healing = self.evaluator.heal != "none" and not unhealed and bool(removed)
+        healing = self.evaluator.heal != "none" and not unhealed and bool(removal)
         if healing and sequential is not None and sequential != self.evaluator.sequential:
-            return self.evaluator.ppl(removed, split, ceiling, cap, unhealed, sequential)  # a screen: not stored
+            return self.evaluator.ppl(removal, split, ceiling, cap, unhealed, sequential)  # a screen: not stored
         store = (self.healed_stores if healing else self.stores).get(split)
-        cached = store.get(removed) if store is not None else None
+        cached = store.get(removal) if store is not None else None
         if cached is not None:
             self.hits += 1
             return cached
         started, built = time.perf_counter(), self.evaluator.has_prefix(split)
         try:
-            ppl = self.evaluator.ppl(removed, split, ceiling, cap, unhealed)
+            ppl = self.evaluator.ppl(removal, split, ceiling, cap, unhealed)
         finally:
             if store is not None and not built and self.evaluator.has_prefix(split):
-                store.put((), self.evaluator.prefix(split).base_ppl)  # the unpruned pass, measured in these numerics
+                store.put(Removal(), self.evaluator.prefix(split).base_ppl)  # the unpruned pass, in these numerics
         if store is not None:  # recorded even when over the cap: the figure is true, only the trial is rejected
-            store.put(removed, ppl, time.perf_counter() - started)
+            store.put(removal, ppl, time.perf_counter() - started)
         return ppl
 
-    def calib_ratio(self, removed: Sequence[int], ceiling: float | None = None) -> float:
-        return capped_ratio(self, removed, ceiling)
+    def calib_ratio(self, removal: Removal, ceiling: float | None = None) -> float:
+        return capped_ratio(self, removal, ceiling)
 
-    def test_ratio(self, removed: Sequence[int]) -> float:
-        return self.ratio(removed, "test")
+    def test_ratio(self, removal: Removal) -> float:
+        return self.ratio(removal, "test")
 
-    def ratio(self, removed: Sequence[int], split: str, unhealed: bool = False) -> float:
+    def ratio(self, removal: Removal, split: str, unhealed: bool = False) -> float:
         """A reported (never capped) ratio on `split`: "test", or "eval" (the second corpus)."""
-        return self.ppl(removed, split, unhealed=unhealed) / self.evaluator.base_ppl[split]
+        return self.ppl(removal, split, unhealed=unhealed) / self.evaluator.base_ppl[split]
 
     def sensitivity(self, tokens: int) -> tuple[torch.Tensor, EvalCache | None]:
         """The windows that rank layers for seeding, and the evaluation cache keyed to exactly them."""

@@ -44,6 +44,7 @@ class RunConfig:
     heal_fit: str = "sequential"  # later runs fitted on the model healed so far, or "parallel": on the unpruned one
     eval_dataset: str | None = None  # a second corpus (another domain) every front point is also measured on
     eval_tokens: int = 8192
+    granularity: str = "layer"  # search/space.py: remove whole layers, or attention and MLP blocks ("sublayer")
 
     @property
     def fit_tokens(self) -> int:
@@ -51,7 +52,7 @@ class RunConfig:
 
     @property
     def study_name(self) -> str:
-        return self.study or default_study_name(model_name(self.model), self.budget)
+        return self.study or default_study_name(model_name(self.model), self.budget, self.granularity)
 
     @property
     def storage_url(self) -> str:
@@ -74,6 +75,7 @@ class RunConfig:
             heal_fit=self.heal_fit if self.heal != "none" else None,
             eval_dataset=_absolute(self.eval_dataset),
             eval_tokens=self.eval_tokens if self.eval_dataset else None,
+            granularity=self.granularity,
         )
 
     def model_spec(self) -> str | None:

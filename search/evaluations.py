@@ -13,7 +13,6 @@ a store written by a newer layout than this code knows is refused rather than mi
 from __future__ import annotations
 
 import platform
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import sqlalchemy as sa
 import torch
 
 from search.errors import SearchError, redact
+from search.model.removal import Removal
 
 metadata = sa.MetaData()
 
@@ -42,7 +42,7 @@ evaluations = sa.Table(
     sa.Column("model_fingerprint", sa.String(128), nullable=False),
     sa.Column("data_fingerprint", sa.String(128), nullable=False),  # the split's token windows
     sa.Column("numerics", sa.String(96), nullable=False),  # dtype@device model/batch, e.g. bf16-mixed@cpu:AMD EPYC/b4
-    sa.Column("removed_layers", sa.String(1024), nullable=False),  # "3,17"; "" is the unpruned model
+    sa.Column("removed_layers", sa.String(1024), nullable=False),  # Removal.key: "3,17", "3,a6,m12"; "" unpruned
     sa.Column("perplexity", sa.Float, nullable=False),
     sa.Column("seconds", sa.Float),  # what the evaluation cost when it was measured
     sa.Column("created", sa.DateTime, server_default=sa.func.now()),
@@ -103,8 +103,8 @@ def create_tables(engine: sa.Engine, write: bool = True) -> None:
             pass  # recorded meanwhile by another opener
 
 
-def _key(removed: Sequence[int]) -> str:
-    return ",".join(str(i) for i in sorted(set(removed)))
+def _key(removal: Removal) -> str:
+    return removal.key  # whole layers: "3,17", as before blocks could be removed
 
 
 @dataclass
@@ -116,7 +116,7 @@ class EvalCache:
     data_fingerprint: str
     numerics: str
 
-    def _where(self, removed: Sequence[int]):
+    def _where(self, removed: Removal):
         return sa.and_(
             evaluations.c.model_fingerprint == self.model_fingerprint,
             evaluations.c.data_fingerprint == self.data_fingerprint,
@@ -124,11 +124,11 @@ class EvalCache:
             evaluations.c.removed_layers == _key(removed),
         )
 
-    def get(self, removed: Sequence[int]) -> float | None:
+    def get(self, removed: Removal) -> float | None:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(evaluations.c.perplexity).where(self._where(removed))).scalar()
 
-    def put(self, removed: Sequence[int], perplexity: float, seconds: float | None = None) -> None:
+    def put(self, removed: Removal, perplexity: float, seconds: float | None = None) -> None:
         row = {
             "model_fingerprint": self.model_fingerprint,
             "data_fingerprint": self.data_fingerprint,

@@ -17,10 +17,11 @@ from torch import nn
 
 from evaluators.data import Splits
 from evaluators.healing import DEFAULT_RIDGE, FitStats, Healing, all_pairs, collect_fit_stats, healed
-from evaluators.latency import Latency, measure_latencies, reachable_shapes, shape_key
+from evaluators.latency import BlockKinds, Latency, kv_cache_bytes, measure_latencies, reachable_shapes, shape_key
 from evaluators.perplexity import bounded_perplexity, check_cap, target_count
 from evaluators.prefix import PrefixCache, build_prefix_cache
 from search.healing import HEALINGS
+from search.model.removal import Removal
 from search.model.surgery import decoder_layers
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Evaluator:
     batch_size: int = 4
     latency_repeats: int = 30
     layer_kinds: Sequence[str] = ()  # what each layer costs to run: parameter count and attention type
+    block_kinds: BlockKinds = None  # the same per attention and MLP block: a sub-layer space (shapes by block)
     max_ppl_ratio: float | None = None  # --max-ppl-ratio: stop a candidate once it is proven above
     base_ppl: dict[str, float] = field(default_factory=dict)  # split -> the unpruned model's perplexity
     heal: str = "none"  # search/healing.py: HEALINGS; what `ppl` measures unless told otherwise
@@ -46,7 +48,8 @@ class Evaluator:
     sensitivity_tokens: int = 2048  # the "sensitivity" split: the first calibration tokens, which greedy scores on
     _prefix: dict[str, PrefixCache] = field(default_factory=dict, repr=False)
     _fit: FitStats | None = field(default=None, repr=False)
-    _healings: dict[tuple[tuple[int, ...], bool], Healing] = field(default_factory=dict, repr=False)
+    _healings: dict[tuple[Removal, bool], Healing] = field(default_factory=dict, repr=False)
+    _kv_base: int | None = field(default=None, repr=False)  # the unpruned model's KV-cache bytes
 
     @property
     def n_layers(self) -> int:
@@ -78,16 +81,17 @@ class Evaluator:
             self.base_ppl[split] = (known or {}).get(split) or self.prefix(split).base_ppl
         return self.base_ppl
 
-    def healing(self, removed: Sequence[int], sequential: bool | None = None) -> Healing:
-        """The maps that heal `removed` (fitted once per set; the fitting statistics summed on first use);
+    def healing(self, removal: Removal, sequential: bool | None = None) -> Healing:
+        """The maps that heal `removal` (fitted once per set; the fitting statistics summed on first use);
         `sequential=False` fits every run on the unpruned model's sums (free: no pass), whatever the study's."""
         sequential = self.sequential if sequential is None else sequential
-        removal = tuple(sorted(set(removed)))
         key = (removal, sequential)
         if key not in self._healings:
             fit = HEALINGS[self.heal]
             if fit is None:
                 return Healing({})
+            if not removal.whole_layers_only:
+                raise ValueError(f"linear healing fits runs of whole layers; {removal} removes single blocks")
             if self._fit is None or (sequential and self._fit.states is None):
                 if self.splits.fit is None:
                     raise ValueError("healing needs fitting windows (make_splits(fit_tokens=...))")
@@ -103,7 +107,7 @@ class Evaluator:
                 )
             if len(self._healings) >= 64:
                 self._healings.pop(next(iter(self._healings)))
-            self._healings[key] = fit(self.model, self._fit, removal, self.ridge, sequential)
+            self._healings[key] = fit(self.model, self._fit, removal.layers, self.ridge, sequential)
         return self._healings[key]
 
     def clear_fits(self) -> None:
@@ -115,7 +119,7 @@ class Evaluator:
 
     def ppl(
         self,
-        removed: Sequence[int],
+        removal: Removal,
         split: str,
         ceiling: float | None = None,
         cap: float | None = None,
@@ -127,9 +131,9 @@ class Evaluator:
         or exceeds `cap` (--max-ppl-ratio) over the windows seen so far but not all."""
         cache = self.prefix(split)
         self.base_ppl.setdefault(split, cache.base_ppl)
-        healing = Healing({}) if unhealed or not removed else self.healing(removed, sequential)
+        healing = Healing({}) if unhealed or not removal else self.healing(removal, sequential)
         with healed(self.model, healing):
-            evaluation = cache.nll_batches(removed, healing.first_changed)
+            evaluation = cache.nll_batches(removal, healing.first_changed)
             try:
                 return bounded_perplexity(
                     evaluation,
@@ -144,12 +148,12 @@ class Evaluator:
             finally:
                 evaluation.close()  # a stopped evaluation restores the model's layers now, not when collected
 
-    def calib_ratio(self, removed: Sequence[int], ceiling: float | None = None) -> float:
+    def calib_ratio(self, removal: Removal, ceiling: float | None = None) -> float:
         """The objective; --max-ppl-ratio applies to it (held-out figures are never capped)."""
-        return capped_ratio(self, removed, ceiling)
+        return capped_ratio(self, removal, ceiling)
 
-    def test_ratio(self, removed: Sequence[int]) -> float:
-        return self.ppl(removed, "test") / self.base_ppl["test"]
+    def test_ratio(self, removal: Removal) -> float:
+        return self.ppl(removal, "test") / self.base_ppl["test"]
 
     def sensitivity_windows(self, tokens: int) -> torch.Tensor:
         """The first `tokens` calibration tokens (whole windows), which rank layers for seeding and
@@ -157,28 +161,38 @@ class Evaluator:
         calib = self.splits.calib
         return calib[: max(1, min(len(calib), tokens // calib.shape[1]))]
 
-    def shape(self, removed: Sequence[int]) -> str:
-        return shape_key(self.layer_kinds, removed)
+    def shape(self, removal: Removal) -> str:
+        return shape_key(self.layer_kinds, removal, self.block_kinds)
 
-    def reachable_shapes(
-        self, allows: Callable[[tuple[int, ...]], bool], limit: int = 64
-    ) -> dict[str, tuple[int, ...]] | None:
-        return reachable_shapes(self.layer_kinds, allows, limit)
+    def reachable_shapes(self, allows: Callable[[Removal], bool], limit: int = 64) -> dict[str, Removal] | None:
+        return reachable_shapes(self.layer_kinds, allows, limit, self.block_kinds)
 
-    def latencies(self, removal_sets: Sequence[Sequence[int]]) -> list[Latency]:
+    def latencies(self, removals: Sequence[Removal]) -> list[Latency]:
         """Every set timed round-robin against the unpruned model, smoothed by the additive fit."""
         return measure_latencies(
-            self.model, removal_sets, self.latency_input, LATENCY_WARMUP, self.latency_repeats, self.layer_kinds
+            self.model,
+            removals,
+            self.latency_input,
+            LATENCY_WARMUP,
+            self.latency_repeats,
+            self.layer_kinds,
+            self.block_kinds,
         )
 
-    def latency(self, removed: Sequence[int] = ()) -> Latency:
+    def latency(self, removal: Removal = Removal()) -> Latency:
         """One set against the unpruned model, raw medians (no fit from a single shape)."""
-        return measure_latencies(self.model, [removed], self.latency_input, LATENCY_WARMUP, self.latency_repeats)[0]
+        return measure_latencies(self.model, [removal], self.latency_input, LATENCY_WARMUP, self.latency_repeats)[0]
+
+    def kv_cache_ratio(self, removal: Removal) -> float:
+        """The pruned model's KV cache after a prefill of the latency input, over the unpruned model's."""
+        if self._kv_base is None:
+            self._kv_base = kv_cache_bytes(self.model, self.latency_input)
+        return kv_cache_bytes(self.model, self.latency_input, removal) / self._kv_base if self._kv_base else 1.0
 
 
-def capped_ratio(evaluator: Evaluator | CachingEvaluator, removed: Sequence[int], ceiling: float | None) -> float:
+def capped_ratio(evaluator: Evaluator | CachingEvaluator, removal: Removal, ceiling: float | None) -> float:
     """Calibration ratio, with --max-ppl-ratio also applied to the finished figure."""
     cap = evaluator.max_ppl_ratio
-    ratio = evaluator.ppl(removed, "calib", ceiling, cap) / evaluator.base_ppl["calib"]
+    ratio = evaluator.ppl(removal, "calib", ceiling, cap) / evaluator.base_ppl["calib"]
     check_cap(ratio, cap, len(evaluator.windows("calib")))
     return ratio

@@ -127,6 +127,11 @@ def prune_trial(
     `out`: where it will be written, checked before the work (None: kept in memory)."""
     trial = finished_trial(study, number)
     record, measured = StudyRecord.read(study), TrialRecord.of(trial)
+    if not measured.removal.whole_layers_only:
+        raise SearchError(
+            f"trial {number} removes single attention or MLP blocks ({measured.removal.describe()}); "
+            "exporting sub-layer points is not supported yet: pick a whole-layer point"
+        )
     n_layers, removed = record.baseline.layers, list(measured.removed_layers)
     if out is not None:
         check_out(Path(out))

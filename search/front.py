@@ -12,17 +12,28 @@ import optuna
 
 from evaluators.accuracy import TaskResult
 from search.errors import SearchError
+from search.model.removal import Removal
 from search.records import AccuracyKey, StudyRecord, TrialRecord, read_accuracy, removal_key
 from search.tables import cell, table
 
 FRONT_FIELDS = ("trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
-OPTIONAL_FIELDS = ("eval_ppl_ratio", "unhealed_ppl_ratio", "unhealed_test_ppl_ratio", "unhealed_eval_ppl_ratio")
+BLOCK_FIELDS = ("removed_attention", "removed_mlp")  # sub-layer studies: blocks of layers that stay
+OPTIONAL_FIELDS = (
+    "kv_cache_ratio",
+    "eval_ppl_ratio",
+    "unhealed_ppl_ratio",
+    "unhealed_test_ppl_ratio",
+    "unhealed_eval_ppl_ratio",
+)
+LIST_FIELDS = ("removed_layers", *BLOCK_FIELDS)
 
 
 def _fields(report: dict) -> tuple[str, ...]:
-    """The columns: the fixed ones, then each optional one some point carries."""
+    """The columns: the fixed ones (with the block lists in a sub-layer study), then each optional one
+    some point carries."""
+    blocks = BLOCK_FIELDS if report.get("granularity", "layer") != "layer" else ()
     extra = tuple(key for key in OPTIONAL_FIELDS if any(key in point for point in report["front"]))
-    return FRONT_FIELDS + extra
+    return FRONT_FIELDS[:2] + blocks + FRONT_FIELDS[2:] + extra
 
 
 def front_report(study: optuna.Study) -> dict:
@@ -34,17 +45,19 @@ def front_report(study: optuna.Study) -> dict:
         best = []
     if not best:
         raise SearchError(f"study {study.study_name!r} has no finished trials yet")
-    seen: set[tuple[int, ...]] = set()
+    seen: set[Removal] = set()
     front = []
+    sublayer = record.settings.granularity != "layer"
     for trial in sorted(best, key=lambda t: t.number):
         measured = TrialRecord.of(trial)
-        if measured.removed_layers in seen:  # a duplicate proposal answered from the store
+        if measured.removal in seen:  # a duplicate proposal answered from the store
             continue
-        seen.add(measured.removed_layers)
+        seen.add(measured.removal)
+        removal = measured.removal.json() if sublayer else {"removed_layers": list(measured.removed_layers)}
         front.append(
             {
                 "trial": trial.number,
-                "removed_layers": list(measured.removed_layers),
+                **removal,
                 "layers": measured.layers,
                 "params_reduction": measured.params_reduction,
                 "ppl_ratio": trial.values[0],
@@ -54,12 +67,13 @@ def front_report(study: optuna.Study) -> dict:
                 **{key: getattr(measured, key) for key in OPTIONAL_FIELDS if getattr(measured, key) is not None},
             }
         )
-    front.sort(key=lambda p: (-p["layers"], p["ppl_ratio"]))
+    front.sort(key=lambda p: (p["params_reduction"], p["ppl_ratio"]) if sublayer else (-p["layers"], p["ppl_ratio"]))
     baseline = {k: v for k, v in asdict(record.baseline).items() if k != "eval_ppl" or v is not None}
     report = {
         "study": study.study_name,
         "model": record.settings.model,
         "budget": record.settings.budget,
+        **({"granularity": record.settings.granularity} if sublayer else {}),
         "baseline": baseline,
         "front": front,
     }
@@ -99,7 +113,7 @@ def _alike(result: TaskResult | None, base: TaskResult) -> bool:
 
 
 def point_accuracy(
-    stored: dict[AccuracyKey, TaskResult], chosen: dict[str, TaskResult], removed: Sequence[int]
+    stored: dict[AccuracyKey, TaskResult], chosen: dict[str, TaskResult], removed: Removal
 ) -> dict[str, tuple[TaskResult, float | None]]:
     """A removal set's results measured like the chosen baseline's, each with its share of it."""
     found = {}
@@ -113,7 +127,7 @@ def point_accuracy(
 def add_accuracy(study: optuna.Study, report: dict) -> None:
     """Accuracy from `evaluate`, where measured (keys documented in the README)."""
     stored = read_accuracy(study)
-    chosen = baseline_accuracy(stored, [removal_key(p["removed_layers"]) for p in report["front"]])
+    chosen = baseline_accuracy(stored, [removal_key(Removal.from_json(p)) for p in report["front"]])
     if not chosen:
         return
     base = report["baseline"]
@@ -124,7 +138,7 @@ def add_accuracy(study: optuna.Study, report: dict) -> None:
         for task, r in chosen.items()
     }
     for point in report["front"]:
-        found = point_accuracy(stored, chosen, point["removed_layers"])
+        found = point_accuracy(stored, chosen, Removal.from_json(point))
         if found:
             point["accuracy"] = {task: r.value for task, (r, _) in found.items()}
             point["accuracy_stderr"] = {task: r.stderr for task, (r, _) in found.items()}
@@ -184,7 +198,7 @@ def format_csv(report: dict) -> str:
     writer.writerow([*fields, *(f"{kind}:{task}" for task in tasks for kind in ("accuracy", "accuracy_retained"))])
     for point in report["front"]:
         writer.writerow(
-            [" ".join(map(str, point[f])) if f == "removed_layers" else point.get(f) for f in fields]
+            [" ".join(map(str, point[f])) if f in LIST_FIELDS else point.get(f) for f in fields]
             + [point.get(kind, {}).get(task) for task in tasks for kind in ("accuracy", "accuracy_retained")]
         )
     return out.getvalue().rstrip("\n")

@@ -29,7 +29,7 @@ def describe(number: int, record: TrialRecord) -> str:
     else:
         test = f", held-out x{record.test_ppl_ratio:.3f}" if record.test_ppl_ratio is not None else ""
         outcome = f"ppl x{record.ppl_ratio:.3f}, latency x{record.latency_ratio:.3f}{test}"
-    return f"trial {number}: remove {list(record.removed_layers)} -> {outcome} ({how})"
+    return f"trial {number}: remove {record.removal.describe()} -> {outcome} ({how})"
 
 
 def optimize(study: optuna.Study, evaluator: CachingEvaluator, budget: Budget, target: int, lock: Lock) -> None:

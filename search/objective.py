@@ -22,12 +22,14 @@ from evaluators.latency import Latency
 from evaluators.perplexity import Rejected
 from search import space
 from search.caching import CachingEvaluator
+from search.model.removal import Removal
 from search.records import (
     COMPLETE,
     LatencyEntry,
     TrialRecord,
     proposer_known,
     read_latency,
+    removal_attrs,
     write_latency,
     write_trial,
 )
@@ -45,10 +47,8 @@ def dominated(values: Sequence[float], by: Sequence[float]) -> bool:
     return all(b <= v for b, v in zip(by, values)) and any(b < v for b, v in zip(by, values))
 
 
-def claim(
-    trial: optuna.Trial, removed: tuple[int, ...], lock: Lock, **record: object
-) -> optuna.trial.FrozenTrial | None:
-    """Decide which trial measures `removed`: None when this one does, else a finished trial of the same set.
+def claim(trial: optuna.Trial, removal: Removal, lock: Lock, **record: object) -> optuna.trial.FrozenTrial | None:
+    """Decide which trial measures `removal`: None when this one does, else a finished trial of the same set.
 
     Checking the store and writing this trial's set happen under the store's lock, so of two workers
     proposing one set at once, the second always sees the first (checking without it let both
@@ -59,13 +59,13 @@ def claim(
         with lock():
             measuring = False
             for other in trial.study.get_trials(deepcopy=False, states=(*COMPLETE, TrialState.RUNNING)):
-                if other.number == trial.number or TrialRecord.of(other).removed_layers != removed:
+                if other.number == trial.number or TrialRecord.of(other).removal != removal:
                     continue
                 if other.state == TrialState.COMPLETE:
                     return other
                 measuring |= not worker_gone(TrialRecord.of(other).worker or "")
             if not measuring:
-                write_trial(trial, removed_layers=removed, **record)
+                write_trial(trial, **removal_attrs(removal), **record)
                 return None
         time.sleep(DUPLICATE_POLL_S)
         optuna.storages.fail_stale_trials(trial.study)  # a worker elsewhere that died: failed after the grace period
@@ -77,12 +77,12 @@ def latency_entry(latency: Latency) -> LatencyEntry:
     )
 
 
-def shape_latency(study: optuna.Study, evaluator: CachingEvaluator, removed: Sequence[int]) -> LatencyEntry:
+def shape_latency(study: optuna.Study, evaluator: CachingEvaluator, removal: Removal) -> LatencyEntry:
     """The pruned shape's latency: from the study's table (timed at seeding), else timed now and stored."""
-    shape = evaluator.shape(removed)
+    shape = evaluator.shape(removal)
     entry = read_latency(study, shape)
     if entry is None:
-        entry = latency_entry(evaluator.latency(removed))
+        entry = latency_entry(evaluator.latency(removal))
         write_latency(study, shape, entry)
     return entry
 
@@ -94,13 +94,13 @@ def make_objective(
         write_trial(trial, worker=worker_id())  # first: lets a restart prove this trial was interrupted
         if not proposer_known(trial):  # seeds and retries carry theirs from the queue
             write_trial(trial, proposed_by="sampler")
-        removed = space.suggest(trial, budget.n_layers)
+        removed = space.suggest(trial, budget)
         reduction = budget.params_reduction(removed)
-        shape = {"layers": budget.n_layers - len(removed), "params_reduction": reduction}
+        shape = {"layers": budget.n_layers - len(removed.layers), "params_reduction": reduction}
         trial.set_constraint("params_reduction", reduction - budget.fraction)
         if not budget.allows(removed):
             # Free: no forward pass, and not counted towards --trials.
-            write_trial(trial, removed_layers=removed, **shape)
+            write_trial(trial, **removal_attrs(removed), **shape)
             raise optuna.TrialPruned("empty or over budget" if removed else "empty")
         study = trial.study
         original = claim(trial, removed, lock, **shape)
@@ -138,9 +138,10 @@ def make_objective(
             ppl_ratio=ppl_ratio,
             latency_ratio=latency.ratio,
             latency_ms=latency.ms,
+            kv_cache_ratio=evaluator.kv_cache_ratio(removed),
         )
         if evaluator.heal != "none":
-            write_trial(trial, unhealed_runs=unreachable_runs(removed) or None)
+            write_trial(trial, unhealed_runs=unreachable_runs(removed.layers) or None)
         if not any(dominated(values, t.values) for t in study.get_trials(deepcopy=False, states=COMPLETE)):
             write_trial(trial, test_ppl_ratio=evaluator.test_ratio(removed))
             second = "eval" in evaluator.splits.measured  # --eval-dataset: another domain, never fitted on

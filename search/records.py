@@ -8,7 +8,6 @@ so existing studies open, resume and export unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
@@ -17,6 +16,7 @@ from optuna.trial import TrialState
 
 from evaluators.accuracy import TaskResult
 from search.errors import SearchError
+from search.model.removal import Removal
 
 COMPLETE = (TrialState.COMPLETE,)
 
@@ -41,6 +41,7 @@ class Settings:
     heal_fit: str | None = None  # "sequential" or "parallel" (None when unhealed)
     eval_dataset: str | None = None  # a second corpus every front point is also measured on
     eval_tokens: int | None = None
+    granularity: str = "layer"  # search/space.py: whole layers, or attention and MLP blocks ("sublayer")
 
     def differences(self, stored: Settings) -> list[str]:
         mine, theirs = asdict(self), asdict(stored)
@@ -72,8 +73,12 @@ class LatencyEntry:
 
 @dataclass(frozen=True)
 class GreedyStage:
-    removed_layers: list[int]
+    removed: Removal
     score: float
+
+    def json(self) -> dict[str, Any]:
+        attrs = {key: value for key, value in removal_attrs(self.removed).items() if value is not None}
+        return {**attrs, "score": self.score}  # a whole-layer stage: {"removed_layers", "score"}, as before
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ class StudyRecord:
     data_fingerprint: str
     baseline: Baseline
     layer_params: list[int]
-    sensitivity: dict[int, float]  # stage-1 scores (or a transferred profile), by layer
+    sensitivity: dict[Removal, float]  # stage-1 scores (or a transferred profile), by layer or block
     criterion: str  # what greedy ranked layers by, or "transfer"
     greedy: list[GreedyStage]
     sensitivity_passes: int | None  # seeding cost in forward passes over --sensitivity-tokens (None: not recorded)
@@ -102,9 +107,9 @@ class StudyRecord:
             "data_fingerprint": self.data_fingerprint,
             "baseline": asdict(self.baseline),
             "layer_params": list(self.layer_params),
-            "sensitivity": {str(k): v for k, v in sorted(self.sensitivity.items())},
+            "sensitivity": {k.key: v for k, v in sorted(self.sensitivity.items())},
             "criterion": self.criterion,
-            "greedy": [asdict(g) for g in self.greedy],
+            "greedy": [g.json() for g in self.greedy],
         }
         if self.sensitivity_passes is not None:
             attrs["sensitivity_passes"] = self.sensitivity_passes
@@ -128,12 +133,11 @@ class StudyRecord:
             data_fingerprint=attrs.get("data_fingerprint", ""),
             baseline=baseline,
             layer_params=list(attrs.get("layer_params", [])),
-            sensitivity={int(k): v for k, v in attrs.get("sensitivity", {}).items()},
+            sensitivity={Removal.parse(k): v for k, v in attrs.get("sensitivity", {}).items()},
             criterion=attrs.get("criterion", "ppl"),
             # Stores written before the criterion was configurable called the score `ppl_ratio`.
             greedy=[
-                GreedyStage(list(g["removed_layers"]), g.get("score", g.get("ppl_ratio")))
-                for g in attrs.get("greedy", [])
+                GreedyStage(Removal.from_json(g), g.get("score", g.get("ppl_ratio"))) for g in attrs.get("greedy", [])
             ],
             sensitivity_passes=attrs.get("sensitivity_passes"),
             warm_start_from=attrs.get("warm_start_from"),
@@ -218,7 +222,9 @@ class TrialRecord:
 
     worker: str | None = None  # written first: lets a restart prove the trial was interrupted
     proposed_by: str = "sampler"  # a seed's reason, "exhaustive", or the sampler
-    removed_layers: tuple[int, ...] = ()
+    removed_layers: tuple[int, ...] = ()  # whole layers
+    removed_attention: tuple[int, ...] = ()  # attention blocks of layers that keep their MLP (sub-layer studies)
+    removed_mlp: tuple[int, ...] = ()  # MLP blocks of layers that keep their attention
     layers: int | None = None  # layers kept
     params_reduction: float | None = None
     duplicate_of: int | None = None  # answered from an earlier trial of the same set
@@ -228,6 +234,7 @@ class TrialRecord:
     ppl_ratio: float | None = None
     latency_ratio: float | None = None
     latency_ms: float | None = None
+    kv_cache_ratio: float | None = None  # measured after a prefill of the latency input (trials since sub-layer search)
     test_ppl_ratio: float | None = None  # measured only for trials on the front when they finished
     # With --heal: the ratios above are the healed model's; these are the same set unhealed (front trials).
     eval_ppl_ratio: float | None = None  # --eval-dataset: the second corpus (front trials)
@@ -245,11 +252,16 @@ class TrialRecord:
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> TrialRecord:
         known = {k: v for k, v in attrs.items() if k in _TRIAL_FIELDS}  # others: written by a newer version
-        if "removed_layers" in known:
-            known["removed_layers"] = tuple(known["removed_layers"])
+        for key in ("removed_layers", "removed_attention", "removed_mlp"):
+            if key in known:
+                known[key] = tuple(known[key])
         if "unhealed_runs" in known:
             known["unhealed_runs"] = tuple(tuple(run) for run in known["unhealed_runs"])
         return cls(**known)
+
+    @property
+    def removal(self) -> Removal:
+        return Removal.of(self.removed_layers, self.removed_attention, self.removed_mlp)
 
     def measurements(self) -> dict[str, Any]:
         """What a duplicate copies from its original: every measured field."""
@@ -267,6 +279,16 @@ def write_trial(trial: optuna.Trial, **values: Any) -> None:
             raise KeyError(f"{key!r} is not a TrialRecord field")
         if value is not None:
             trial.set_user_attr(key, _json(value))
+
+
+def removal_attrs(removal: Removal) -> dict[str, Any]:
+    """A removal as trial attributes: `removed_layers` always, the block lists only when not empty, so
+    a whole-layer study's trials read as they did before blocks could be removed."""
+    return {
+        "removed_layers": removal.layers,
+        "removed_attention": removal.attention or None,
+        "removed_mlp": removal.mlp or None,
+    }
 
 
 def _json(value: Any) -> Any:
@@ -309,9 +331,9 @@ def find_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
 AccuracyKey = tuple[str, str, int | None]  # (removal_key, task, limit)
 
 
-def removal_key(removed: Sequence[int]) -> str:
-    """The unpruned model's key is "baseline"; a pruned model's its sorted layers, e.g. "14,16,17,18"."""
-    return ",".join(map(str, sorted(removed))) or "baseline"
+def removal_key(removal: Removal) -> str:
+    """The unpruned model's key is "baseline"; a pruned model's its `Removal.key`, e.g. "14,16,17,18"."""
+    return removal.key or "baseline"
 
 
 def read_accuracy(study: optuna.Study) -> dict[AccuracyKey, TaskResult]:
@@ -330,6 +352,6 @@ def read_accuracy(study: optuna.Study) -> dict[AccuracyKey, TaskResult]:
     return results
 
 
-def write_accuracy(study: optuna.Study, removed: Sequence[int], result: TaskResult) -> None:
+def write_accuracy(study: optuna.Study, removed: Removal, result: TaskResult) -> None:
     limit = "all" if result.limit is None else result.limit
     study.set_user_attr(f"accuracy:{result.task}:{limit}:{removal_key(removed)}", asdict(result))

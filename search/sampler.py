@@ -3,9 +3,10 @@
 Generic samplers waste most proposals here: a random boolean per layer removes half the model,
 far over any useful budget. This sampler (an ordinary Optuna `BaseSampler`) only proposes sets
 that fit the budget and were never tried: it takes an elite set (one of the best few by
-perplexity ratio for its number of removed layers; latency follows the layer count) and applies
-one move: shift a removed layer to a neighbour, swap it for any kept layer, add a layer, or drop
-one. Seeds (greedy path, rankings) give it the first elites.
+perplexity ratio for its size: attention and MLP blocks removed, which latency follows) and
+applies one move to its parts (layers, or in a sub-layer space blocks): shift one to a neighbour,
+swap it for a kept one, add one, drop one, split a removed layer into a block, or join two blocks
+into a layer. Seeds (greedy path, rankings) give it the first elites.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
 
 from search import space
+from search.model.removal import KINDS, Removal
 from search.records import counts_towards_trials
 from search.registry import Registry
 from search.space import Budget
@@ -26,15 +28,20 @@ ELITES_PER_SIZE = 3
 ATTEMPTS = 500
 
 
-def removal_set(trial: optuna.trial.FrozenTrial) -> tuple[int, ...]:
-    """The set a trial evaluates, including enqueued and still-running trials."""
+def removal_set(trial: optuna.trial.FrozenTrial) -> Removal:
+    """The removal a trial evaluates, including enqueued and still-running trials."""
     params = trial.params or trial.system_attrs.get("fixed_params", {})
     return space.decode(params)
 
 
-def tried_sets(trials: list[optuna.trial.FrozenTrial]) -> set[tuple[int, ...]]:
+def tried_sets(trials: list[optuna.trial.FrozenTrial]) -> set[Removal]:
     """Sets already measured, being measured, or queued: all but the free (over-budget) proposals."""
     return {removal_set(t) for t in trials if t.state != TrialState.PRUNED or counts_towards_trials(t)}
+
+
+def size_of(removal: Removal) -> tuple[int, int]:
+    """What latency follows: attention blocks and MLP blocks removed (a whole layer is one of each)."""
+    return len(removal.removed_attention), len(removal.removed_mlp)
 
 
 class RemovalSetSampler(optuna.samplers.BaseSampler):
@@ -46,7 +53,8 @@ class RemovalSetSampler(optuna.samplers.BaseSampler):
         self._rng.seed()
 
     def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
-        return {space.param_name(i): CategoricalDistribution([False, True]) for i in range(self._budget.n_layers)}
+        names = space.param_names(self._budget.n_layers, self._budget.granularity)
+        return {name: CategoricalDistribution([False, True]) for name in names}
 
     def sample_relative(self, study, trial, search_space) -> dict[str, bool]:
         if not search_space:
@@ -54,50 +62,75 @@ class RemovalSetSampler(optuna.samplers.BaseSampler):
         trials = study.get_trials(deepcopy=False)
         tried = tried_sets([t for t in trials if t.number != trial.number])
         elites = self._elites(trials)
+        budget = self._budget
         for _ in range(ATTEMPTS):
             child = self._move(self._rng.choice(elites)) if elites else self._random_set()
-            if child not in tried and self._budget.allows(child):
-                return space.encode(child, self._budget.n_layers)
+            if child not in tried and budget.allows(child):
+                return space.encode(child, budget.n_layers, budget.granularity)
         # Neighbourhoods exhausted: a random feasible set (a repeat is answered from the store).
-        return space.encode(self._random_set(), self._budget.n_layers)
+        return space.encode(self._random_set(), budget.n_layers, budget.granularity)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self._rng.choice(param_distribution.choices)
 
-    def _elites(self, trials: list[optuna.trial.FrozenTrial]) -> list[tuple[int, ...]]:
-        by_size: dict[int, list[tuple[float, tuple[int, ...]]]] = defaultdict(list)
+    def _elites(self, trials: list[optuna.trial.FrozenTrial]) -> list[Removal]:
+        by_size: dict[tuple[int, int], list[tuple[float, Removal]]] = defaultdict(list)
         for t in trials:
             if t.state == TrialState.COMPLETE and t.values:
                 removed = removal_set(t)
-                by_size[len(removed)].append((t.values[0], removed))
-        elites: list[tuple[int, ...]] = []
+                by_size[size_of(removed)].append((t.values[0], removed))
+        elites: list[Removal] = []
         for ranked in by_size.values():
             elites += [removed for _, removed in sorted(set(ranked))[:ELITES_PER_SIZE]]
         return elites
 
-    def _move(self, removed: tuple[int, ...]) -> tuple[int, ...]:
+    def _move(self, removed: Removal) -> Removal:
+        """One step: shift a removed part to a neighbouring layer, swap it for a kept part, add a part,
+        drop one; in a sub-layer space also split a removed layer into one of its blocks, or join a lone
+        block with another layer's lone block of the other kind into a whole layer."""
         n = self._budget.n_layers
-        chosen = set(removed)
-        kept = [i for i in range(n) if i not in chosen]
-        move = self._rng.choice(("shift", "swap", "add", "drop"))
+        units = self._budget.units()
+        chosen = list(removed.parts()) if self._budget.block_params is None else _blocks(removed)
+        kept = [u for u in units if not removed.covers(u)]
+        moves = ["shift", "swap", "add", "drop"]
+        if self._budget.block_params is not None:
+            moves += ["split", "join"] if removed.layers or (removed.attention and removed.mlp) else []
+        move = self._rng.choice(moves)
         if move == "add" and kept:
-            chosen.add(self._rng.choice(kept))
-        elif move == "drop" and len(chosen) > 1:
-            chosen.discard(self._rng.choice(sorted(chosen)))
-        else:
-            out = self._rng.choice(sorted(chosen))
-            if move == "shift":
-                into = [j for j in (out - 1, out + 1) if 0 <= j < n and j not in chosen]
+            return removed | self._rng.choice(kept)
+        if move == "drop" and len(chosen) > 1:
+            return removed - self._rng.choice(chosen)
+        if move == "split" and removed.layers:
+            layer = self._rng.choice(removed.layers)
+            return removed - Removal.from_blocks([(layer, self._rng.choice(KINDS))])
+        if move == "join" and removed.attention and removed.mlp:
+            layer = self._rng.choice([*removed.attention, *removed.mlp])  # keeps its lone block, gains the other
+            if layer in removed.mlp:
+                joined = Removal.of(attention=[self._rng.choice(removed.attention)])
             else:
-                into = kept
-            if into:
-                chosen.discard(out)
-                chosen.add(self._rng.choice(into))
-        return tuple(sorted(chosen))
+                joined = Removal.of(mlp=[self._rng.choice(removed.mlp)])
+            return (removed - joined) | Removal.of([layer])
+        out = self._rng.choice(chosen)
+        if move == "shift":
+            moved = [_shifted(out, step) for step in (-1, 1)]
+            targets = [u for u in moved if u is not None and max(u.changed_layers) < n and not removed.covers(u)]
+        else:
+            targets = kept
+        return (removed - out) | self._rng.choice(targets) if targets else removed
 
-    def _random_set(self) -> tuple[int, ...]:
-        k = self._rng.randint(1, max(1, self._budget.max_layers()))
-        return tuple(sorted(self._rng.sample(range(self._budget.n_layers), k)))
+    def _random_set(self) -> Removal:
+        k = self._rng.randint(1, max(1, self._budget.max_units()))
+        return space.union(self._rng.sample(self._budget.units(), k))
+
+
+def _blocks(removal: Removal) -> list[Removal]:
+    return [Removal.from_blocks([block]) for block in sorted(removal.blocks())]
+
+
+def _shifted(unit: Removal, step: int) -> Removal | None:
+    """The same part one layer up or down (None below layer 0)."""
+    moved = {i: i + step for i in unit.changed_layers}
+    return None if min(moved.values()) < 0 else unit.remap(moved)
 
 
 # --sampler: (budget, seed) -> an Optuna sampler.

@@ -30,9 +30,10 @@ HEARTBEAT_INTERVAL_S = 60
 GRACE_PERIOD_S = 180
 
 
-def default_study_name(model: str, budget: float) -> str:
+def default_study_name(model: str, budget: float, granularity: str = "layer") -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
-    return f"{stem}-b{round(budget * 100, 2):g}"
+    space = "" if granularity == "layer" else f"-{granularity}"  # whole-layer studies keep their old names
+    return f"{stem}-b{round(budget * 100, 2):g}{space}"
 
 
 def default_storage(study: str) -> str:

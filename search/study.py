@@ -17,7 +17,7 @@ import torch
 
 from evaluators.data import bos_to_prepend, eval_windows, make_splits
 from evaluators.forward import configure
-from evaluators.latency import latency_input, layer_kinds
+from evaluators.latency import block_kinds, latency_input, layer_kinds
 from search import space
 from search.caching import with_store
 from search.config import RunConfig, adopt_stored_dtype, check_compatible
@@ -27,7 +27,7 @@ from search.failures import check_window
 from search.healing import check_healable
 from search.loop import optimize
 from search.model.loading import LoadedModel, load_model
-from search.model.surgery import layer_param_counts, total_param_count
+from search.model.surgery import block_param_counts, layer_param_counts, total_param_count
 from search.records import (
     completed,
     count_run_started,
@@ -57,6 +57,7 @@ def run(config: RunConfig) -> optuna.Study:
     if config.trials <= 0:
         raise SearchError("--trials must be a positive number of trials")
     SAMPLERS[config.sampler], CRITERIA[config.criterion]  # an unknown name fails before anything is loaded
+    check_space(config)
     name, url = config.study_name, config.storage_url
     path = sqlite_path(url)  # also rejects a malformed URL before anything is loaded
     storage, seeded = None, False
@@ -119,6 +120,20 @@ def run(config: RunConfig) -> optuna.Study:
     return study
 
 
+def check_space(config: RunConfig) -> None:
+    """What a sub-layer study cannot combine with yet, refused before anything is loaded."""
+    if config.granularity not in space.GRANULARITIES:
+        raise SearchError(f"--granularity {config.granularity!r}: choose one of {', '.join(space.GRANULARITIES)}")
+    if config.granularity == "layer":
+        return
+    if config.heal != "none":
+        raise SearchError("--granularity sublayer does not combine with --heal yet: healing fits runs of whole layers")
+    if not CRITERIA[config.criterion].blocks:
+        raise SearchError(f"--criterion {config.criterion} ranks whole layers only; a sub-layer study greedy uses ppl")
+    if config.warm_start_from:
+        raise SearchError("--warm-start-from maps whole-layer findings by depth; not with --granularity sublayer")
+
+
 def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
     """Model, windows and parameter accounting: everything an evaluation needs, no store yet."""
     loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
@@ -133,7 +148,8 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
             raise SearchError("--eval-dataset is the --dataset corpus; pass text from another domain")
         second = eval_windows(loaded.tokenizer, config.eval_dataset, config.eval_tokens, config.seq_len)
         splits = replace(splits, eval=second)
-    budget = Budget(config.budget, total_param_count(model), layer_param_counts(model))
+    blocks = block_param_counts(model) if config.granularity == "sublayer" else None
+    budget = Budget(config.budget, total_param_count(model), layer_param_counts(model), blocks)
     evaluator = Evaluator(
         model,
         splits,
@@ -141,6 +157,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         batch_size=config.batch_size,
         latency_repeats=config.latency_repeats,
         layer_kinds=layer_kinds(model),
+        block_kinds=block_kinds(model) if blocks is not None else None,
         max_ppl_ratio=config.max_ppl_ratio,
         heal=config.heal,
         sequential=config.heal_fit == "sequential",
@@ -162,5 +179,5 @@ def _queue_whole_space(study: optuna.Study, budget: Budget, trials: int) -> None
     present = tried_sets(study.get_trials(deepcopy=False))
     for removed in everything:
         if removed not in present:
-            enqueue(study, space.encode(removed, budget.n_layers), "exhaustive")
+            enqueue(study, space.encode(removed, budget.n_layers, budget.granularity), "exhaustive")
     set_feasible_sets(study, len(everything))

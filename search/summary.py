@@ -54,7 +54,7 @@ def trial_details(study: optuna.Study, number: int) -> dict:
         "study": study.study_name,
         "trial": t.number,
         "state": t.state.name,
-        "removed_layers": list(r.removed_layers),
+        **(r.removal.json() if not r.removal.whole_layers_only else {"removed_layers": list(r.removed_layers)}),
         "layers": r.layers,
         "params_reduction": r.params_reduction,
         "ppl_ratio": t.values[0] if t.values else None,
@@ -82,8 +82,8 @@ def trial_details(study: optuna.Study, number: int) -> dict:
             latency_ratio=r.latency_ratio,
         )
     stored = read_accuracy(study)
-    chosen = baseline_accuracy(stored, [removal_key(r.removed_layers)])
-    accuracy = point_accuracy(stored, chosen, r.removed_layers) if r.removed_layers else {}
+    chosen = baseline_accuracy(stored, [removal_key(r.removal)])
+    accuracy = point_accuracy(stored, chosen, r.removal) if r.removal else {}
     if accuracy:  # from `evaluate`
         details["accuracy"] = {
             task: {

@@ -13,6 +13,7 @@ from search.accuracy import OFFLINE_TASKS
 from search.export import export_trial
 from search.front import front_report
 from search.model.loading import load_model
+from search.model.removal import Removal
 from search.model.surgery import layers_removed
 from search.records import COMPLETE
 from search.sampler import removal_set
@@ -66,7 +67,7 @@ def test_run_on_the_default_model(tmp_path):
     assert completed(study) == 6
     greedy = [tuple(s["removed_layers"]) for s in study.user_attrs["greedy"]]
     assert len(greedy) == 4  # 12% of SmolLM2-135M allows four of its 30 layers
-    assert set(greedy) <= {removal_set(t) for t in study.get_trials(states=COMPLETE)}
+    assert {Removal.of(g) for g in greedy} <= {removal_set(t) for t in study.get_trials(states=COMPLETE)}
     report = front_report(study)
     check_schema(report)
     assert report["baseline"]["layers"] == 30 and 10 < report["baseline"]["calib_ppl"] < 100
@@ -75,7 +76,7 @@ def test_run_on_the_default_model(tmp_path):
     assert snapshot(run(config)) == before
 
     # Export the two-layers-removed greedy stage; a separate process with only transformers loads it.
-    stage2 = next(t for t in study.get_trials(states=COMPLETE) if removal_set(t) == greedy[1])
+    stage2 = next(t for t in study.get_trials(states=COMPLETE) if removal_set(t) == Removal.of(greedy[1]))
     report = export_trial(study, stage2.number, tmp_path / "pruned")
     assert report.ok and report.layers == 28
     code = (

@@ -53,13 +53,15 @@ def method(args: argparse.Namespace) -> None:
     from search.caching import CachingEvaluator, with_store
     from search.config import RunConfig
     from search.failures import store_failures
-    from search.methods import HEALED_METHODS, choose, measure
+    from search.methods import BLOCK_METHODS, HEALED_METHODS, choose, measure
     from search.store import open_storage, sqlite_path
     from search.study import prepare
 
     fields = RunConfig.__dataclass_fields__
     config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "storage"})
     config = replace(config, heal=HEALED_METHODS.get(args.method, config.heal))
+    if args.method in BLOCK_METHODS:
+        config = replace(config, granularity="sublayer")  # latency shapes by block
     loaded, evaluator, _ = prepare(config)
     dtype = loaded.dtype  # `auto` resolved: the store's cache key names what ran
     url = args.eval_cache

@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     from search.methods import METHODS
     from search.sampler import SAMPLERS
     from search.seeding.criteria import CRITERIA
+    from search.space import GRANULARITIES
 
     d = RunConfig()
     parser = _Parser(
@@ -209,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_budget,
         default=d.budget,
         help="largest fraction of parameters to remove, e.g. 12%% or 0.12 (default: 12%%)",
+    )
+    what.add_argument(
+        "--granularity",
+        choices=list(GRANULARITIES),
+        default=d.granularity,
+        help="what a removal is made of: whole decoder layers, or (sublayer) attention and MLP blocks "
+        f"separately, a layer losing one, the other or both (default: {d.granularity})",
     )
     study = run.add_argument_group("study")
     study.add_argument(
@@ -277,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         required=True,
         metavar="K",
-        help="how many layers to remove (--layers is the old spelling)",
+        help="how many layers to remove; blocks for block_greedy and attention_drop (--layers is the old spelling)",
     )
     method.add_argument(
         "--draws", type=_positive_int, default=5, help="random sets averaged by --method random (default: 5)"

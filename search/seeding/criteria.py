@@ -6,7 +6,7 @@ means safer to remove. Adding one is a function here plus its `CRITERIA.register
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from evaluators.sensitivity import removal_sensitivity, similarity
+from search.model.removal import Removal
 from search.registry import Registry
 
 
@@ -27,18 +28,19 @@ class Scoring:
     batch_size: int
     store: Any = None  # an EvalCache for exactly these windows, or anything with its get/put
 
-    def similarity(self, removed: Sequence[int] = (), max_block: int = 1):
+    def similarity(self, removed: Removal = Removal(), max_block: int = 1):
         return similarity(self.model, self.windows, removed, self.bos_id, self.batch_size, max_block=max_block)
 
 
-# (scoring, already removed, candidates, progress label) -> score per candidate
-ScoreFn = Callable[[Scoring, tuple[int, ...], list[int], str | None], dict[int, float]]
+# (scoring, already removed, candidates (layers or blocks), progress label) -> score per candidate
+ScoreFn = Callable[[Scoring, Removal, list[Removal], str | None], dict[Removal, float]]
 
 
 @dataclass(frozen=True)
 class Criterion:
     score: ScoreFn
     one_pass: bool  # one forward pass scores every layer (else one pass per candidate, plus the base)
+    blocks: bool = False  # scores attention and MLP blocks (a sub-layer space), not only whole layers
 
     def passes(self, candidates: int) -> int:
         return 1 if self.one_pass else candidates + 1
@@ -47,22 +49,24 @@ class Criterion:
 CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
-def _removal_ppl(s: Scoring, removed: tuple[int, ...], candidates: list[int], desc: str | None) -> dict[int, float]:
+def _removal_ppl(s: Scoring, removed: Removal, candidates: list[Removal], desc: str | None) -> dict[Removal, float]:
     return removal_sensitivity(
         s.model, s.windows, candidates, removed, s.bos_id, s.batch_size, desc=desc, store=s.store
     )
 
 
-def _angular(s: Scoring, removed: tuple[int, ...], candidates: list[int], desc: str | None) -> dict[int, float]:
+def _angular(s: Scoring, removed: Removal, candidates: list[Removal], desc: str | None) -> dict[Removal, float]:
     scores = s.similarity(removed).angular[1]
-    return {i: scores[i] for i in candidates}
+    return {unit: scores[unit.layers[0]] for unit in candidates}
 
 
-def _block_influence(s: Scoring, removed: tuple[int, ...], candidates: list[int], desc: str | None) -> dict[int, float]:
+def _block_influence(s: Scoring, removed: Removal, candidates: list[Removal], desc: str | None) -> dict[Removal, float]:
     scores = s.similarity(removed).bi
-    return {i: scores[i] for i in candidates}
+    return {unit: scores[unit.layers[0]] for unit in candidates}
 
 
-CRITERIA.add("ppl", Criterion(_removal_ppl, one_pass=False), "removal perplexity ratio (Shortened LLaMA, SLEB)")
+CRITERIA.add(
+    "ppl", Criterion(_removal_ppl, one_pass=False, blocks=True), "removal perplexity ratio (Shortened LLaMA, SLEB)"
+)
 CRITERIA.add("angular", Criterion(_angular, one_pass=True), "angular distance to the next layer (Gromov et al.)")
 CRITERIA.add("bi", Criterion(_block_influence, one_pass=True), "Block Influence, 1 - cos(in, out) (ShortGPT)")

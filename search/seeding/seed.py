@@ -8,25 +8,27 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import optuna
 from tqdm.auto import tqdm
 
 from evaluators.healing import runs
 from evaluators.perplexity import Rejected
+from evaluators.sensitivity import block_similarity
 from search import baselines, space
 from search.caching import CachingEvaluator
 from search.config import RunConfig
+from search.model.removal import Removal
 from search.objective import latency_entry
 from search.records import Baseline, GreedyStage, StudyRecord, enqueue, mark_seeded, write_latency
 from search.sampler import removal_set
 from search.seeding.criteria import CRITERIA, Scoring
-from search.seeding.greedy import ScoreFn, Stage, seed_sets, staged_greedy
+from search.seeding.greedy import ScoreFn, Seeds, Stage, seed_sets, staged_greedy
 from search.space import Budget
 
 log = logging.getLogger("search")
 OBJECTIVES = ["ppl_ratio", "latency_ratio"]
-Seeds = list[tuple[tuple[int, ...], str]]
 
 
 SHORTLIST = 6  # candidates per greedy stage after the first, besides the current set's neighbours
@@ -41,11 +43,11 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
     windows, store = evaluator.sensitivity(config.sensitivity_tokens)
     scoring = Scoring(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size, store)
     criterion = CRITERIA[config.criterion]
-    most = budget.max_layers()
+    most = budget.max_units()
 
-    def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
+    def score(removed: Removal, candidates: list[Removal]) -> dict[Removal, float]:
         return criterion.score(
-            scoring, removed, candidates, f"greedy stage {len(removed) + 1}/{most} ({config.criterion})"
+            scoring, removed, candidates, f"greedy stage {len(list(removed.parts())) + 1}/{most} ({config.criterion})"
         )
 
     healing = evaluator.heal != "none"
@@ -59,15 +61,43 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
         stages = staged_greedy(score, budget, shortlist=None if criterion.one_pass else SHORTLIST)
     for n, stage in enumerate(stages, 1):
         how = "healed ratio" if healing else config.criterion
-        log.info("greedy stage %d (%s): remove %s (score %.4g)", n, how, list(stage.removed), stage.score)
+        log.info("greedy stage %d (%s): remove %s (score %.4g)", n, how, stage.removed, stage.score)
     # The one-pass criteria of the unpruned model seed the study too (one forward pass for all of them).
-    found = scoring.similarity(max_block=most)
-    others += [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in range(1, most + 1)]
-    others += [(baselines.angular_block(found.angular[k], k), f"angular block of {k}") for k in found.angular]
-    others += [
-        (baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in range(1, most + 1)
+    layers = budget.max_layers()
+    found = scoring.similarity(max_block=layers)
+    picks = [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in range(1, layers + 1)]
+    picks += [(baselines.angular_block(found.angular[k], k), f"angular block of {k}") for k in found.angular]
+    picks += [
+        (baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in range(1, layers + 1)
     ]
+    others += [(Removal.of(layers), reason) for layers, reason in picks]  # whole layers: in either space
+    if budget.block_params is not None:
+        others += layer_seeds(score, budget)
+        similar = block_similarity(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size)
+        others += attention_drop_seeds(similar, budget)
     return stages, others
+
+
+def layer_seeds(score: ScoreFn, budget: Budget) -> Seeds:
+    """A sub-layer study also starts from the whole-layer greedy path (and its sets one layer short and
+    shifted), so it begins where a whole-layer study ends."""
+    layers = replace(budget, block_params=None)
+    stages = staged_greedy(score, layers, shortlist=SHORTLIST)
+    return [(removal, f"layer {reason}") for removal, reason in seed_sets(stages, layers, count=2 * len(stages))]
+
+
+def attention_drop_seeds(similar: dict[Removal, float], budget: Budget) -> Seeds:
+    """The k attention blocks whose output is most like their input (LLM-Drop's attention drop), for
+    every k the budget allows."""
+    ranked = sorted((u for u in similar if u.attention), key=lambda u: (similar[u], u))
+    seeds: Seeds = []
+    removal = Removal()
+    for k, unit in enumerate(ranked, 1):
+        removal = removal | unit
+        if not budget.allows(removal):
+            break
+        seeds.append((removal, f"attention drop top {k}"))
+    return seeds
 
 
 def healed_scores(evaluator: CachingEvaluator, most: int) -> ScoreFn:
@@ -80,28 +110,28 @@ def healed_scores(evaluator: CachingEvaluator, most: int) -> ScoreFn:
 
     base: list[float] = []  # the unpruned model on these windows (from the evaluation cache on a redo)
 
-    def measure(removal: tuple[int, ...], best: float | None, screen: bool) -> float:
+    def measure(removal: Removal, best: float | None, screen: bool) -> float:
         if not base:
-            base.append(evaluator.ppl((), "sensitivity"))
-        parallel = screen and len(runs(removal)) > 1  # one run: the screen is the study's fit (and cached)
+            base.append(evaluator.ppl(Removal(), "sensitivity"))
+        parallel = screen and len(runs(removal.layers)) > 1  # one run: the screen is the study's fit (and cached)
         try:
             ppl = evaluator.ppl(removal, "sensitivity", best, sequential=False if parallel else None)
         except Rejected as rejected:
             return max(rejected.lower_bound, best or 0.0)
         return ppl / base[0]
 
-    def score(removed: tuple[int, ...], candidates: list[int]) -> dict[int, float]:
-        sets = {layer: tuple(sorted((*removed, layer))) for layer in candidates}
-        screened: dict[int, float] = {}
-        bar = tqdm(candidates, desc=f"healed greedy stage {len(removed) + 1}/{most}", leave=False)
-        for layer in bar:
-            screened[layer] = measure(sets[layer], min(screened.values(), default=None), screen=True)
+    def score(removed: Removal, candidates: list[Removal]) -> dict[Removal, float]:
+        sets = {unit: removed | unit for unit in candidates}
+        screened: dict[Removal, float] = {}
+        bar = tqdm(candidates, desc=f"healed greedy stage {len(list(removed.parts())) + 1}/{most}", leave=False)
+        for unit in bar:
+            screened[unit] = measure(sets[unit], min(screened.values(), default=None), screen=True)
         scores = dict(screened)
         best: float | None = None
-        for layer in sorted(candidates, key=lambda i: (screened[i], i))[:CONFIRMED]:
-            if len(runs(sets[layer])) > 1 and evaluator.sequential:
-                scores[layer] = measure(sets[layer], best, screen=False)
-            best = scores[layer] if best is None else min(best, scores[layer])
+        for unit in sorted(candidates, key=lambda u: (screened[u], u))[:CONFIRMED]:
+            if len(runs(sets[unit].layers)) > 1 and evaluator.sequential:
+                scores[unit] = measure(sets[unit], best, screen=False)
+            best = scores[unit] if best is None else min(best, scores[unit])
         return scores
 
     return score
@@ -114,7 +144,7 @@ def seed_study(
     config: RunConfig,
     source: str,
     fingerprints: dict[str, str],
-    transfer: tuple[Seeds, dict[int, float]] | None,
+    transfer: tuple[Seeds, dict[Removal, float]] | None,
 ) -> None:
     """Baseline, sensitivity, greedy path and seed trials: computed once, stored in the study."""
     started = time.perf_counter()
@@ -162,15 +192,15 @@ def seed_study(
         layer_params=list(budget.layer_params),
         sensitivity=profile,
         criterion=config.criterion if transfer is None else "transfer",
-        greedy=[GreedyStage(list(s.removed), s.score) for s in stages],
+        greedy=[GreedyStage(s.removed, s.score) for s in stages],
         sensitivity_passes=passes,
         warm_start_from=config.warm_start_from,
     ).write(study)
     for shape, latency in zip(shapes, timed):
         write_latency(study, shape, latency_entry(latency))
     present = {removal_set(t) for t in study.get_trials(deepcopy=False)}  # a crash mid-seeding left some
-    for removed, reason in seeds:
-        if removed not in present:
-            enqueue(study, space.encode(removed, budget.n_layers), reason)
+    for removal, reason in seeds:
+        if removal not in present:
+            enqueue(study, space.encode(removal, budget.n_layers, budget.granularity), reason)
     mark_seeded(study)  # last: a crash before this redoes seeding on resume
     log.info("seeded %d trials in %.0f s", len(seeds), time.perf_counter() - started)

@@ -11,6 +11,7 @@ from evaluators.forward import configure, head_nll, logits_nll, settings
 from evaluators.perplexity import perplexity
 from evaluators.prefix import build_prefix_cache
 from search.model.numerics import apply_numerics
+from search.model.removal import Removal
 from search.model.surgery import decoder_layers, layers_removed
 from tests.conftest import VOCAB, tiny_model
 
@@ -92,7 +93,7 @@ def test_compiled_layers_give_the_eager_result(family):
     assert math.isclose(perplexity(model, windows, bos_id=1, batch_size=4), eager, rel_tol=1e-5)
     cache = build_prefix_cache(model, windows, bos_id=1, batch_size=4)
     for removed, expected in eager_pruned.items():
-        assert math.isclose(cache.perplexity(removed), expected, rel_tol=1e-5)
+        assert math.isclose(cache.perplexity(Removal.of(removed)), expected, rel_tol=1e-5)
     assert settings(model).compile is True  # nothing fell back to eager
     assert all("forward" not in vars(layer) for layer in decoder_layers(model))  # eager again outside passes
 
@@ -139,5 +140,5 @@ def test_a_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     assert "compiled decoder layers failed (no C++ compiler found)" in caplog.text
     assert settings(model).compile is False
     assert all(len(states) == 2 for states in cache.states.values())  # the re-run batch is stored once
-    assert cache.base_ppl == eager and cache.perplexity([1, 4]) == eager_pruned
+    assert cache.base_ppl == eager and cache.perplexity(Removal.of([1, 4])) == eager_pruned
     assert all("forward" not in vars(layer) for layer in decoder_layers(model))

@@ -25,6 +25,7 @@ from evaluators.perplexity import perplexity
 from evaluators.prefix import build_prefix_cache
 from search.errors import SearchError
 from search.healing import check_healable
+from search.model.removal import Removal
 from search.model.surgery import decoder_layers, layers_removed
 from tests.conftest import FAMILIES, VOCAB, tiny_model
 
@@ -175,7 +176,9 @@ def test_healed_perplexity_from_the_prefix_cache_is_the_plain_forward_pass(famil
     for removed in ([3], [2, 4], [1, 2, 5]):
         healing = fit_healing(model, stats, removed)
         with healed(model, healing):
-            cached = math.exp(sum(n for n, _ in cache.nll_batches(removed, healing.first_changed)) / (5 * 24))
+            cached = math.exp(
+                sum(n for n, _ in cache.nll_batches(Removal.of(removed), healing.first_changed)) / (5 * 24)
+            )
             with layers_removed(model, removed):
                 plain = perplexity(model, windows, 1, 2)
         assert math.isclose(cached, plain, rel_tol=1e-5), removed

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from evaluators.latency import latency_input, measure_latencies, measure_latency, time_forward
+from search.model.removal import Removal
 from search.model.surgery import decoder_layers
 from tests.conftest import VOCAB, tiny_model
 
@@ -10,7 +11,7 @@ def test_measure_latency_interleaves_and_restores(family):
     model = tiny_model(family)
     ids = latency_input(torch.randint(0, VOCAB, (2, 32)), 24, torch.device("cpu"))
     assert ids.shape == (1, 24)
-    result = measure_latency(model, [1, 2, 3], ids, warmup=1, repeats=3)
+    result = measure_latency(model, Removal.of([1, 2, 3]), ids, warmup=1, repeats=3)
     assert result.baseline_ms > 0 and result.candidate_ms > 0
     assert result.ratio == result.candidate_ms / result.baseline_ms
     assert len(decoder_layers(model)) == 6  # the model is whole again afterwards
@@ -25,7 +26,7 @@ def test_time_forward_is_wall_clock_ms(family):
 def test_measure_latencies_times_every_variant_round_robin(family):
     model = tiny_model(family)
     ids = torch.randint(0, VOCAB, (1, 16))
-    results = measure_latencies(model, [[0], [0, 1], [2, 3, 4]], ids, warmup=1, repeats=3)
+    results = measure_latencies(model, [Removal.of(s) for s in ([0], [0, 1], [2, 3, 4])], ids, warmup=1, repeats=3)
     assert len(results) == 3
     assert len({r.baseline_ms for r in results}) == 1  # one shared baseline
     assert all(r.candidate_ms > 0 for r in results)
@@ -57,7 +58,8 @@ def test_additive_fit_declines_what_it_cannot_smooth():
 def test_measure_latencies_with_layer_kinds_reports_fit_and_raw_medians(family):
     model = tiny_model(family)
     ids = torch.randint(0, VOCAB, (1, 64))
-    results = measure_latencies(model, [[0], [0, 1], [0, 1, 2]], ids, warmup=1, repeats=5, layer_kinds=["a"] * 6)
+    sets = [Removal.of(s) for s in ([0], [0, 1], [0, 1, 2])]
+    results = measure_latencies(model, sets, ids, warmup=1, repeats=5, layer_kinds=["a"] * 6)
     if results[0].measured_ms is None:  # the tiny model's timings came out non-additive: raw medians
         assert all(r.measured_baseline_ms is None for r in results)
         return

@@ -8,6 +8,7 @@ import torch
 
 from evaluators.perplexity import perplexity
 from evaluators.prefix import build_prefix_cache
+from search.model.removal import Removal
 from search.model.surgery import decoder_layers, layers_removed
 from tests.conftest import FAMILIES, VOCAB, tiny_model
 
@@ -34,7 +35,7 @@ def test_cached_equals_full_forward_for_random_sets(family, bos_id):
     assert math.isclose(cache.base_ppl, perplexity(model, windows, bos_id, 3), rel_tol=1e-6)
     for removed in random_sets(8, 12):
         expected = plain(model, removed, windows, bos_id, 3)
-        assert math.isclose(cache.perplexity(removed), expected, rel_tol=1e-5), removed
+        assert math.isclose(cache.perplexity(Removal.of(removed)), expected, rel_tol=1e-5), removed
     assert len(decoder_layers(model)) == 8  # the model is whole again
 
 
@@ -44,7 +45,9 @@ def test_cached_equals_full_forward_every_family(family):
     windows = torch.randint(3, VOCAB, (4, 16))
     cache = build_prefix_cache(model, windows, None, batch_size=2)
     for removed in [(2,), (3, 5), (1, 2, 4)]:
-        assert math.isclose(cache.perplexity(removed), plain(model, removed, windows, None, 2), rel_tol=1e-5)
+        assert math.isclose(
+            cache.perplexity(Removal.of(removed)), plain(model, removed, windows, None, 2), rel_tol=1e-5
+        )
 
 
 def test_a_cache_that_does_not_fit_keeps_every_other_boundary_and_stays_exact():
@@ -53,24 +56,30 @@ def test_a_cache_that_does_not_fit_keeps_every_other_boundary_and_stays_exact():
     one = 4 * 16 * model.config.hidden_size * 4  # bytes of one boundary (float32)
     cache = build_prefix_cache(model, windows, None, batch_size=2, max_bytes=3 * one)
     assert len(cache.states) == 3  # 7 boundaries, stride 3: layers 1, 4, 7
-    assert cache.start((5, 6)) == 4 and cache.layers_run((5, 6)) == 2  # starts before its first removed layer
+    assert (
+        cache.start(Removal.of([5, 6])) == 4 and cache.layers_run(Removal.of([5, 6])) == 2
+    )  # starts before its first removed layer
     for removed in random_sets(8, 8, seed=1):
-        assert math.isclose(cache.perplexity(removed), plain(model, removed, windows, None, 2), rel_tol=1e-5)
+        assert math.isclose(
+            cache.perplexity(Removal.of(removed)), plain(model, removed, windows, None, 2), rel_tol=1e-5
+        )
     off = build_prefix_cache(model, windows, None, batch_size=2, max_bytes=one - 1)
-    assert off.states == {} and off.start((3,)) is None
-    assert math.isclose(off.perplexity((3,)), plain(model, (3,), windows, None, 2), rel_tol=1e-5)
+    assert off.states == {} and off.start(Removal.of([3])) is None
+    assert math.isclose(off.perplexity(Removal.of([3])), plain(model, (3,), windows, None, 2), rel_tol=1e-5)
 
 
 def test_cache_of_a_pruned_model_scores_sets_containing_its_base(family):
     model = tiny_model(family, layers=6)
     windows = torch.randint(3, VOCAB, (4, 16))
-    cache = build_prefix_cache(model, windows, None, batch_size=2, base=(2,))
+    cache = build_prefix_cache(model, windows, None, batch_size=2, base=Removal.of([2]))
     assert math.isclose(cache.base_ppl, plain(model, (2,), windows, None, 2), rel_tol=1e-6)
     for extra in (0, 1, 3, 5):
         removed = tuple(sorted((2, extra)))
-        assert math.isclose(cache.perplexity(removed), plain(model, removed, windows, None, 2), rel_tol=1e-5)
+        assert math.isclose(
+            cache.perplexity(Removal.of(removed)), plain(model, removed, windows, None, 2), rel_tol=1e-5
+        )
     with pytest.raises(ValueError):
-        cache.perplexity((3,))  # does not contain the base
+        cache.perplexity(Removal.of([3]))  # does not contain the base
 
 
 def test_cached_path_runs_only_the_layers_from_the_first_removed_one():
@@ -81,8 +90,8 @@ def test_cached_path_runs_only_the_layers_from_the_first_removed_one():
     handles = [
         layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(decoder_layers(model))
     ]
-    cache.perplexity((5,))
+    cache.perplexity(Removal.of([5]))
     for handle in handles:
         handle.remove()
     assert ran == [6, 7]  # the original layers after the removed one, nothing before it
-    assert cache.layers_run((5,)) == 2 and cache.layers_run((0,)) == 7
+    assert cache.layers_run(Removal.of([5])) == 2 and cache.layers_run(Removal.of([0])) == 7

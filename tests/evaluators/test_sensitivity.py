@@ -4,6 +4,7 @@ import torch
 
 from evaluators.perplexity import perplexity
 from evaluators.sensitivity import removal_sensitivity, similarity
+from search.model.removal import Removal
 from search.model.surgery import layers_removed
 from tests.conftest import VOCAB, tiny_model
 
@@ -39,7 +40,7 @@ def test_one_pass_criteria_match_a_direct_computation(family):
 def test_criteria_on_a_pruned_model_use_unpruned_indices(family):
     model = tiny_model(family, layers=6)
     windows = torch.randint(3, VOCAB, (4, 16))
-    found = similarity(model, windows, already_removed=(1, 4), batch_size=2)
+    found = similarity(model, windows, already_removed=Removal.of([1, 4]), batch_size=2)
     assert sorted(found.bi) == [0, 2, 3, 5] and sorted(found.angular[1]) == [0, 2, 3, 5]
     with layers_removed(model, (1, 4)):
         states = reference_states(model, windows)
@@ -49,9 +50,10 @@ def test_criteria_on_a_pruned_model_use_unpruned_indices(family):
 def test_removal_sensitivity_is_the_plain_perplexity_ratio(family):
     model = tiny_model(family, layers=6)
     windows = torch.randint(3, VOCAB, (4, 16))
-    scores = removal_sensitivity(model, windows, [0, 3, 5], already_removed=(2,), batch_size=2)
+    candidates = [Removal.of([0]), Removal.of([3]), Removal.of([5])]
+    scores = removal_sensitivity(model, windows, candidates, already_removed=Removal.of([2]), batch_size=2)
     with layers_removed(model, (2,)):
         base = perplexity(model, windows, None, 2)
-    for layer, ratio in scores.items():
-        with layers_removed(model, (2, layer)):
+    for unit, ratio in scores.items():
+        with layers_removed(model, (2, *unit.layers)):
             assert math.isclose(ratio, perplexity(model, windows, None, 2) / base, rel_tol=1e-5)

@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 
 from search.errors import SearchError
 from search.evaluations import SCHEMA_VERSION, EvalCache, evaluations, schema, stored_schema_version
+from search.model.removal import Removal
 from search.sampler import removal_set
 from search.store import open_storage
 from search.study import run
@@ -18,20 +19,20 @@ from tests.search.test_study import tiny_config
 def test_eval_cache_round_trip_and_first_writer_wins(tmp_path):
     engine = open_storage(f"sqlite:///{tmp_path / 'e.db'}").engine
     cache = EvalCache(engine, "model-a", "data-a", "float32@cpu/b4")
-    assert cache.get((3, 1)) is None
-    cache.put((3, 1), 12.5, seconds=0.1)
-    cache.put((1, 3), 99.0)  # same set, other order: the first figure stays
-    assert cache.get((1, 3)) == 12.5 and cache.count() == 1
-    assert EvalCache(engine, "model-a", "data-a", "bfloat16@cpu/b4").get((1, 3)) is None  # other numerics
-    assert EvalCache(engine, "model-b", "data-a", "float32@cpu/b4").get((1, 3)) is None  # other weights
-    assert EvalCache(engine, "model-a", "data-b", "float32@cpu/b4").get((1, 3)) is None  # other windows
+    assert cache.get(Removal.of([3, 1])) is None
+    cache.put(Removal.of([3, 1]), 12.5, seconds=0.1)
+    cache.put(Removal.of([1, 3]), 99.0)  # same set, other order: the first figure stays
+    assert cache.get(Removal.of([1, 3])) == 12.5 and cache.count() == 1
+    assert EvalCache(engine, "model-a", "data-a", "bfloat16@cpu/b4").get(Removal.of([1, 3])) is None  # other numerics
+    assert EvalCache(engine, "model-b", "data-a", "float32@cpu/b4").get(Removal.of([1, 3])) is None  # other weights
+    assert EvalCache(engine, "model-a", "data-b", "float32@cpu/b4").get(Removal.of([1, 3])) is None  # other windows
 
 
 def test_eval_cache_on_postgresql(postgres_url):
     cache = EvalCache(open_storage(postgres_url).engine, "m", "d", "float32@cpu/b4")
-    cache.put((), 7.0)
-    cache.put((), 8.0)
-    assert cache.get(()) == 7.0
+    cache.put(Removal(), 7.0)
+    cache.put(Removal(), 8.0)
+    assert cache.get(Removal()) == 7.0
 
 
 def test_a_second_study_on_the_same_model_and_data_reuses_every_evaluation(tmp_path, tiny_model_dir, corpus):

@@ -9,6 +9,7 @@ from evaluators.data import Splits
 from evaluators.perplexity import Rejected
 from search.caching import CachingEvaluator, with_store
 from search.evaluator import Evaluator
+from search.model.removal import Removal
 from search.model.surgery import decoder_layers
 from search.store import open_storage
 from tests.conftest import VOCAB, tiny_model
@@ -27,17 +28,19 @@ def tiny_evaluator(max_ppl_ratio=None, batch_size=2) -> Evaluator:
 
 def test_rejection_bound_never_exceeds_the_true_ratio():
     evaluator = tiny_evaluator()
-    exact = evaluator.calib_ratio((1, 2, 3, 4))
+    exact = evaluator.calib_ratio(Removal.of([1, 2, 3, 4]))
     with pytest.raises(Rejected) as caught:
-        evaluator.calib_ratio((1, 2, 3, 4), ceiling=1e-4)  # proven after the first batch: NLL is never negative
+        evaluator.calib_ratio(
+            Removal.of([1, 2, 3, 4]), ceiling=1e-4
+        )  # proven after the first batch: NLL is never negative
     assert caught.value.windows == 2 and caught.value.lower_bound <= exact
-    assert math.isclose(evaluator.calib_ratio((1, 2, 3, 4), ceiling=exact * 1.01), exact)  # not provable
+    assert math.isclose(evaluator.calib_ratio(Removal.of([1, 2, 3, 4]), ceiling=exact * 1.01), exact)  # not provable
 
 
 def test_max_ppl_ratio_stops_a_candidate_part_way():
     evaluator = tiny_evaluator()
     cache = evaluator.prefix("calib")
-    removed = (0, 1, 2, 3, 4)
+    removed = Removal.of([0, 1, 2, 3, 4])
     first = next(iter(cache.nll_batches(removed)))
     partial = math.exp((first[0] - cache.base_nll[0][0]) / first[1])  # its ratio on the first batch
     evaluator.max_ppl_ratio = partial * 0.999
@@ -51,7 +54,7 @@ def test_max_ppl_ratio_stops_a_candidate_part_way():
 def test_a_rejected_evaluation_leaves_the_model_whole():
     evaluator = tiny_evaluator()
     with pytest.raises(Rejected) as caught:  # keeps the traceback (and its frames) alive
-        evaluator.calib_ratio((1, 2, 3, 4), ceiling=1e-4)
+        evaluator.calib_ratio(Removal.of([1, 2, 3, 4]), ceiling=1e-4)
     assert caught.value.windows == 2
     assert len(decoder_layers(evaluator.model)) == 6
 
@@ -59,22 +62,22 @@ def test_a_rejected_evaluation_leaves_the_model_whole():
 def test_max_ppl_ratio_applies_to_the_final_ratio_and_only_to_calibration():
     evaluator = tiny_evaluator(max_ppl_ratio=1e-3, batch_size=8)  # one batch: only the final ratio decides
     with pytest.raises(Rejected, match="--max-ppl-ratio") as caught:
-        evaluator.calib_ratio((2,))
+        evaluator.calib_ratio(Removal.of([2]))
     assert caught.value.windows == 8
-    assert evaluator.test_ratio((2,)) > 0  # held-out figures are never capped
+    assert evaluator.test_ratio(Removal.of([2])) > 0  # held-out figures are never capped
 
 
 def test_the_caching_wrapper_answers_from_the_store_and_records_what_it_measures(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'e.db'}")
     first = with_store(tiny_evaluator(), storage, "model", "float32")
     base = first.baseline()
-    ratio = first.calib_ratio((2, 3))
-    assert first.hits == 0 and first.stores["calib"].get(()) == base["calib"]
+    ratio = first.calib_ratio(Removal.of([2, 3]))
+    assert first.hits == 0 and first.stores["calib"].get(Removal()) == base["calib"]
     second = with_store(tiny_evaluator(), storage, "model", "float32")
     second.evaluator.model = None  # nothing may run a forward pass now
     second.evaluator._prefix = {}
     assert second.baseline() == base
-    assert second.calib_ratio((2, 3)) == ratio and second.hits == 1
+    assert second.calib_ratio(Removal.of([2, 3])) == ratio and second.hits == 1
     assert second.n_layers == 6  # everything else is the wrapped evaluator's
 
 
@@ -83,9 +86,9 @@ def test_a_study_baseline_is_not_recorded_under_this_runs_numerics_but_a_measure
     cached = with_store(tiny_evaluator(), storage, "model", "float32")
     cached.evaluator._prefix = {}
     cached.baseline({"calib": 123.0, "test": 456.0})  # a resume: read from the study, maybe other numerics
-    assert cached.stores["calib"].get(()) is None
-    cached.calib_ratio((1,))  # builds the calibration prefix: the unpruned pass measured now
-    assert cached.stores["calib"].get(()) == cached.evaluator.prefix("calib").base_ppl
+    assert cached.stores["calib"].get(Removal()) is None
+    cached.calib_ratio(Removal.of([1]))  # builds the calibration prefix: the unpruned pass measured now
+    assert cached.stores["calib"].get(Removal()) == cached.evaluator.prefix("calib").base_ppl
 
 
 def test_a_figure_over_the_cap_is_stored_but_the_candidate_rejected(tmp_path):
@@ -93,16 +96,16 @@ def test_a_figure_over_the_cap_is_stored_but_the_candidate_rejected(tmp_path):
     cached = with_store(tiny_evaluator(max_ppl_ratio=1e-3, batch_size=8), storage, "model", "float32")
     cached.baseline()
     with pytest.raises(Rejected):
-        cached.calib_ratio((0, 1, 2, 3, 4))
-    assert cached.stores["calib"].get((0, 1, 2, 3, 4)) is not None  # a true figure, kept for other studies
+        cached.calib_ratio(Removal.of([0, 1, 2, 3, 4]))
+    assert cached.stores["calib"].get(Removal.of([0, 1, 2, 3, 4])) is not None  # a true figure, kept for other studies
     with pytest.raises(Rejected):  # and the cap still applies when the figure comes from the store
-        cached.calib_ratio((0, 1, 2, 3, 4))
+        cached.calib_ratio(Removal.of([0, 1, 2, 3, 4]))
     assert cached.hits == 1
 
 
 def test_a_caching_evaluator_without_a_store_measures():
     cached = CachingEvaluator(tiny_evaluator())
-    assert cached.calib_ratio((1,)) == cached.evaluator.calib_ratio((1,)) and cached.hits == 0
+    assert cached.calib_ratio(Removal.of([1])) == cached.evaluator.calib_ratio(Removal.of([1])) and cached.hits == 0
 
 
 def test_shapes_of_interleaved_layer_kinds():
@@ -112,4 +115,4 @@ def test_shapes_of_interleaved_layer_kinds():
     budget = Budget(0.35, total_params=600, layer_params=[100] * 6)  # up to two layers
     shapes = evaluator.reachable_shapes(budget.allows)
     assert shapes is not None and set(shapes) == {"a*2 b*3", "a*3 b*2", "a*1 b*3", "a*2 b*2", "a*3 b*1"}
-    assert evaluator.shape([0, 2]) == evaluator.shape([2, 4]) == "a*1 b*3"
+    assert evaluator.shape(Removal.of([0, 2])) == evaluator.shape(Removal.of([2, 4])) == "a*1 b*3"

@@ -9,6 +9,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import objective
+from search.model.removal import Removal
 from search.records import TrialRecord, completed, counts_towards_trials, write_trial
 from search.recovery import worker_id
 from search.sampler import removal_set
@@ -40,7 +41,7 @@ def test_every_finished_trial_records_what_it_measured(tmp_path, tiny_model_dir,
     study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=6))
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         record = TrialRecord.of(trial)
-        assert record.removed_layers == removal_set(trial) and record.layers == 6 - len(record.removed_layers)
+        assert record.removal == removal_set(trial) and record.layers == 6 - len(record.removed_layers)
         assert record.ppl_ratio == trial.values[0] and record.latency_ratio == trial.values[1]
         assert record.worker and record.ppl_from in ("computed", "store") and record.eval_s is not None
     front = {t.number for t in study.best_trials}
@@ -56,9 +57,9 @@ def test_a_set_claimed_by_a_later_trial_is_not_measured_twice(tmp_path, monkeypa
     early, late = study.ask(), study.ask()
     write_trial(late, worker=worker_id())
     lock = lambda: exclusive(url, "claim:test", announce=False)  # noqa: E731
-    assert objective.claim(late, (2, 3), lock) is None  # nobody had it: `late` measures
+    assert objective.claim(late, Removal.of([2, 3]), lock) is None  # nobody had it: `late` measures
     answer: list[optuna.trial.FrozenTrial | None] = []
-    waiter = threading.Thread(target=lambda: answer.append(objective.claim(early, (2, 3), lock)))
+    waiter = threading.Thread(target=lambda: answer.append(objective.claim(early, Removal.of([2, 3]), lock)))
     waiter.start()
     waiter.join(0.5)
     assert waiter.is_alive()  # waiting on the live trial measuring it
@@ -76,5 +77,5 @@ def test_a_set_whose_measuring_worker_died_is_claimed_again(tmp_path):
     ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     write_trial(dead, worker=ended.stdout.strip(), removed_layers=(4,))  # its worker has ended
     lock = lambda: exclusive(url, "claim:test", announce=False)  # noqa: E731
-    assert objective.claim(alive, (4,), lock) is None  # claimed again at once, no waiting on the dead
+    assert objective.claim(alive, Removal.of([4]), lock) is None  # claimed again at once, no waiting on the dead
     assert TrialRecord.of(study.trials[alive.number]).removed_layers == (4,)

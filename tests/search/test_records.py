@@ -5,6 +5,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.errors import SearchError
+from search.model.removal import Removal
 from search.records import (
     Baseline,
     GreedyStage,
@@ -40,9 +41,9 @@ def test_study_record_round_trip(tmp_path):
         data_fingerprint="df",
         baseline=Baseline(6, 1000, 10.0, 11.0, 2.5),
         layer_params=[100] * 6,
-        sensitivity={0: 1.5, 3: 1.1},
+        sensitivity={Removal.of([0]): 1.5, Removal.of([3]): 1.1},
         criterion="ppl",
-        greedy=[GreedyStage([3], 1.1)],
+        greedy=[GreedyStage(Removal.of([3]), 1.1)],
         sensitivity_passes=7,
     )
     record.write(study)
@@ -58,8 +59,10 @@ def test_a_study_in_the_old_attribute_layout_reads(tmp_path):
     study.set_user_attr("sensitivity", {"0": 1.5})
     study.set_user_attr("greedy", [{"removed_layers": [0], "ppl_ratio": 1.5}])  # before criteria: `ppl_ratio`
     record = StudyRecord.read(study)
-    assert record.settings == SETTINGS and record.sensitivity == {0: 1.5} and record.warm_start_from is None
-    assert record.greedy == [GreedyStage([0], 1.5)] and runs_started(study) == 0
+    assert (
+        record.settings == SETTINGS and record.sensitivity == {Removal.of([0]): 1.5} and record.warm_start_from is None
+    )
+    assert record.greedy == [GreedyStage(Removal.of([0]), 1.5)] and runs_started(study) == 0
     assert record.sensitivity_passes is None  # not recorded then
 
 

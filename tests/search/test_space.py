@@ -2,6 +2,7 @@ import pytest
 
 from search import space
 from search.errors import SearchError
+from search.model.removal import Removal
 from search.space import Budget, parse_budget
 
 
@@ -17,26 +18,26 @@ def test_parse_budget_rejects(text):
 
 
 def test_encode_decode_round_trip():
-    params = space.encode([3, 0, 11], 12)
+    params = space.encode(Removal.of([3, 0, 11]), 12)
     assert params["drop_03"] is True and params["drop_01"] is False and len(params) == 12
-    assert space.decode(params) == (0, 3, 11)
+    assert space.decode(params) == Removal.of([0, 3, 11])
 
 
 def test_budget_accounting():
     budget = Budget(0.25, total_params=1000, layer_params=[100] * 8)  # 800 in layers, 200 elsewhere
-    assert budget.params_reduction([1, 2]) == pytest.approx(0.2)
-    assert budget.allows([1, 2])
-    assert not budget.allows([1, 2, 3])  # 30% > 25%
-    assert not budget.allows([])
+    assert budget.params_reduction(Removal.of([1, 2])) == pytest.approx(0.2)
+    assert budget.allows(Removal.of([1, 2]))
+    assert not budget.allows(Removal.of([1, 2, 3]))  # 30% > 25%
+    assert not budget.allows(Removal())
     assert budget.max_layers() == 2
     exact = Budget(0.3, total_params=1000, layer_params=[100] * 8)
-    assert exact.allows([0, 1, 2])  # exactly at the budget counts as within it
+    assert exact.allows(Removal.of([0, 1, 2]))  # exactly at the budget counts as within it
 
 
 def test_budget_never_removes_every_layer():
     budget = Budget(0.99, total_params=400, layer_params=[100] * 4)
     assert budget.max_layers() == 3
-    assert not budget.allows([0, 1, 2, 3])
+    assert not budget.allows(Removal.of([0, 1, 2, 3]))
 
 
 def test_budget_too_small_for_one_layer():

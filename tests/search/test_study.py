@@ -4,6 +4,7 @@ import search.model.numerics
 import search.study
 from search.errors import SearchError
 from search.front import front_report
+from search.model.removal import Removal
 from search.records import COMPLETE
 from search.sampler import removal_set
 from search.study import RunConfig, completed, run
@@ -50,6 +51,7 @@ def check_schema(report: dict) -> None:
             "ppl_ratio",
             "latency_ratio",
             "test_ppl_ratio",
+            "kv_cache_ratio",
         }
         assert isinstance(point["trial"], int) and isinstance(point["layers"], int)
         assert all(isinstance(i, int) for i in point["removed_layers"])
@@ -57,6 +59,7 @@ def check_schema(report: dict) -> None:
             isinstance(point[k], float) for k in ("params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
         )
         assert point["layers"] == base["layers"] - len(point["removed_layers"])
+        assert point["kv_cache_ratio"] == pytest.approx(point["layers"] / base["layers"])  # whole layers: exact
 
 
 def test_run_builds_a_study_from_the_greedy_path(tmp_path, tiny_model_dir, corpus):
@@ -67,7 +70,7 @@ def test_run_builds_a_study_from_the_greedy_path(tmp_path, tiny_model_dir, corpu
     assert len(set(sets)) == len(sets)  # no set measured twice
     greedy = [tuple(stage["removed_layers"]) for stage in study.user_attrs["greedy"]]
     assert len(greedy) == 2  # a 40% budget allows two of six layers here
-    assert sets[: len(greedy)] == greedy  # the greedy path runs first
+    assert sets[: len(greedy)] == [Removal.of(g) for g in greedy]  # the greedy path runs first
     assert [t.user_attrs["proposed_by"] for t in trials[:2]] == ["greedy stage 1", "greedy stage 2"]
     report = front_report(study)
     check_schema(report)
@@ -138,7 +141,7 @@ def test_latency_is_timed_once_per_shape_at_seeding(tmp_path, tiny_model_dir, co
     assert len(table) == 2  # five or four layers left: the only shapes a 40% budget reaches
     by_size = {}
     for t in study.get_trials(states=COMPLETE):
-        by_size.setdefault(len(removal_set(t)), set()).add(t.values[1])
+        by_size.setdefault(len(removal_set(t).layers), set()).add(t.values[1])
     assert all(len(ratios) == 1 for ratios in by_size.values())  # same shape, same latency
 
 

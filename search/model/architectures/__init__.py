@@ -1,4 +1,5 @@
-"""Model families: where each keeps its decoder stack and what must change when layers go.
+"""Model families: where each keeps its decoder stack, what must change when layers go, and which
+modules make up each of a layer's two residual blocks.
 
 One small module per family, each registering an `Architecture` for the `config.model_type`
 values it covers. To add a family: copy `llama.py`, set its model types and stack path, and add
@@ -33,6 +34,19 @@ class Architecture:
     # (path inside one decoder layer); None, with the reason, when no such exact fold exists.
     mlp_output: str | None = "mlp.down_proj"
     no_fold: str = ""
+    # A decoder layer's two residual blocks (paths inside one layer). Each block is its `*_module`, which
+    # computes the branch added to the residual stream, plus the norms and dropouts applied in series on
+    # that branch only: skipping a block must run none of them, and its parameters are theirs together.
+    attention_block: tuple[str, ...] = ("input_layernorm", "self_attn")
+    attention_module: str = "self_attn"
+    mlp_block: tuple[str, ...] = ("post_attention_layernorm", "mlp")
+    mlp_module: str = "mlp"
+
+    def __post_init__(self) -> None:
+        if self.attention_module not in self.attention_block or self.mlp_module not in self.mlp_block:
+            raise ValueError(f"{self.name}: a block's computing module must be one of the block's modules")
+        if set(self.attention_block) & set(self.mlp_block):
+            raise ValueError(f"{self.name}: a module cannot belong to both blocks")
 
 
 REGISTRY: dict[str, Architecture] = {}

@@ -6,16 +6,22 @@ from search.model.architectures import architecture_of
 from search.model.surgery import (
     KV_CACHE_TOLERANCE,
     KV_CACHE_TOLERANCE_REDUCED,
+    SkippedAttention,
+    SkippedMLP,
     _renumber,
+    block_param_counts,
+    blocks_skipped,
     decoder_layers,
     kv_cache_divergence,
     layer_param_counts,
     layers_removed,
+    removal_applied,
     remove_layers,
     restore_layers,
+    skip_blocks,
     total_param_count,
 )
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import FAMILIES, VOCAB, tiny_model
 
 
 def _logits(model, ids):
@@ -150,3 +156,197 @@ def test_kv_cache_divergence_catches_a_cache_wired_to_the_wrong_layers(family):
     for layer in decoder_layers(model):  # every layer writes and reads cache slot 0
         _renumber(layer, 0, architecture_of(model).index_attrs)
     assert kv_cache_divergence(model, torch.randint(3, 90, (1, 10)), new_tokens=8) > KV_CACHE_TOLERANCE_REDUCED
+
+
+# Sub-layer blocks: (whole layers removed, attention blocks, MLP blocks), indices into the stack as it
+# is when the blocks are skipped; the last case also names them in the original stack for the reference.
+BLOCK_CASES = {
+    "attention": ((), [1], []),
+    "mlp": ((), [], [2]),
+    "both-of-0": ((), [0], [0]),
+    "with-layer-removed": ((2,), [0], [3]),
+}
+
+
+def _computing(model, layer: int, kind: str):
+    arch = architecture_of(model)
+    return getattr(decoder_layers(model)[layer], arch.attention_module if kind == "attn" else arch.mlp_module)
+
+
+def _zero_output(module, args, output):
+    # The hidden tensor is the whole output (MLP) or the first of the pair (attention).
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
+
+
+def _hooked_logits(model, ids, attention, mlp):
+    """The unmodified model with the named blocks' computing modules forced to output zeros."""
+    handles = [_computing(model, i, "attn").register_forward_hook(_zero_output) for i in attention]
+    handles += [_computing(model, i, "mlp").register_forward_hook(_zero_output) for i in mlp]
+    try:
+        return _logits(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _original_indices(removed, attention, mlp):
+    kept = [i for i in range(6) if i not in removed]
+    # A removed layer is one whose two blocks both add zero.
+    return [*removed, *(kept[i] for i in attention)], [*removed, *(kept[i] for i in mlp)]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipped_blocks_equal_zeroed_blocks(family, case):
+    removed, attention, mlp = BLOCK_CASES[case]
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    # Gemma's post norms act on the zeroed output in the reference and are identities when skipped.
+    expected = _hooked_logits(model, ids, *_original_indices(removed, attention, mlp))
+    with layers_removed(model, removed), blocks_skipped(model, attention=attention, mlp=mlp):
+        skipped = _logits(model, ids)
+    torch.testing.assert_close(skipped, expected)
+    if case == "both-of-0":
+        with layers_removed(model, [0]):
+            torch.testing.assert_close(skipped, _logits(model, ids))
+
+
+def _refuse(module, args, kwargs):
+    raise AssertionError(f"{type(module).__name__} of a skipped block ran")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nothing_of_a_skipped_block_runs_and_all_comes_back(family):
+    model = tiny_model(family)
+    arch = architecture_of(model)
+    ids = torch.randint(0, VOCAB, (1, 10))
+    before = _logits(model, ids)
+    modules_before = list(model.named_modules())
+    layers = decoder_layers(model)
+    blocks = [getattr(layers[1], name) for name in arch.attention_block]
+    blocks += [getattr(layers[4], name) for name in arch.mlp_block]
+    handles = [
+        module.register_forward_pre_hook(_refuse, with_kwargs=True) for block in blocks for module in block.modules()
+    ]
+    with blocks_skipped(model, attention=[1], mlp=[4]):
+        _logits(model, ids)
+        model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=True, pad_token_id=0)
+        assert isinstance(getattr(layers[1], arch.attention_module), SkippedAttention)
+        assert isinstance(getattr(layers[4], arch.mlp_module), SkippedMLP)
+    with pytest.raises(AssertionError, match="of a skipped block ran"):  # the hooks do fire once it is back
+        _logits(model, ids)
+    for handle in handles:
+        handle.remove()
+    after = list(model.named_modules())
+    assert [name for name, _ in after] == [name for name, _ in modules_before]
+    assert all(a is b for (_, a), (_, b) in zip(after, modules_before))
+    assert torch.equal(_logits(model, ids), before)
+
+
+def test_blocks_come_back_on_error_and_in_either_nesting_order(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (1, 10))
+    before = _logits(model, ids)
+    modules_before = [m for _, m in model.named_modules()]
+    with pytest.raises(RuntimeError):
+        with blocks_skipped(model, attention=[0], mlp=[5]):
+            raise RuntimeError("boom")
+    with blocks_skipped(model, attention=[3]), layers_removed(model, [1]):
+        # The stub stands where layer 3 was, now index 2 of the pruned stack, and is numbered so.
+        assert [m.layer_idx for m in model.modules() if isinstance(m, SkippedAttention)] == [2]
+    assert [m for _, m in model.named_modules()] == modules_before
+    indices = [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    assert sorted(set(indices)) == list(range(6))
+    assert torch.equal(_logits(model, ids), before)
+
+
+def test_bad_block_skips_are_refused_and_change_nothing(family):
+    model = tiny_model(family)
+    modules_before = [m for _, m in model.named_modules()]
+    with pytest.raises(SearchError, match="out of range"):
+        skip_blocks(model, attention=[1], mlp=[6])
+    with pytest.raises(SearchError, match="every block"):
+        skip_blocks(model, attention=range(6), mlp=range(6))
+    assert [m for _, m in model.named_modules()] == modules_before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_parameter_counts(family):
+    model = tiny_model(family)
+    blocks = block_param_counts(model)
+    # In every supported family the two blocks are the whole layer.
+    assert [a + m for a, m in blocks] == layer_param_counts(model)
+    assert all(a > 0 and m > 0 for a, m in blocks)
+    total = total_param_count(model)
+    with blocks_skipped(model, attention=[0, 3], mlp=[3, 5]):
+        assert sum(p.numel() for p in model.parameters()) == total - blocks[0][0] - sum(blocks[3]) - blocks[5][1]
+    with layers_removed(model, [1]), blocks_skipped(model, mlp=[0]):
+        assert total_param_count(model) == total - sum(blocks[1]) - blocks[0][1]
+
+
+def test_stubs_keep_dtype_and_device_and_take_either_call_form():
+    hidden = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    out, weights = SkippedAttention(0)(hidden_states=hidden, attention_mask=None)
+    assert weights is None and out.dtype == torch.bfloat16 and out.device == hidden.device
+    assert torch.equal(out, torch.zeros_like(hidden))
+    assert torch.equal(SkippedAttention(0)(hidden)[0], out)
+    assert SkippedMLP()(hidden).dtype == torch.bfloat16
+    assert not list(SkippedAttention(0).parameters()) and not list(SkippedMLP().parameters())
+
+
+def _padded_divergence(model, new_tokens: int = 12) -> float:
+    """kv_cache_divergence for a left-padded batch: with padding the model builds a real attention
+    mask, sized from particular cache slots, where an unpadded causal batch lets SDPA skip the mask."""
+    ids = torch.randint(3, 90, (2, 10))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        cached = torch.stack(out.logits, dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1] :])], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp_min(0)  # as generate derives them (GPT-2's are absolute)
+        full = model(input_ids=out.sequences, attention_mask=full_mask, position_ids=positions, use_cache=False)
+    full_logits = full.logits[:, ids.shape[1] - 1 : ids.shape[1] - 1 + cached.shape[1]]
+    return ((cached - full_logits).abs().max() / full_logits.abs().max()).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_generation_with_attention_skipped(family):
+    model = tiny_model(family)
+    # Layers 0 and 1: the slots the model reads cache lengths from (layer 0, first sliding, first full).
+    with blocks_skipped(model, attention=[0, 1], mlp=[2]):
+        assert kv_cache_divergence(model, torch.randint(3, 90, (1, 10)), new_tokens=12) <= KV_CACHE_TOLERANCE
+        assert _padded_divergence(model) <= KV_CACHE_TOLERANCE
+    with blocks_skipped(model, attention=[4]), layers_removed(model, [0, 2]):
+        assert _padded_divergence(model) <= KV_CACHE_TOLERANCE
+
+
+def test_padded_divergence_catches_a_skipped_attention_that_leaves_its_cache_slot_empty(family, monkeypatch):
+    model = tiny_model(family)
+    monkeypatch.setattr(SkippedAttention, "forward", lambda self, hidden_states, *a, **k: (hidden_states * 0, None))
+    with blocks_skipped(model, attention=[0]):
+        assert _padded_divergence(model) > KV_CACHE_TOLERANCE_REDUCED
+
+
+def test_removal_applied_takes_original_indices(family):
+    from search.model.removal import Removal
+
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    removed, attention, mlp = BLOCK_CASES["with-layer-removed"]
+    expected = _hooked_logits(model, ids, *_original_indices(removed, attention, mlp))
+    with removal_applied(model, Removal.of(removed, attention=[0], mlp=[4])):  # layer 4 is 3 once 2 is gone
+        assert len(decoder_layers(model)) == 5
+        torch.testing.assert_close(_logits(model, ids), expected)
+    assert len(decoder_layers(model)) == 6

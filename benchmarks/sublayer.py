@@ -1,0 +1,210 @@
+"""Sub-layer search against whole-layer search and the block methods, side by side.
+
+    python benchmarks/sublayer.py --json > benchmarks/results/sublayer.json
+    python benchmarks/sublayer.py --budgets 12% --render benchmarks/results/sublayer.json   # README table
+
+Per budget (default 12 % and 25 %), on the default model and corpus (or --model/--dataset), with the
+Wikipedia sample as the second domain:
+1. the whole-layer study (`run --budget B`), and the sub-layer study (`run --budget B --granularity
+   sublayer --trials N`), each on a fresh store; their fronts with held-out and second-domain ratios;
+2. block-level staged greedy (BlockPruner's rule, `method block_greedy`) and attention-only removal
+   by the one-pass similarity criterion (LLM-Drop's rule, `method attention_drop`) at every size the
+   budget allows, measured the same way (same windows, same evaluation cache as the sub-layer study);
+3. every point above timed again in one round-robin run at --long-tokens of context (forward pass
+   over that many tokens), with its KV-cache ratio measured after that prefill.
+
+The comparisons the issue asks for are printed: for each whole-layer front point, the sub-layer
+point with at least its parameter reduction and the best calibration ratio; for each block-method
+point, the same against the sub-layer front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluators.latency import kv_cache_bytes, latency_input, measure_latencies  # noqa: E402
+from search.caching import with_store  # noqa: E402
+from search.front import front_report  # noqa: E402
+from search.methods import choose, measure  # noqa: E402
+from search.model.removal import Removal  # noqa: E402
+from search.records import StudyRecord, TrialRecord, counts_towards_trials  # noqa: E402
+from search.space import parse_budget  # noqa: E402
+from search.store import open_storage  # noqa: E402
+from search.study import RunConfig, prepare, run  # noqa: E402
+
+SECOND = "enwiki-sample"
+
+
+def study_points(config: RunConfig, say) -> tuple[list[dict], dict]:
+    started = time.perf_counter()
+    study = run(config)
+    seconds = time.perf_counter() - started
+    trials = [t for t in study.get_trials(deepcopy=False) if counts_towards_trials(t)]
+    measured = [t for t in trials if TrialRecord.of(t).duplicate_of is None]
+    about = {
+        "seconds": seconds,
+        "evaluations": (StudyRecord.read(study).sensitivity_passes or 0) + len(measured),
+        "trials": len(trials),
+    }
+    say(f"{config.study}: {seconds:.0f} s, {len(trials)} trials")
+    points = []
+    for point in front_report(study)["front"]:
+        points.append({**point, "removal": Removal.from_json(point).key, "method": config.study})
+    return points, about
+
+
+def method_points(config: RunConfig, say) -> list[dict]:
+    """block_greedy and attention_drop at every size the budget allows, on the sub-layer study's store."""
+    loaded, evaluator, budget = prepare(config)
+    cached = with_store(evaluator, open_storage(config.storage), loaded.fingerprint, loaded.dtype)
+    cached.baseline()
+    rows = []
+    for method, most in (("block_greedy", budget.max_units()), ("attention_drop", budget.n_layers)):
+        for k in range(1, most + 1):
+            choice = choose(cached, method, k, config.sensitivity_tokens)
+            if not budget.allows(choice.sets[0]):
+                break
+            (row,) = measure(cached, [choice])
+            row["params_reduction"] = budget.params_reduction(choice.sets[0])
+            row["removal"] = choice.sets[0].key
+            rows.append(row)
+        say(f"{method}: {len([r for r in rows if r['method'] == method])} sizes")
+    return rows
+
+
+def long_context(config: RunConfig, removals: list[Removal], tokens: int) -> dict[str, dict]:
+    """Every removal timed round-robin at `tokens` of context, and its KV cache after that prefill."""
+    loaded, evaluator, _ = prepare(config)
+    ids = latency_input(evaluator.splits.calib, tokens, torch.device(config.device))
+    timed = measure_latencies(loaded.model, removals, ids, 1, config.latency_repeats)
+    base_kv = kv_cache_bytes(loaded.model, ids)
+    return {
+        r.key: {"long_latency_ratio": t.ratio, "long_kv_cache_ratio": kv_cache_bytes(loaded.model, ids, r) / base_kv}
+        for r, t in zip(removals, timed)
+    }
+
+
+def best_covering(point: dict, candidates: list[dict], calib_key: str) -> dict | None:
+    """The candidate with at least `point`'s parameter reduction and the best calibration ratio."""
+    found = [c for c in candidates if c["params_reduction"] >= point["params_reduction"] - 1e-12]
+    return min(found, key=lambda c: c["ppl_ratio"]) if found else None
+
+
+def compare(rows: list[dict], against: list[dict], calib_key: str) -> list[dict]:
+    out = []
+    for point in rows:
+        match = best_covering(point, against, calib_key)
+        out.append(
+            {
+                "point": point["removal"],
+                "params_reduction": point["params_reduction"],
+                "calib": point[calib_key],
+                "test": point["test_ppl_ratio"],
+                "match": match and match["removal"],
+                "match_calib": match and match["ppl_ratio"],
+                "match_test": match and match["test_ppl_ratio"],
+                "test_gain": match and point["test_ppl_ratio"] / match["test_ppl_ratio"] - 1,
+            }
+        )
+    return out
+
+
+def benchmark(budget: float, args, scratch: Path, say) -> dict:
+    base = dict(
+        budget=budget,
+        eval_dataset=SECOND,
+        dtype=args.dtype,
+        model=args.model or RunConfig().model,
+        dataset=args.dataset,
+        latency_repeats=args.latency_repeats,
+    )
+    tag = f"b{round(budget * 100)}"
+    layer = RunConfig(**base, study=f"layer-{tag}", storage=f"sqlite:///{scratch}/layer-{tag}.db")
+    sub = RunConfig(
+        **base,
+        study=f"sublayer-{tag}",
+        storage=f"sqlite:///{scratch}/sublayer-{tag}.db",
+        granularity="sublayer",
+        trials=args.trials,
+    )
+    layer_front, layer_about = study_points(layer, say)
+    sub_front, sub_about = study_points(sub, say)
+    methods = method_points(sub, say)
+    removals = {Removal.parse(p["removal"]) for p in [*layer_front, *sub_front, *methods]}
+    long = long_context(sub, sorted(removals), args.long_tokens)
+    for point in [*layer_front, *sub_front, *methods]:
+        point.update(long[point["removal"]])
+    for row in methods:
+        row["ppl_ratio"] = row["calib_ppl_ratio"]
+    return {
+        "budget": budget,
+        "whole_layer": {"front": layer_front, **layer_about},
+        "sublayer": {"front": sub_front, **sub_about},
+        "methods": methods,
+        "layer_front_vs_sublayer": compare(layer_front, sub_front, "ppl_ratio"),
+        "methods_vs_sublayer": compare(methods, sub_front, "calib_ppl_ratio"),
+    }
+
+
+def render(results: dict) -> str:
+    lines = []
+    for block in results["budgets"]:
+        lines.append(
+            f"\n**Budget {block['budget']:.0%}** (whole-layer study {block['whole_layer']['seconds']:.0f} s, "
+            f"sub-layer study {block['sublayer']['seconds']:.0f} s, {block['sublayer']['trials']} trials)\n"
+        )
+        lines.append("| method | removed | params | calib | held-out | wiki | latency 128 | latency long | KV |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        points = [
+            *(("whole-layer study", p) for p in block["whole_layer"]["front"]),
+            *(("sub-layer study", p) for p in block["sublayer"]["front"]),
+            *((p["method"], p) for p in block["methods"]),
+        ]
+        for name, p in points:
+            calib = p.get("ppl_ratio", p.get("calib_ppl_ratio"))
+            lines.append(
+                f"| {name} | `{p['removal']}` | {p['params_reduction']:.1%} | {calib:.4f} | {p['test_ppl_ratio']:.4f} "
+                f"| {p.get('eval_ppl_ratio') or float('nan'):.4f} | {p['latency_ratio']:.3f} | "
+                f"{p['long_latency_ratio']:.3f} | {p['long_kv_cache_ratio']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="12%,25%", help="comma-separated budgets (default: 12%%,25%%)")
+    parser.add_argument("--trials", type=int, default=96, help="trials of each sub-layer study (default: 96)")
+    parser.add_argument("--long-tokens", type=int, default=2048, help="context of the long timing (default: 2048)")
+    parser.add_argument("--latency-repeats", type=int, default=30)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--render", metavar="FILE", help="print the README table from a --json result")
+    args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
+    warnings.filterwarnings("ignore")
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    with TemporaryDirectory() as scratch:
+        blocks = [benchmark(parse_budget(b), args, Path(scratch), say) for b in args.budgets.split(",")]
+    results = {"long_tokens": args.long_tokens, "budgets": blocks}
+    print(json.dumps(results, indent=2) if args.json else render(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The sub-layer space end to end: encoding, budget, sampler moves, cached evaluation, latency shapes,
+and a study on a tiny model whose trials remove attention and MLP blocks."""
+
+import math
+import random
+
+import optuna
+import pytest
+import torch
+
+from evaluators.latency import block_kinds, kv_cache_bytes, layer_kinds, measure_latencies, reachable_shapes, shape_key
+from evaluators.perplexity import perplexity
+from evaluators.prefix import build_prefix_cache
+from evaluators.sensitivity import block_similarity
+from search import space
+from search.caching import CachingEvaluator
+from search.errors import SearchError
+from search.front import format_csv, front_report
+from search.methods import choose, measure
+from search.model.architectures import architecture_of
+from search.model.removal import Removal
+from search.model.surgery import block_param_counts, decoder_layers, layer_param_counts, removal_applied
+from search.records import COMPLETE, TrialRecord
+from search.sampler import RemovalSetSampler, removal_set
+from search.seeding.greedy import seed_sets, staged_greedy
+from search.seeding.seed import attention_drop_seeds, layer_seeds
+from search.space import Budget
+from search.study import RunConfig, prepare, run
+from tests.conftest import FAMILIES, VOCAB, tiny_model
+from tests.search.test_study import tiny_config
+
+# 8 layers of 100 parameters: attention 30, MLP 70; 200 elsewhere.
+SUBLAYER = Budget(0.2, total_params=1000, layer_params=[100] * 8, block_params=[(30, 70)] * 8)
+
+
+def test_encoding_round_trips_and_keeps_whole_layer_names():
+    removal = Removal.of([1], attention=[3], mlp=[6])
+    params = space.encode(removal, 8, "sublayer")
+    assert params["drop_attn_01"] and params["drop_mlp_01"] and params["drop_attn_03"] and not params["drop_mlp_03"]
+    assert len(params) == 16 and space.decode(params) == removal
+    assert space.encode(Removal.of([2, 5]), 8) == {f"drop_{i:02d}": i in (2, 5) for i in range(8)}  # unchanged
+    assert space.decode({"drop_02": True, "drop_05": True, "drop_06": False}) == Removal.of([2, 5])
+    with pytest.raises(SearchError, match="single blocks"):
+        space.encode(removal, 8, "layer")
+
+
+def test_sublayer_budget_counts_blocks():
+    assert SUBLAYER.granularity == "sublayer" and len(SUBLAYER.units()) == 16
+    assert math.isclose(SUBLAYER.params_reduction(Removal.of([0], attention=[3])), 0.13)
+    assert SUBLAYER.allows(Removal.of(attention=[0, 1, 2, 3, 4, 5]))  # 18 %: six attention blocks
+    assert not SUBLAYER.allows(Removal.of([0, 1], attention=[2]))  # 23 %
+    assert SUBLAYER.max_layers() == 2 and SUBLAYER.max_units() == 6
+    whole = Budget(0.2, total_params=1000, layer_params=[100] * 8)
+    assert not whole.allows(Removal.of(attention=[0]))  # a block is not in a whole-layer space
+
+
+def test_sampler_proposes_new_feasible_block_sets():
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=RemovalSetSampler(SUBLAYER, seed=0))
+    for removal in (Removal.of([2]), Removal.of(attention=[4, 5])):
+        study.enqueue_trial(space.encode(removal, 8, "sublayer"))
+
+    def objective(trial):
+        removal = space.suggest(trial, SUBLAYER)
+        assert SUBLAYER.allows(removal)
+        return SUBLAYER.params_reduction(removal) * -1 + len(removal.attention) * 0.01, 1.0
+
+    study.optimize(objective, n_trials=40)
+    sets = [removal_set(t) for t in study.trials]
+    assert len(set(sets)) == len(sets)  # never a repeat
+    assert any(s.attention or s.mlp for s in sets[2:]) and any(s.layers for s in sets[2:])
+
+
+def test_block_greedy_walks_blocks_and_joins_a_layer():
+    # Attention of layer 5 is cheapest, then the MLP of layer 5: two stages make layer 5 a whole removal.
+    cost = {Removal.of(attention=[5]): 1.0, Removal.of(mlp=[5]): 1.1}
+
+    def score(removed, candidates):
+        return {u: cost.get(u, 2.0 + 0.01 * u.changed_layers[0]) for u in candidates}
+
+    stages = staged_greedy(score, SUBLAYER, max_stages=3)
+    assert [s.removed for s in stages] == [
+        Removal.of(attention=[5]),
+        Removal.of([5]),
+        Removal.of([5], attention=[0]),
+    ]
+    seeds = dict(seed_sets(stages, SUBLAYER, count=20))
+    assert seeds[Removal.of([5])] == "greedy stage 2"
+    assert seeds[Removal.of(mlp=[5], attention=[0])] == "greedy stage 3 less a5"  # one block short
+    assert all(SUBLAYER.allows(s) for s in seeds)
+
+
+def test_a_sublayer_study_also_starts_from_the_whole_layer_path():
+    def score(removed, candidates):  # layers 6 then 2 are the cheapest whole layers
+        return {u: {6: 1.0, 2: 1.1}.get(u.layers[0], 2.0) for u in candidates}
+
+    seeds = dict(layer_seeds(score, SUBLAYER))
+    assert seeds[Removal.of([6])] == "layer greedy stage 1"
+    assert seeds[Removal.of([2, 6])] == "layer greedy stage 2"
+    assert all(s.whole_layers_only and SUBLAYER.allows(s) for s in seeds)
+    similar = {Removal.of(attention=[i]): 1.0 - i / 10 for i in range(8)} | {Removal.of(mlp=[0]): 0.0}
+    drops = attention_drop_seeds(similar, SUBLAYER)
+    assert [r for r, _ in drops] == [Removal.of(attention=range(7, 7 - k, -1)) for k in range(1, 7)]  # to 18 %
+
+
+def plain(model, removal, windows, bos_id, batch_size):
+    with removal_applied(model, removal):
+        return perplexity(model, windows, bos_id, batch_size)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_sublayer_evaluation_equals_a_full_pass(family):
+    model = tiny_model(family, layers=6)
+    windows = torch.randint(3, VOCAB, (5, 16))
+    cache = build_prefix_cache(model, windows, 1, batch_size=2)
+    rng = random.Random(0)
+    removals = [Removal.of(mlp=[5]), Removal.of(attention=[0]), Removal.of([2], attention=[3], mlp=[4])]
+    while len(removals) < 8:
+        blocks = rng.sample([(i, k) for i in range(6) for k in ("attn", "mlp")], rng.randint(1, 6))
+        removals.append(Removal.from_blocks(blocks))
+    for removal in removals:
+        expected = plain(model, removal, windows, 1, 2)
+        assert math.isclose(cache.perplexity(removal), expected, rel_tol=1e-5), removal
+    base = Removal.of(attention=[1])  # a cache taken on a model already without a block (block greedy)
+    pruned = build_prefix_cache(model, windows, 1, batch_size=2, base=base)
+    removal = base | Removal.of(mlp=[3])
+    assert math.isclose(pruned.perplexity(removal), plain(model, removal, windows, 1, 2), rel_tol=1e-5)
+    assert pruned.start(removal) == 3  # starts at the newly changed layer
+    assert len(decoder_layers(model)) == 6 and math.isclose(cache.perplexity(Removal()), cache.base_ppl)
+
+
+def test_block_shapes_and_their_latency():
+    model = tiny_model("gemma3", layers=4)  # sliding and full attention layers: two attention kinds
+    kinds, blocks = layer_kinds(model), block_kinds(model)
+    assert [a + m for a, m in block_param_counts(model)] == layer_param_counts(model)
+    # Same kept blocks, same key: two attention blocks of one kind, or a whole layer against two lone blocks.
+    assert shape_key(kinds, Removal.of(attention=[0]), blocks) == shape_key(kinds, Removal.of(attention=[2]), blocks)
+    assert shape_key(kinds, Removal.of(attention=[0]), blocks) != shape_key(kinds, Removal.of(attention=[1]), blocks)
+    assert shape_key(kinds, Removal.of([1]), blocks) == shape_key(kinds, Removal.of(attention=[1], mlp=[2]), blocks)
+    assert (
+        shape_key(kinds, Removal.of([1]))
+        == shape_key(kinds, Removal.of([3]))
+        == "9360/full_attention*1 9360/sliding_attention*2"
+    )
+    with pytest.raises(ValueError, match="block kinds"):
+        shape_key(kinds, Removal.of(attention=[1]))
+    budget = Budget(0.2, total_params=sum(layer_param_counts(model)) * 2, layer_params=layer_param_counts(model))
+    sub = Budget(budget.fraction, budget.total_params, budget.layer_params, block_param_counts(model))
+    reachable = reachable_shapes(kinds, sub.allows, 64, blocks)
+    assert reachable and all(sub.allows(r) for r in reachable.values())
+    assert any(not r.whole_layers_only for r in reachable.values())
+    ids = torch.randint(3, VOCAB, (1, 16))
+    timed = measure_latencies(
+        model, list(reachable.values()), ids, warmup=1, repeats=3, layer_kinds=kinds, blocks=blocks
+    )
+    assert len(timed) == len(reachable) and all(t.candidate_ms > 0 for t in timed)
+
+
+def test_a_sublayer_study_searches_blocks(tmp_path, tiny_model_dir, corpus):
+    config = tiny_config(tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=10)
+    study = run(config)
+    done = study.get_trials(states=COMPLETE)
+    assert len(done) >= 10
+    assert all(set(t.params) == {f"drop_{k}_{i:02d}" for i in range(6) for k in ("attn", "mlp")} for t in done)
+    removals = [TrialRecord.of(t).removal for t in done]
+    assert removals == [removal_set(t) for t in done]  # what was recorded is what the parameters say
+    assert any(r.attention or r.mlp for r in removals)
+    reasons = {TrialRecord.of(t).proposed_by for t in study.trials}
+    assert {"greedy stage 1", "attention drop top 1"} <= reasons  # block greedy, LLM-Drop's pick
+    report = front_report(study)
+    assert report["granularity"] == "sublayer"
+    for point in report["front"]:
+        assert set(point) >= {"removed_layers", "removed_attention", "removed_mlp"}
+        assert point["layers"] == 6 - len(point["removed_layers"])
+        assert 0 < point["kv_cache_ratio"] <= 1
+    assert format_csv(report).startswith("trial,removed_layers,removed_attention,removed_mlp,layers")
+    # Each recorded ratio is what the pruned model measures from scratch (blocks skipped, not zeroed).
+    _, evaluator, _ = prepare(config)
+    evaluator.baseline()
+    blocky = next(t for t in done if TrialRecord.of(t).removal.attention or TrialRecord.of(t).removal.mlp)
+    assert math.isclose(evaluator.calib_ratio(TrialRecord.of(blocky).removal), blocky.values[0], rel_tol=1e-6)
+    again = run(config)  # a resume reads the study back
+    assert len(again.get_trials(states=COMPLETE)) == len(done)
+
+
+def test_sublayer_studies_get_their_own_default_name():
+    layer, sublayer = RunConfig(budget=0.12), RunConfig(budget=0.12, granularity="sublayer")
+    assert sublayer.study_name == layer.study_name + "-sublayer"
+
+
+def test_sublayer_refusals_are_one_line(tmp_path, tiny_model_dir, corpus):
+    for overrides, message in (
+        ({"heal": "linear"}, "does not combine with --heal"),
+        ({"criterion": "bi"}, "ranks whole layers only"),
+        ({"granularity": "blocks"}, "choose one of layer, sublayer"),
+    ):
+        config = tiny_config(tmp_path, tiny_model_dir, corpus, **{"granularity": "sublayer", **overrides})
+        with pytest.raises(SearchError, match=message):
+            run(config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_similarity_scores_every_block_and_finds_a_silent_one(family):
+    model = tiny_model(family, layers=4)
+    arch = architecture_of(model)
+    with torch.no_grad():  # layer 2's attention adds nothing: its output equals its input
+        attention = decoder_layers(model)[2].get_submodule(arch.attention_module)
+        for parameter in attention.parameters():
+            parameter.zero_()
+    scores = block_similarity(model, torch.randint(3, VOCAB, (3, 12)), 1, batch_size=2)
+    assert set(scores) == {Removal.from_blocks([(i, k)]) for i in range(4) for k in ("attn", "mlp")}
+    assert scores[Removal.of(attention=[2])] == pytest.approx(0.0, abs=1e-6)
+    assert min(v for u, v in scores.items() if u != Removal.of(attention=[2])) > 1e-4
+
+
+def test_block_methods_choose_blocks(tmp_path, tiny_model_dir, corpus):
+    config = tiny_config(tmp_path, tiny_model_dir, corpus, granularity="sublayer")
+    _, evaluator, _ = prepare(config)
+    cached = CachingEvaluator(evaluator)
+    cached.baseline()
+    drop = choose(cached, "attention_drop", 3, config.sensitivity_tokens)
+    assert len(drop.sets[0].removed_attention) == 3 and not drop.sets[0].removed_mlp
+    greedy = choose(cached, "block_greedy", 3, config.sensitivity_tokens)
+    assert len(greedy.sets[0].blocks()) == 3
+    (row,) = measure(cached, [greedy])
+    assert set(row) >= {"removed_layers", "removed_attention", "removed_mlp", "calib_ppl_ratio", "latency_ratio"}
+    with pytest.raises(SearchError, match="counts blocks"):
+        choose(cached, "attention_drop", 7, config.sensitivity_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_shrinks_with_the_attention_blocks_removed(family):
+    model = tiny_model(family, layers=6)
+    ids = torch.randint(3, VOCAB, (1, 12))
+    base = kv_cache_bytes(model, ids)
+    assert base > 0
+    whole = kv_cache_bytes(model, ids, Removal.of([1]))
+    if "sliding_attention" not in (getattr(model.config, "layer_types", None) or []):
+        assert whole / base == pytest.approx(5 / 6)  # else sliding layers hold less: measured, not counted
+    assert kv_cache_bytes(model, ids, Removal.of(mlp=[1, 2])) == base  # MLP blocks hold no cache
+    placeholder = kv_cache_bytes(model, ids, Removal.of(attention=[1])) - whole
+    assert 0 < placeholder <= 2 * 12 * 4  # what is left of a skipped slot: one element per token, keys and values
