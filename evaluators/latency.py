@@ -55,11 +55,9 @@ BlockKinds = Sequence[tuple[str, str]] | None
 
 def block_kinds(model: nn.Module) -> list[tuple[str, str]]:
     """What each layer's blocks cost to run: `attn:2360/sliding`, `mlp:6912` (parameters, attention type)."""
-    types = getattr(model.config, "layer_types", None) or [""] * len(block_param_counts(model))
-    return [
-        (f"attn:{attn}{'/' + kind if kind else ''}", f"mlp:{mlp}")
-        for (attn, mlp), kind in zip(block_param_counts(model), types)
-    ]
+    counts = block_param_counts(model)
+    types = getattr(model.config, "layer_types", None) or [""] * len(counts)
+    return [(f"attn:{attn}{'/' + kind if kind else ''}", f"mlp:{mlp}") for (attn, mlp), kind in zip(counts, types)]
 
 
 def kept_kinds(kinds: Sequence[str], removal: Removal, blocks: BlockKinds = None) -> Counter[str]:
@@ -70,12 +68,17 @@ def kept_kinds(kinds: Sequence[str], removal: Removal, blocks: BlockKinds = None
         gone = set(removal.layers)
         return Counter(kind for i, kind in enumerate(kinds) if i not in gone)
     removed = removal.blocks()
-    return Counter(kind for i, pair in enumerate(blocks) for kind, part in zip(pair, KINDS) if (i, part) not in removed)
+    kept = Counter(kind for i, pair in enumerate(blocks) for kind, part in zip(pair, KINDS) if (i, part) not in removed)
+    # Layers still called (a layer with one block skipped still runs its residual adds and a stub).
+    kept["layer"] = len(blocks) - len(removal.layers)
+    return kept
 
 
 def shape_key(kinds: Sequence[str], removal: Removal, blocks: BlockKinds = None) -> str:
     """Identical for removals that leave the same multiset of layer kinds (e.g. `9280*26`), or in a
-    sub-layer space of block kinds (`attn:2360*28 mlp:6912*29`).
+    sub-layer space of block kinds and the number of layers still called (`attn:2360*28 layer*29
+    mlp:6912*29`: layer 3 removed whole, and layer 3's attention with layer 5's MLP, differ by one
+    layer call).
 
     Such models do the same arithmetic, so they share one latency measurement: timing each set
     separately would only add noise that lets a set dominate its twin by chance.
@@ -209,7 +212,8 @@ def kv_cache_bytes(model: nn.Module, input_ids: torch.Tensor, removal: Removal =
     on the cache the model itself fills (a layer without attention keeps only a placeholder of one
     element per token), not counted from the config."""
     with removal_applied(model, removal):
-        cache = model(input_ids=input_ids, use_cache=True).past_key_values
+        output = model(input_ids=input_ids, use_cache=True)
+    cache = getattr(output, "cache", None) or output.past_key_values  # `cache` since transformers 5.x
     total = 0
     for layer in getattr(cache, "layers", []):
         for name in ("keys", "values"):

@@ -12,7 +12,7 @@ the model pruned so far, so each stage caches that model once and scores its can
 
 Memory: one `[windows, seq, hidden]` tensor per layer boundary. When that exceeds the budget, only
 every s-th boundary is kept and a candidate starts from the nearest kept one at or before its first
-removed layer (still exact, a few layers dearer); below one boundary's size the cache is off.
+changed layer (still exact, a few layers dearer); below one boundary's size the cache is off.
 """
 
 from __future__ import annotations

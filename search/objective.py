@@ -138,7 +138,8 @@ def make_objective(
             ppl_ratio=ppl_ratio,
             latency_ratio=latency.ratio,
             latency_ms=latency.ms,
-            kv_cache_ratio=evaluator.kv_cache_ratio(removed),
+            # Sub-layer studies: removing attention shrinks the cache faster than the parameter count.
+            kv_cache_ratio=evaluator.kv_cache_ratio(removed) if evaluator.block_kinds is not None else None,
         )
         if evaluator.heal != "none":
             write_trial(trial, unhealed_runs=unreachable_runs(removed.layers) or None)

@@ -77,7 +77,7 @@ class GreedyStage:
     score: float
 
     def json(self) -> dict[str, Any]:
-        attrs = {key: value for key, value in removal_attrs(self.removed).items() if value is not None}
+        attrs = {key: _json(value) for key, value in removal_attrs(self.removed).items() if value is not None}
         return {**attrs, "score": self.score}  # a whole-layer stage: {"removed_layers", "score"}, as before
 
 
@@ -234,7 +234,7 @@ class TrialRecord:
     ppl_ratio: float | None = None
     latency_ratio: float | None = None
     latency_ms: float | None = None
-    kv_cache_ratio: float | None = None  # measured after a prefill of the latency input (trials since sub-layer search)
+    kv_cache_ratio: float | None = None  # sub-layer studies: measured after a prefill of the latency input
     test_ppl_ratio: float | None = None  # measured only for trials on the front when they finished
     # With --heal: the ratios above are the healed model's; these are the same set unhealed (front trials).
     eval_ppl_ratio: float | None = None  # --eval-dataset: the second corpus (front trials)
@@ -266,7 +266,8 @@ class TrialRecord:
     def measurements(self) -> dict[str, Any]:
         """What a duplicate copies from its original: every measured field."""
         skip = ("worker", "proposed_by", "duplicate_of")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        measured = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        return {**measured, **removal_attrs(self.removal)}  # no empty block lists on whole-layer trials
 
 
 _TRIAL_FIELDS = frozenset(f.name for f in fields(TrialRecord))
@@ -285,7 +286,7 @@ def removal_attrs(removal: Removal) -> dict[str, Any]:
     """A removal as trial attributes: `removed_layers` always, the block lists only when not empty, so
     a whole-layer study's trials read as they did before blocks could be removed."""
     return {
-        "removed_layers": removal.layers,
+        "removed_layers": list(removal.layers),
         "removed_attention": removal.attention or None,
         "removed_mlp": removal.mlp or None,
     }

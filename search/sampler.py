@@ -39,9 +39,10 @@ def tried_sets(trials: list[optuna.trial.FrozenTrial]) -> set[Removal]:
     return {removal_set(t) for t in trials if t.state != TrialState.PRUNED or counts_towards_trials(t)}
 
 
-def size_of(removal: Removal) -> tuple[int, int]:
-    """What latency follows: attention blocks and MLP blocks removed (a whole layer is one of each)."""
-    return len(removal.removed_attention), len(removal.removed_mlp)
+def size_of(removal: Removal) -> tuple[int, int, int]:
+    """What latency follows: attention blocks and MLP blocks removed (a whole layer is one of each), and
+    layers removed whole."""
+    return len(removal.without_attention), len(removal.without_mlp), len(removal.layers)
 
 
 class RemovalSetSampler(optuna.samplers.BaseSampler):
@@ -74,7 +75,7 @@ class RemovalSetSampler(optuna.samplers.BaseSampler):
         return self._rng.choice(param_distribution.choices)
 
     def _elites(self, trials: list[optuna.trial.FrozenTrial]) -> list[Removal]:
-        by_size: dict[tuple[int, int], list[tuple[float, Removal]]] = defaultdict(list)
+        by_size: dict[tuple[int, int, int], list[tuple[float, Removal]]] = defaultdict(list)
         for t in trials:
             if t.state == TrialState.COMPLETE and t.values:
                 removed = removal_set(t)
@@ -94,16 +95,17 @@ class RemovalSetSampler(optuna.samplers.BaseSampler):
         kept = [u for u in units if not removed.covers(u)]
         moves = ["shift", "swap", "add", "drop"]
         if self._budget.block_params is not None:
-            moves += ["split", "join"] if removed.layers or (removed.attention and removed.mlp) else []
+            moves += ["split"] if removed.layers else []
+            moves += ["join"] if removed.attention and removed.mlp else []
         move = self._rng.choice(moves)
         if move == "add" and kept:
             return removed | self._rng.choice(kept)
         if move == "drop" and len(chosen) > 1:
             return removed - self._rng.choice(chosen)
-        if move == "split" and removed.layers:
+        if move == "split":
             layer = self._rng.choice(removed.layers)
             return removed - Removal.from_blocks([(layer, self._rng.choice(KINDS))])
-        if move == "join" and removed.attention and removed.mlp:
+        if move == "join":
             layer = self._rng.choice([*removed.attention, *removed.mlp])  # keeps its lone block, gains the other
             if layer in removed.mlp:
                 joined = Removal.of(attention=[self._rng.choice(removed.attention)])
@@ -112,8 +114,8 @@ class RemovalSetSampler(optuna.samplers.BaseSampler):
             return (removed - joined) | Removal.of([layer])
         out = self._rng.choice(chosen)
         if move == "shift":
-            moved = [_shifted(out, step) for step in (-1, 1)]
-            targets = [u for u in moved if u is not None and max(u.changed_layers) < n and not removed.covers(u)]
+            moved = [out.shifted(step, n) for step in (-1, 1)]
+            targets = [u for u in moved if u is not None and not removed.covers(u)]
         else:
             targets = kept
         return (removed - out) | self._rng.choice(targets) if targets else removed
@@ -125,12 +127,6 @@ class RemovalSetSampler(optuna.samplers.BaseSampler):
 
 def _blocks(removal: Removal) -> list[Removal]:
     return [Removal.from_blocks([block]) for block in sorted(removal.blocks())]
-
-
-def _shifted(unit: Removal, step: int) -> Removal | None:
-    """The same part one layer up or down (None below layer 0)."""
-    moved = {i: i + step for i in unit.changed_layers}
-    return None if min(moved.values()) < 0 else unit.remap(moved)
 
 
 # --sampler: (budget, seed) -> an Optuna sampler.

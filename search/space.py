@@ -94,6 +94,8 @@ class Budget:
         return "layer" if self.block_params is None else "sublayer"
 
     def params_reduction(self, removal: Removal) -> float:
+        if self.block_params is None and not removal.whole_layers_only:
+            raise SearchError(f"removal {removal} removes single blocks: not in a whole-layer space")
         return removal.params(self.layer_params, list(self.block_params or [])) / self.total_params
 
     def allows(self, removal: Removal) -> bool:

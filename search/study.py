@@ -129,7 +129,9 @@ def check_space(config: RunConfig) -> None:
     if config.heal != "none":
         raise SearchError("--granularity sublayer does not combine with --heal yet: healing fits runs of whole layers")
     if not CRITERIA[config.criterion].blocks:
-        raise SearchError(f"--criterion {config.criterion} ranks whole layers only; a sub-layer study greedy uses ppl")
+        raise SearchError(
+            f"--criterion {config.criterion} ranks whole layers only; sub-layer studies need --criterion ppl"
+        )
     if config.warm_start_from:
         raise SearchError("--warm-start-from maps whole-layer findings by depth; not with --granularity sublayer")
 

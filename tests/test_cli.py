@@ -124,8 +124,7 @@ def test_run_then_front_in_every_format(tmp_path, tiny_model_dir, corpus):
     assert report["study"] == "tiny" and report["front"]
     csv_out = cli("front", "--storage", f"sqlite:///{store}", "--study", "tiny", "--format", "csv", cwd=tmp_path).stdout
     assert (
-        csv_out.splitlines()[0]
-        == "trial,removed_layers,layers,params_reduction,ppl_ratio,latency_ratio,test_ppl_ratio,kv_cache_ratio"
+        csv_out.splitlines()[0] == "trial,removed_layers,layers,params_reduction,ppl_ratio,latency_ratio,test_ppl_ratio"
     )
     assert len(csv_out.splitlines()) == len(report["front"]) + 1
     # The same command again: nothing to do, same front.

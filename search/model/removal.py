@@ -94,12 +94,12 @@ class Removal:
         return tuple(sorted({*self.layers, *self.attention, *self.mlp}))
 
     @property
-    def removed_attention(self) -> tuple[int, ...]:
+    def without_attention(self) -> tuple[int, ...]:
         """Layers without an attention block (removed whole or not): what the KV cache loses."""
         return tuple(sorted({*self.layers, *self.attention}))
 
     @property
-    def removed_mlp(self) -> tuple[int, ...]:
+    def without_mlp(self) -> tuple[int, ...]:
         return tuple(sorted({*self.layers, *self.mlp}))
 
     def __or__(self, other: Removal) -> Removal:
@@ -141,6 +141,11 @@ class Removal:
 
         return cls.of(listed("removed_layers"), listed("removed_attention"), listed("removed_mlp"))
 
+    def shifted(self, step: int, n_layers: int) -> Removal | None:
+        """The same parts `step` layers up or down a stack of `n_layers`; None where one falls off it."""
+        moved = {i: i + step for i in self.changed_layers}
+        return self.remap(moved) if all(0 <= j < n_layers for j in moved.values()) else None
+
     def remap(self, mapping: Mapping[int, int]) -> Removal:
         """The same removal on another stack (`mapping`: old layer -> new), parts outside it dropped."""
 
@@ -148,6 +153,3 @@ class Removal:
             return [mapping[i] for i in indices if i in mapping]
 
         return Removal.of(moved(self.layers), moved(self.attention), moved(self.mlp))
-
-
-NOTHING = Removal()

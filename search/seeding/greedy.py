@@ -78,12 +78,6 @@ def parts(removal: Removal, budget: Budget) -> list[Removal]:
     return [unit for unit in budget.units() if removal.covers(unit)]
 
 
-def shifted(unit: Removal, step: int, n_layers: int) -> Removal | None:
-    """The same part `step` layers up or down; None off the stack."""
-    moved = {i: i + step for i in unit.changed_layers}
-    return unit.remap(moved) if all(0 <= j < n_layers for j in moved.values()) else None
-
-
 def seed_sets(stages: Sequence[Stage], budget: Budget, count: int, others: Seeds | None = None) -> Seeds:
     """Distinct feasible sets with a reason each: the greedy stages, the one-shot ranking by stage-1
     sensitivity (the k least sensitive parts), `others` (other methods' picks), every set one part
@@ -104,7 +98,7 @@ def seed_sets(stages: Sequence[Stage], budget: Budget, count: int, others: Seeds
     for n, stage in enumerate(stages, 1):
         add(stage.removed, f"greedy stage {n}")
     if stages:
-        ranking = sorted(stages[0].scores, key=lambda u: (stages[0].scores[u], order.get(u, 0)))
+        ranking = sorted(stages[0].scores, key=lambda u: (stages[0].scores[u], order[u]))
         total = Removal()
         for k, unit in enumerate(ranking[: len(stages)], 1):
             total = total | unit
@@ -114,12 +108,12 @@ def seed_sets(stages: Sequence[Stage], budget: Budget, count: int, others: Seeds
     for n, stage in enumerate(stages[1:], 2):
         for part in parts(stage.removed, budget):
             add(stage.removed - part, f"greedy stage {n} less {part}")
-    for stage in reversed(stages):
+    for number, stage in reversed(list(enumerate(stages, 1))):
         for part in parts(stage.removed, budget):
             for step in (-1, 1):
                 if len(seeds) >= count:
                     break
-                moved = shifted(part, step, budget.n_layers)
+                moved = part.shifted(step, budget.n_layers)
                 if moved is not None and not stage.removed.covers(moved):
-                    add((stage.removed - part) | moved, f"neighbour of greedy stage {stages.index(stage) + 1}")
+                    add((stage.removed - part) | moved, f"neighbour of greedy stage {number}")
     return list(seeds.items())

@@ -24,7 +24,7 @@ from search.objective import latency_entry
 from search.records import Baseline, GreedyStage, StudyRecord, enqueue, mark_seeded, write_latency
 from search.sampler import removal_set
 from search.seeding.criteria import CRITERIA, Scoring
-from search.seeding.greedy import ScoreFn, Seeds, Stage, seed_sets, staged_greedy
+from search.seeding.greedy import ScoreFn, Seeds, Stage, parts, seed_sets, staged_greedy
 from search.space import Budget
 
 log = logging.getLogger("search")
@@ -35,20 +35,27 @@ SHORTLIST = 6  # candidates per greedy stage after the first, besides the curren
 CONFIRMED = 3  # candidates per healed greedy stage measured with the study's fit after the screen
 
 
-def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig) -> tuple[list[Stage], Seeds]:
+def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig) -> tuple[list[Stage], Seeds, int]:
     """Staged greedy removal and the one-pass methods' picks. Unhealed, greedy ranks by `--criterion`
     on the first `--sensitivity-tokens` calibration tokens. Healed, the path is scored on healed
     models on the same tokens (healing changes which layers are safe to remove: it favours runs); a
-    one-pass `--criterion` adds its own unhealed path as seeds."""
+    one-pass `--criterion` adds its own unhealed path as seeds. Also returns the forward passes over the
+    sensitivity tokens spent besides the greedy path's own (a sub-layer study's whole-layer path and
+    block similarity)."""
     windows, store = evaluator.sensitivity(config.sensitivity_tokens)
     scoring = Scoring(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size, store)
     criterion = CRITERIA[config.criterion]
     most = budget.max_units()
 
-    def score(removed: Removal, candidates: list[Removal]) -> dict[Removal, float]:
-        return criterion.score(
-            scoring, removed, candidates, f"greedy stage {len(list(removed.parts())) + 1}/{most} ({config.criterion})"
-        )
+    def scorer(path: str, most: int) -> ScoreFn:
+        def score(removed: Removal, candidates: list[Removal]) -> dict[Removal, float]:
+            stage = len(list(removed.parts())) + 1
+            return criterion.score(scoring, removed, candidates, f"{path} stage {stage}/{most} ({config.criterion})")
+
+        return score
+
+    score = scorer("greedy", most)
+    extra = 0
 
     healing = evaluator.heal != "none"
     others: Seeds = []
@@ -61,29 +68,53 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
         stages = staged_greedy(score, budget, shortlist=None if criterion.one_pass else SHORTLIST)
     for n, stage in enumerate(stages, 1):
         how = "healed ratio" if healing else config.criterion
-        log.info("greedy stage %d (%s): remove %s (score %.4g)", n, how, stage.removed, stage.score)
+        log.info("greedy stage %d (%s): remove %s (score %.4g)", n, how, stage.removed.describe(), stage.score)
     # The one-pass criteria of the unpruned model seed the study too (one forward pass for all of them).
-    layers = budget.max_layers()
-    found = scoring.similarity(max_block=layers)
-    picks = [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in range(1, layers + 1)]
+    most_layers = budget.max_layers()
+    found = scoring.similarity(max_block=most_layers)
+    sizes = range(1, most_layers + 1)
+    picks = [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in sizes]
     picks += [(baselines.angular_block(found.angular[k], k), f"angular block of {k}") for k in found.angular]
-    picks += [
-        (baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in range(1, layers + 1)
-    ]
-    others += [(Removal.of(layers), reason) for layers, reason in picks]  # whole layers: in either space
+    picks += [(baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in sizes]
+    others += [(Removal.of(chosen), reason) for chosen, reason in picks]  # whole layers: in either space
     if budget.block_params is not None:
-        others += layer_seeds(score, budget)
         similar = block_similarity(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size)
-        others += attention_drop_seeds(similar, budget)
-    return stages, others
+        layered, layer_stages = layer_seeds(scorer("layer greedy", budget.max_layers()), budget)
+        others = [*layered, *attention_drop_seeds(similar, budget), *others]
+        extra = 1 + sum(criterion.passes(len(s.scores)) for s in layer_stages)
+    return stages, others, extra
 
 
-def layer_seeds(score: ScoreFn, budget: Budget) -> Seeds:
+def sublayer_seeds(stages: list[Stage], others: Seeds, budget: Budget, limit: int) -> Seeds:
+    """A sub-layer study's seeds, the first `limit` distinct feasible ones in this order: the whole-layer
+    greedy path, the block greedy path, then `others` (attention drop, the whole-layer path's
+    neighbours, the one-pass picks), then the last block stage less each of its parts.
+
+    Block greedy walks many small steps (one attention block is a fraction of a layer), so the
+    whole-layer rule of seeding every stage's neighbours would fill a study with seeds; `limit`
+    (half of `--trials`) leaves the rest to the sampler, whose moves split and join them."""
+    ordered = [seed for seed in others if seed[1].startswith("layer greedy stage")]
+    ordered += [(stage.removed, f"greedy stage {n}") for n, stage in enumerate(stages, 1)]
+    ordered += [seed for seed in others if not seed[1].startswith("layer greedy stage")]
+    if stages:
+        last = stages[-1].removed
+        ordered += [(last - part, f"greedy stage {len(stages)} less {part}") for part in parts(last, budget)]
+    seeds: dict[Removal, str] = {}
+    for removal, reason in ordered:
+        if len(seeds) >= max(limit, len(stages)):
+            break
+        if removal not in seeds and budget.allows(removal):
+            seeds[removal] = reason
+    return list(seeds.items())
+
+
+def layer_seeds(score: ScoreFn, budget: Budget) -> tuple[Seeds, list[Stage]]:
     """A sub-layer study also starts from the whole-layer greedy path (and its sets one layer short and
-    shifted), so it begins where a whole-layer study ends."""
+    shifted), so it begins where a whole-layer study ends; returns those seeds and the path."""
     layers = replace(budget, block_params=None)
     stages = staged_greedy(score, layers, shortlist=SHORTLIST)
-    return [(removal, f"layer {reason}") for removal, reason in seed_sets(stages, layers, count=2 * len(stages))]
+    seeds = [(removal, f"layer {reason}") for removal, reason in seed_sets(stages, layers, count=2 * len(stages))]
+    return seeds, stages
 
 
 def attention_drop_seeds(similar: dict[Removal, float], budget: Budget) -> Seeds:
@@ -175,12 +206,17 @@ def seed_study(
             budget.n_layers,
         )
     else:
-        stages, others = greedy_seeds(evaluator, budget, config)
+        stages, others, extra = greedy_seeds(evaluator, budget, config)
         profile = stages[0].scores if stages else {}
-        seeds = seed_sets(stages, budget, count=2 * len(stages), others=others)
+        if budget.block_params is None:
+            seeds = seed_sets(stages, budget, count=2 * len(stages), others=others)
+        else:
+            seeds = sublayer_seeds(stages, others, budget, limit=config.trials // 2)
 
     # Seeding cost in forward passes over --sensitivity-tokens, for comparisons with warm starts.
-    passes = 0 if transfer is not None else 1 + sum(CRITERIA[config.criterion].passes(len(s.scores)) for s in stages)
+    passes = (
+        0 if transfer is not None else 1 + extra + sum(CRITERIA[config.criterion].passes(len(s.scores)) for s in stages)
+    )
     study.set_metric_names(OBJECTIVES)
     StudyRecord(
         settings=config.settings(),

@@ -60,7 +60,7 @@ def seeds_from_study(url: str, name: str, budget: Budget) -> tuple[Seeds, dict[R
     if record.settings.granularity != "layer":
         raise SearchError(f"--warm-start-from {name!r} is a sub-layer study; only whole-layer findings map by depth")
     sets: Seeds = [(g.removed, "greedy") for g in record.greedy]
-    best: dict[tuple[int, int], tuple[float, Removal]] = {}
+    best: dict[tuple[int, int, int], tuple[float, Removal]] = {}
     for trial in source.get_trials(deepcopy=False, states=COMPLETE):
         removed = removal_set(trial)
         if trial.values and (size_of(removed) not in best or trial.values[0] < best[size_of(removed)][0]):

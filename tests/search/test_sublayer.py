@@ -22,8 +22,8 @@ from search.model.removal import Removal
 from search.model.surgery import block_param_counts, decoder_layers, layer_param_counts, removal_applied
 from search.records import COMPLETE, TrialRecord
 from search.sampler import RemovalSetSampler, removal_set
-from search.seeding.greedy import seed_sets, staged_greedy
-from search.seeding.seed import attention_drop_seeds, layer_seeds
+from search.seeding.greedy import Stage, seed_sets, staged_greedy
+from search.seeding.seed import attention_drop_seeds, layer_seeds, sublayer_seeds
 from search.space import Budget
 from search.study import RunConfig, prepare, run
 from tests.conftest import FAMILIES, VOCAB, tiny_model
@@ -93,7 +93,9 @@ def test_a_sublayer_study_also_starts_from_the_whole_layer_path():
     def score(removed, candidates):  # layers 6 then 2 are the cheapest whole layers
         return {u: {6: 1.0, 2: 1.1}.get(u.layers[0], 2.0) for u in candidates}
 
-    seeds = dict(layer_seeds(score, SUBLAYER))
+    found, stages = layer_seeds(score, SUBLAYER)
+    seeds = dict(found)
+    assert [s.removed for s in stages] == [Removal.of([6]), Removal.of([2, 6])]
     assert seeds[Removal.of([6])] == "layer greedy stage 1"
     assert seeds[Removal.of([2, 6])] == "layer greedy stage 2"
     assert all(s.whole_layers_only and SUBLAYER.allows(s) for s in seeds)
@@ -132,10 +134,14 @@ def test_block_shapes_and_their_latency():
     model = tiny_model("gemma3", layers=4)  # sliding and full attention layers: two attention kinds
     kinds, blocks = layer_kinds(model), block_kinds(model)
     assert [a + m for a, m in block_param_counts(model)] == layer_param_counts(model)
-    # Same kept blocks, same key: two attention blocks of one kind, or a whole layer against two lone blocks.
+    # Same kept blocks and layers, same key.
     assert shape_key(kinds, Removal.of(attention=[0]), blocks) == shape_key(kinds, Removal.of(attention=[2]), blocks)
     assert shape_key(kinds, Removal.of(attention=[0]), blocks) != shape_key(kinds, Removal.of(attention=[1]), blocks)
-    assert shape_key(kinds, Removal.of([1]), blocks) == shape_key(kinds, Removal.of(attention=[1], mlp=[2]), blocks)
+    assert shape_key(kinds, Removal.of(attention=[1], mlp=[3]), blocks) == shape_key(
+        kinds, Removal.of(attention=[3], mlp=[1]), blocks
+    )
+    # A whole layer against the same blocks from two layers: one layer call fewer, so another shape.
+    assert shape_key(kinds, Removal.of([1]), blocks) != shape_key(kinds, Removal.of(attention=[1], mlp=[3]), blocks)
     assert (
         shape_key(kinds, Removal.of([1]))
         == shape_key(kinds, Removal.of([3]))
@@ -218,7 +224,7 @@ def test_block_methods_choose_blocks(tmp_path, tiny_model_dir, corpus):
     cached = CachingEvaluator(evaluator)
     cached.baseline()
     drop = choose(cached, "attention_drop", 3, config.sensitivity_tokens)
-    assert len(drop.sets[0].removed_attention) == 3 and not drop.sets[0].removed_mlp
+    assert len(drop.sets[0].without_attention) == 3 and not drop.sets[0].without_mlp
     greedy = choose(cached, "block_greedy", 3, config.sensitivity_tokens)
     assert len(greedy.sets[0].blocks()) == 3
     (row,) = measure(cached, [greedy])
@@ -239,3 +245,37 @@ def test_kv_cache_shrinks_with_the_attention_blocks_removed(family):
     assert kv_cache_bytes(model, ids, Removal.of(mlp=[1, 2])) == base  # MLP blocks hold no cache
     placeholder = kv_cache_bytes(model, ids, Removal.of(attention=[1])) - whole
     assert 0 < placeholder <= 2 * 12 * 4  # what is left of a skipped slot: one element per token, keys and values
+
+
+def test_tpe_searches_the_sublayer_space_too(tmp_path, tiny_model_dir, corpus):
+    config = tiny_config(tmp_path, tiny_model_dir, corpus, granularity="sublayer", sampler="tpe", trials=12)
+    study = run(config)
+    sampled = [t for t in study.get_trials(states=COMPLETE) if TrialRecord.of(t).proposed_by == "sampler"]
+    assert sampled and all(len(t.params) == 12 for t in sampled)
+
+
+def test_sublayer_seeds_come_in_order_and_leave_half_the_trials_to_the_sampler():
+    stages = [
+        Stage(Removal.of(attention=[5]), 1.0, {}),
+        Stage(Removal.of(attention=[5, 6]), 1.0, {}),
+        Stage(Removal.of(attention=[4, 5, 6]), 1.0, {}),
+    ]
+    others = [
+        (Removal.of(attention=[1]), "attention drop top 1"),
+        (Removal.of([6]), "layer greedy stage 1"),
+        (Removal.of([0, 1, 2]), "far over budget"),
+        (Removal.of([5]), "layer neighbour of greedy stage 1"),
+    ]
+    seeds = sublayer_seeds(stages, others, SUBLAYER, limit=6)
+    assert [reason for _, reason in seeds] == [
+        "layer greedy stage 1",
+        "greedy stage 1",
+        "greedy stage 2",
+        "greedy stage 3",
+        "attention drop top 1",
+        "layer neighbour of greedy stage 1",
+    ]
+    assert (
+        len(sublayer_seeds(stages, others, SUBLAYER, limit=40)) == 8
+    )  # + the last stage less a4 or a6 (less a5: stage 2)
+    assert len(sublayer_seeds(stages, others, SUBLAYER, limit=1)) == 3  # never fewer than the greedy path

@@ -34,7 +34,7 @@ def test_block_algebra():
     assert a | Removal.of(mlp=[2]) == Removal.of([2])
     assert Removal.of([2]) - Removal.of(attention=[2]) == Removal.of(mlp=[2])  # a layer split into a block
     assert Removal.of([2]).covers(a) and not a.covers(Removal.of([2]))
-    assert Removal.of([0], attention=[3]).removed_attention == (0, 3)
+    assert Removal.of([0], attention=[3]).without_attention == (0, 3)
     assert Removal.of([0], attention=[3]).changed_layers == (0, 3)
     assert list(Removal.of([1], attention=[3], mlp=[4]).parts()) == [
         Removal.of([1]),
