@@ -29,7 +29,7 @@ from evaluators.cloze import VERSION as CLOZE_VERSION
 from evaluators.cloze import cloze_documents, cloze_task
 from evaluators.data import Splits, make_splits
 from search.errors import SearchError
-from search.export import finished_trial, prune_trial
+from search.export import check_whole_layers, finished_trial, prune_trial
 from search.front import front_report, retained
 from search.model.loading import cache_dir, load_model
 from search.model.numerics import apply_numerics, mixed_precision
@@ -183,6 +183,7 @@ def _removed(study: optuna.Study, number: int) -> Removal:
     removed = TrialRecord.of(finished_trial(study, number)).removal
     if not removed:
         raise SearchError(f"trial {number} has no removal set recorded; pick a trial that removed layers")
+    check_whole_layers(removed, number)
     return removed
 
 

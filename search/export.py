@@ -28,6 +28,7 @@ from search.front import front_report
 from search.healing import HEALINGS, check_healable
 from search.model.loading import load_model
 from search.model.numerics import DTYPES, apply_numerics
+from search.model.removal import Removal
 from search.model.surgery import KV_CACHE_TOLERANCE, kv_cache_divergence, remove_layers
 from search.records import StudyRecord, TrialRecord, find_trial
 from search.registry import Registry
@@ -127,11 +128,7 @@ def prune_trial(
     `out`: where it will be written, checked before the work (None: kept in memory)."""
     trial = finished_trial(study, number)
     record, measured = StudyRecord.read(study), TrialRecord.of(trial)
-    if not measured.removal.whole_layers_only:
-        raise SearchError(
-            f"trial {number} removes single attention or MLP blocks ({measured.removal.describe()}); "
-            "exporting sub-layer points is not supported yet: pick a whole-layer point"
-        )
+    check_whole_layers(measured.removal, number)
     n_layers, removed = record.baseline.layers, list(measured.removed_layers)
     if out is not None:
         check_out(Path(out))
@@ -150,6 +147,16 @@ def prune_trial(
     healing = _heal(model, loaded.tokenizer, record, removed)
     remove_layers(model, removed)
     return Pruned(model, loaded.tokenizer, trial, record, removed, healing)
+
+
+def check_whole_layers(removal: Removal, number: int) -> None:
+    """Models that lose single blocks are only built inside a study so far (export, `heal` and
+    `evaluate` rebuild a point as a stock model): refused before anything loads."""
+    if not removal.whole_layers_only:
+        raise SearchError(
+            f"trial {number} removes single attention or MLP blocks ({removal.describe()}); export, heal and "
+            "evaluate of sub-layer points are not supported yet: pick a whole-layer point"
+        )
 
 
 def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:

@@ -30,11 +30,20 @@ from evaluators.lora import LoraRun, LoraSettings, finetune_lora
 from evaluators.perplexity import perplexity
 from search.accuracy import AccuracySettings, prepare_tasks, study_tasks
 from search.errors import SearchError
-from search.export import ExportReport, check_out, finished_trial, prune_trial, pruning_record, verify, write_model
+from search.export import (
+    ExportReport,
+    check_out,
+    check_whole_layers,
+    finished_trial,
+    prune_trial,
+    pruning_record,
+    verify,
+    write_model,
+)
 from search.front import retained
 from search.model.loading import load_model
 from search.model.numerics import apply_numerics, mixed_precision
-from search.records import StudyRecord
+from search.records import StudyRecord, TrialRecord
 from search.tables import table
 
 log = logging.getLogger("search")
@@ -126,7 +135,7 @@ def heal_trial(
     out = Path(out)
     record = StudyRecord.read(study)
     stored = record.settings
-    finished_trial(study, number)  # before minutes of fine-tuning the reference
+    check_whole_layers(TrialRecord.of(finished_trial(study, number)).removal, number)  # before minutes of fine-tuning
     tasks = list(dict.fromkeys(accuracy.tasks))
     manager, early = prepare_tasks(accuracy) if tasks else (None, None)
     eval_dataset = eval_dataset or stored.eval_dataset

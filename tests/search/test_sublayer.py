@@ -15,6 +15,7 @@ from evaluators.sensitivity import block_similarity
 from search import space
 from search.caching import CachingEvaluator
 from search.errors import SearchError
+from search.export import prune_trial
 from search.front import format_csv, front_report
 from search.methods import choose, measure
 from search.model.architectures import architecture_of
@@ -184,6 +185,8 @@ def test_a_sublayer_study_searches_blocks(tmp_path, tiny_model_dir, corpus):
     evaluator.baseline()
     blocky = next(t for t in done if TrialRecord.of(t).removal.attention or TrialRecord.of(t).removal.mlp)
     assert math.isclose(evaluator.calib_ratio(TrialRecord.of(blocky).removal), blocky.values[0], rel_tol=1e-6)
+    with pytest.raises(SearchError, match="sub-layer points are not supported yet"):
+        prune_trial(study, blocky.number)  # export, heal and evaluate build points this way: refused first
     again = run(config)  # a resume reads the study back
     assert len(again.get_trials(states=COMPLETE)) == len(done)
 
