@@ -254,18 +254,27 @@ KV_CACHE_TOLERANCE = 1e-4
 KV_CACHE_TOLERANCE_REDUCED = 5e-2
 
 
-def kv_cache_divergence(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 24, pad_token_id: int = 0) -> float:
+def kv_cache_divergence(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int = 24,
+    pad_token_id: int = 0,
+    attention_mask: torch.Tensor | None = None,
+) -> float:
     """How far greedy generation with the KV cache strays from recomputing without it.
 
     Returns the largest gap between each step's cached logits and the logits of one uncached pass
     over the generated sequence, relative to the largest logit. Logits, not tokens, are compared:
     under reduced precision the two paths round differently and greedy decoding flips on a
-    near-tie, which says nothing about whether the cache is wired to the right layers.
+    near-tie, which says nothing about whether the cache is wired to the right layers. With an
+    `attention_mask` (a padded batch) the model builds a real mask, sized from particular cache
+    slots, where an unpadded causal batch lets SDPA skip it.
     """
     causal_lm: Any = model  # a transformers model: generate() is not on nn.Module
     with torch.inference_mode():
         out = causal_lm.generate(
             prompt,
+            attention_mask=attention_mask,
             max_new_tokens=new_tokens,
             do_sample=False,
             use_cache=True,
@@ -274,6 +283,12 @@ def kv_cache_divergence(model: nn.Module, prompt: torch.Tensor, new_tokens: int 
             pad_token_id=pad_token_id,
         )
         cached = torch.stack(out.logits, dim=1).float()
-        full = model(input_ids=out.sequences, use_cache=False).logits.float()
+        if attention_mask is None:
+            full = model(input_ids=out.sequences, use_cache=False).logits.float()
+        else:
+            mask = torch.cat([attention_mask, torch.ones_like(out.sequences[:, prompt.shape[1] :])], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate derives them (GPT-2's are absolute)
+            full = model(input_ids=out.sequences, attention_mask=mask, position_ids=positions, use_cache=False)
+            full = full.logits.float()
     full = full[:, prompt.shape[1] - 1 : prompt.shape[1] - 1 + cached.shape[1]]
     return ((cached - full).abs().max() / full.abs().max().clamp_min(1e-12)).item()
