@@ -293,13 +293,16 @@ def evaluate_directory(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from search.export import load_kwargs
+
     record = StudyRecord.read(study)
     tasks = list(dict.fromkeys(settings.tasks))
     manager, early = prepared or prepare_tasks(settings)
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    kwargs = load_kwargs(out)  # a sub-layer export loads with its modeling file, as a user would
+    tokenizer = AutoTokenizer.from_pretrained(out, **kwargs)
     built = study_tasks(manager, tasks, tokenizer, record, early)
     numerics = accuracy_numerics(record.settings.dtype)
-    model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kwargs)
     model = model.to(device).eval()
     apply_numerics(model, numerics)
     results = run_tasks(model, tokenizer, built, settings.limit, settings.batch_size, numerics)

@@ -1,10 +1,14 @@
-"""Take a pruned model home: write a directory stock `transformers` loads, then prove it is the trial's model.
+"""Take a pruned model home: write a directory `transformers` loads, then prove it is the trial's model.
 
-The export is plain safetensors plus a config whose layer count and per-layer lists match the
-kept layers, so `AutoModelForCausalLM.from_pretrained(DIR)` needs no custom code. After writing,
-the directory is reloaded into a fresh model object and checked: held-out perplexity against
-the trial's reported figure (in the study's numerics), and float32 logits of greedy generation
-with the KV cache against a recompute without it.
+A whole-layer point is plain safetensors plus a config whose layer count and per-layer lists match
+the kept layers, so `AutoModelForCausalLM.from_pretrained(DIR)` needs no custom code. A point that
+removes single attention or MLP blocks is written in the sub-layer format
+(search/model/sublayer_export.py): the kept weights only, and a small modeling file that
+`from_pretrained(DIR, trust_remote_code=True)` runs, computing nothing for a removed block. After
+writing, the directory is reloaded the way a user would into a fresh model object and checked:
+held-out perplexity against the trial's reported figure (in the study's numerics), float32 logits
+of greedy generation with the KV cache against a recompute without it, and the parameter count
+against the study's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,19 @@ from search.healing import HEALINGS, check_healable
 from search.model.loading import load_model
 from search.model.numerics import DTYPES, apply_numerics
 from search.model.removal import Removal
-from search.model.surgery import KV_CACHE_TOLERANCE, kv_cache_divergence, remove_layers
+from search.model.sublayer_export import (
+    check_sublayer_exportable,
+    save_sublayer_model,
+    skipped_blocks,
+    sublayer_marker,
+)
+from search.model.surgery import (
+    KV_CACHE_TOLERANCE,
+    kv_cache_divergence,
+    remove_layers,
+    skip_blocks,
+    total_param_count,
+)
 from search.records import StudyRecord, TrialRecord, find_trial
 from search.registry import Registry
 
@@ -74,11 +90,20 @@ class ExportReport:
     kv_cache_match: bool  # float32 logits with and without the KV cache within KV_CACHE_TOLERANCE
     kv_cache_max_rel_diff: float | None  # largest logit gap over the largest logit (None: cached generation failed)
     kv_cache_error: str | None = None
+    params: int | None = None  # the reloaded model's parameters (tied tensors once)
+    expected_params: int | None = None  # the study's: baseline minus params_reduction (None: never recorded)
+    removed_attention: list[int] = field(default_factory=list)  # lone blocks, original layer indices
+    removed_mlp: list[int] = field(default_factory=list)
+    trust_remote_code: bool = False  # a sub-layer export: it loads with its modeling file
+
+    @property
+    def params_match(self) -> bool:
+        return self.expected_params is None or self.params == self.expected_params
 
     @property
     def ok(self) -> bool:
         ppl_ok = self.ppl_rel_diff is None or self.ppl_rel_diff <= PPL_TOLERANCE
-        return ppl_ok and self.kv_cache_match
+        return ppl_ok and self.kv_cache_match and self.params_match
 
     @property
     def kv_cache_verdict(self) -> str:
@@ -108,8 +133,9 @@ class Pruned:
     tokenizer: Any
     trial: optuna.trial.FrozenTrial
     record: StudyRecord
-    removed: list[int]
+    removed: list[int]  # whole layers
     healing: dict | None  # what pruning.json says of the linear healing (None: unhealed)
+    removal: Removal = Removal()  # everything the trial removes, whole layers and lone blocks
 
 
 def check_out(out: Path) -> None:
@@ -123,13 +149,20 @@ def prune_trial(
     out: Path | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    blocks: bool = False,
 ) -> Pruned:
     """Reload the study's model in float32, fold its healing as the study fitted it, remove the layers.
-    `out`: where it will be written, checked before the work (None: kept in memory)."""
+    `out`: where it will be written, checked before the work (None: kept in memory). `blocks`: a
+    point's lone attention and MLP blocks are skipped for good, as the study measured them (what
+    `write_model` writes in the sub-layer format); without it such a point is refused, because
+    `heal` and `evaluate` build stock models."""
     trial = finished_trial(study, number)
     record, measured = StudyRecord.read(study), TrialRecord.of(trial)
-    check_whole_layers(measured.removal, number)
+    if not blocks:
+        check_whole_layers(measured.removal, number)
     n_layers, removed = record.baseline.layers, list(measured.removed_layers)
+    kept = [i for i in range(n_layers) if i not in set(removed)]
+    lone = measured.removal.remap({old: new for new, old in enumerate(kept)})  # its blocks on the pruned stack
     if out is not None:
         check_out(Path(out))
     loaded = load_model(record.model_spec, "float32", device, trust_remote_code)
@@ -146,16 +179,19 @@ def prune_trial(
         )
     healing = _heal(model, loaded.tokenizer, record, removed)
     remove_layers(model, removed)
-    return Pruned(model, loaded.tokenizer, trial, record, removed, healing)
+    skip_blocks(model, lone.attention, lone.mlp)
+    if lone:  # refused here, before anything is written
+        check_sublayer_exportable(model, skipped_blocks(model))
+    return Pruned(model, loaded.tokenizer, trial, record, removed, healing, measured.removal)
 
 
 def check_whole_layers(removal: Removal, number: int) -> None:
-    """Models that lose single blocks are only built inside a study so far (export, `heal` and
-    `evaluate` rebuild a point as a stock model): refused before anything loads."""
+    """`heal` and `evaluate` rebuild a point as a stock model, which a point losing single blocks is not
+    (`export` writes those in the sub-layer format): refused before anything loads."""
     if not removal.whole_layers_only:
         raise SearchError(
-            f"trial {number} removes single attention or MLP blocks ({removal.describe()}); export, heal and "
-            "evaluate of sub-layer points are not supported yet: pick a whole-layer point"
+            f"trial {number} removes single attention or MLP blocks ({removal.describe()}); heal and evaluate "
+            "of sub-layer points are not supported yet: pick a whole-layer point (export writes this one)"
         )
 
 
@@ -169,6 +205,7 @@ def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
         "study": study.study_name,
         "trial": trial.number,
         "removed_layers": pruned.removed,
+        **{key: value for key, value in pruned.removal.json().items() if key != "removed_layers" and value},
         "layers_before": n_layers,
         "layers_after": n_layers - len(pruned.removed),
         "params_reduction": measured.params_reduction,
@@ -183,7 +220,7 @@ def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
 def export_trial(
     study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
 ) -> ExportReport:
-    pruned = prune_trial(study, number, out, device, trust_remote_code)
+    pruned = prune_trial(study, number, out, device, trust_remote_code, blocks=True)
     write_model(pruned.model, pruned.tokenizer, Path(out), pruning_record(study, pruned))
     trial, expected = pruned.trial, expected_test_ppl(pruned.record, pruned.trial)
     del pruned
@@ -231,11 +268,16 @@ def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | N
 
 
 def write_model(model, tokenizer, out: Path, record: dict) -> None:
-    """Safetensors, config, tokenizer and pruning.json, moved into place whole (or not at all)."""
+    """Safetensors, config, tokenizer and pruning.json, moved into place whole (or not at all).
+    A model that skips single blocks is written in the sub-layer format, with its modeling file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        model.save_pretrained(staging)  # safetensors
+        if skipped_blocks(model):
+            save_sublayer_model(model, staging)
+            record = {**record, "trust_remote_code": True}  # its modeling_sublayer.py builds the kept blocks only
+        else:
+            model.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
         (staging / "pruning.json").write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
@@ -259,35 +301,39 @@ def verify(
     expected: float | None = None,
     dtype: str | None = None,
 ) -> ExportReport:
-    """Reload `out` with stock transformers and check it reproduces `expected` held-out perplexity
-    (measured in `dtype`, default the study's) and generates the same with and without the KV cache.
+    """Reload `out` as a user would (stock transformers; a sub-layer export with `trust_remote_code`, so
+    its own modeling file) and check it reproduces `expected` held-out perplexity (measured in `dtype`,
+    default the study's), generates the same with and without the KV cache, and has the parameter
+    count the study recorded for the trial.
 
     Two checks, each in the numerics it is about. The KV-cache check runs in float32, the dtype
-    the exported files hold, so it tests the cache's wiring (layer renumbering, per-layer lists),
-    not the rounding of a mixed-precision study. The perplexity check runs in the study's numerics,
-    because it must reproduce the trial's held-out figure.
+    the exported files hold, so it tests the cache's wiring (layer renumbering, per-layer lists,
+    the slots of layers without attention), not the rounding of a mixed-precision study. The
+    perplexity check runs in the study's numerics, because it must reproduce the trial's held-out figure.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     record, measured = StudyRecord.read(study), TrialRecord.of(trial)
     settings = record.settings
     dtype = dtype or settings.dtype
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    how = load_kwargs(Path(out))
+    tokenizer = AutoTokenizer.from_pretrained(out, **how)
     splits = make_splits(tokenizer, settings.dataset, settings.calib_tokens, settings.test_tokens, settings.seq_len)
     if record.data_fingerprint not in ("", splits.fingerprint()):
         raise SearchError("the held-out windows differ from the study's (dataset or tokenizer changed)")
 
-    model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **how)
     model = model.to(device).eval()
+    params = total_param_count(model)
     divergence: float | None
     kv_error = None
     try:
-        divergence = kv_cache_divergence(model, splits.test[:1, :16].to(device), pad_token_id=_pad_id(tokenizer))
+        divergence = _kv_cache_check(model, splits.test[:2, :16].to(device), _pad_id(tokenizer))
     except Exception as exc:  # a cache wired to the wrong layers can fail outright (e.g. an index past its end)
         divergence, kv_error = None, f"{type(exc).__name__}: {first_line(exc)}"
 
     if DTYPES[dtype] != torch.float32:  # half-precision weights: load them as the study did
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype], **how)
         model = model.to(device).eval()
     apply_numerics(model, dtype)  # the held-out figure was measured with these numerics
     reloaded = perplexity(model, splits.test, splits.bos_id)
@@ -302,7 +348,36 @@ def verify(
         kv_cache_match=divergence is not None and divergence <= KV_CACHE_TOLERANCE,
         kv_cache_max_rel_diff=divergence,
         kv_cache_error=kv_error,
+        params=params,
+        expected_params=expected_params(record, trial),
+        removed_attention=list(measured.removed_attention),
+        removed_mlp=list(measured.removed_mlp),
+        trust_remote_code=how["trust_remote_code"],
     )
+
+
+def load_kwargs(out: Path) -> dict[str, bool]:
+    """What `from_pretrained` needs to load an exported directory as a user would: `trust_remote_code`
+    for a sub-layer export (its tokenizer too, which reads config.json and would otherwise prompt)."""
+    return {"trust_remote_code": sublayer_marker(out) is not None}
+
+
+def expected_params(record: StudyRecord, trial: optuna.trial.FrozenTrial) -> int | None:
+    """The parameter count the study gives `trial`'s model (None: no params_reduction recorded)."""
+    reduction = TrialRecord.of(trial).params_reduction
+    return None if reduction is None else record.baseline.params - round(reduction * record.baseline.params)
+
+
+def _kv_cache_check(model, windows: torch.Tensor, pad_id: int) -> float:
+    """The larger kv_cache_divergence of one unpadded prompt and of a batch whose second row is left-padded:
+    only a padded batch builds a real mask, sized from particular cache slots (those of layers without
+    attention included), where SDPA skips it for an unpadded one."""
+    divergence = kv_cache_divergence(model, windows[:1], pad_token_id=pad_id)
+    if len(windows) < 2:
+        return divergence
+    padded, mask = windows.clone(), torch.ones_like(windows)
+    padded[1, :4], mask[1, :4] = pad_id, 0
+    return max(divergence, kv_cache_divergence(model, padded, pad_token_id=pad_id, attention_mask=mask))
 
 
 def _pad_id(tokenizer) -> int:

@@ -2,6 +2,10 @@
 
 GGUF weights are dequantised by `transformers` once and cached as safetensors, keyed by the
 file's sha256, so later runs load in seconds instead of re-converting.
+
+A directory this engine exported with single blocks removed (the `sublayer_export` marker in its
+config.json) loads without `--trust-remote-code` and without running its modeling file: as the
+stock family model with those blocks skipped (search/model/sublayer_export.py says why).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from search.failures import check_device, check_safe_weights
 from search.model.numerics import AUTO, DTYPES, apply_numerics
 from search.model.numerics import choose as choose_dtype
 from search.model.packaged import packaged_file
+from search.model.sublayer_export import load_sublayer_export, sublayer_marker
 
 log = logging.getLogger("search")
 
@@ -74,6 +79,9 @@ def _looks_like_path(spec: str) -> bool:
 def _from_pretrained(source: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if sublayer_marker(Path(source)) is not None:  # our own format: our own code, whatever trust_remote_code says
+        model = load_sublayer_export(Path(source), dtype=dtype, **kwargs)
+        return model, AutoTokenizer.from_pretrained(source, config=model.config, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     return model, tokenizer

@@ -8,8 +8,15 @@ from search.errors import SearchError
 from search.export import export_trial, pick_trial
 from search.front import front_report
 from search.model.architectures import architecture_of
-from search.model.surgery import KV_CACHE_TOLERANCE, _renumber, decoder_layers, layers_removed
-from search.records import COMPLETE
+from search.model.surgery import (
+    KV_CACHE_TOLERANCE,
+    _renumber,
+    decoder_layers,
+    layers_removed,
+    removal_applied,
+    total_param_count,
+)
+from search.records import COMPLETE, StudyRecord, TrialRecord
 from tests.search.test_study import tiny_config
 
 
@@ -51,6 +58,9 @@ def test_export_reloads_with_stock_transformers(tiny_study, tmp_path):
         "pruning.json",
     }
     assert not list((tmp_path / "out").glob("*.bin"))  # no pickles
+    assert not (tmp_path / "out" / "modeling_sublayer.py").exists()  # stock: no custom code
+    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert not report.trust_remote_code and report.params == report.expected_params == total_param_count(exported)
 
 
 def test_pick_rules(tiny_study):
@@ -202,3 +212,63 @@ def test_a_healed_study_exports_its_healed_weights(tmp_path, tiny_model_dir, tin
             unhealed = original(input_ids=ids).logits
         with torch.no_grad():  # the weights were healed (and report.ok: to the study's healed held-out figure)
             assert not torch.allclose(exported(input_ids=ids).logits, unhealed, atol=1e-4)
+
+
+def test_a_sublayer_point_exports_with_its_modeling_file_and_verifies(tmp_path, tiny_model_dir, corpus, capsys):
+    """Reloaded with trust_remote_code it is the study's in-memory model; `--model DIR` loads it without."""
+    from evaluators.data import make_splits
+    from evaluators.perplexity import perplexity
+    from search.cli import main
+    from search.model.loading import load_model
+    from search.study import run
+
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=10))
+    blocky = [t for t in study.get_trials(states=COMPLETE) if not TrialRecord.of(t).removal.whole_layers_only]
+    # A held-out figure to check against where one was stored (front points), else the most blocks.
+    trial = max(blocky, key=lambda t: ("test_ppl_ratio" in t.user_attrs, len(TrialRecord.of(t).removal.blocks())))
+    removal = TrialRecord.of(trial).removal
+    storage = f"sqlite:///{tmp_path / 'store.db'}"
+    out = tmp_path / "out"
+    code = main(["export", "--study", "tiny", "--storage", storage, "--trial", str(trial.number), "--out", str(out)])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["ok"] and report["trust_remote_code"] and report["kv_cache_match"]
+    assert report["params"] == report["expected_params"] is not None
+    assert report["removed_attention"] == list(removal.attention) and report["removed_mlp"] == list(removal.mlp)
+    if report["expected_test_ppl"] is not None:
+        assert report["ppl_rel_diff"] <= 0.01
+
+    exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(3, 90, (2, 20))
+    settings = StudyRecord.read(study).settings
+    splits = make_splits(load_model(str(tiny_model_dir)).tokenizer, settings.dataset, 256, 128, 32)
+    with torch.no_grad(), removal_applied(original, removal):
+        expected = original(input_ids=ids).logits
+        in_memory_ppl = perplexity(original, splits.test, splits.bos_id)
+        in_memory_params = total_param_count(original)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, expected)
+    assert report["measured_test_ppl"] == pytest.approx(in_memory_ppl, rel=1e-5)
+    assert report["params"] == in_memory_params == total_param_count(exported)
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["removed_layers"] == list(removal.layers) and record["trust_remote_code"] is True
+    assert record.get("removed_attention", []) == list(removal.attention)
+    assert record.get("removed_mlp", []) == list(removal.mlp)
+
+    loaded = load_model(str(out))  # the engine's own path: no trust_remote_code, no code from the directory
+    assert perplexity(loaded.model, splits.test, splits.bos_id) == pytest.approx(in_memory_ppl, rel=1e-5)
+    assert total_param_count(loaded.model) == in_memory_params
+
+
+def test_heal_and_evaluate_still_refuse_a_sublayer_point(tmp_path, tiny_model_dir, corpus):
+    from search.export import check_whole_layers, prune_trial
+    from search.model.removal import Removal
+    from search.study import run
+
+    with pytest.raises(SearchError, match="heal and evaluate of sub-layer points are not supported yet"):
+        check_whole_layers(Removal.of(attention=[2]), 7)
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=4))
+    blocky = next(t for t in study.get_trials(states=COMPLETE) if not TrialRecord.of(t).removal.whole_layers_only)
+    with pytest.raises(SearchError, match="not supported yet"):
+        prune_trial(study, blocky.number)  # how heal and evaluate build a point
+    assert prune_trial(study, blocky.number, blocks=True).removal == TrialRecord.of(blocky).removal
