@@ -29,7 +29,7 @@ from evaluators.cloze import VERSION as CLOZE_VERSION
 from evaluators.cloze import cloze_documents, cloze_task
 from evaluators.data import Splits, make_splits
 from search.errors import SearchError
-from search.export import check_whole_layers, finished_trial, prune_trial
+from search.export import finished_trial, prune_trial
 from search.front import front_report, retained
 from search.model.loading import cache_dir, load_model
 from search.model.numerics import apply_numerics, mixed_precision
@@ -90,8 +90,8 @@ def accuracy_numerics(dtype: str) -> str:
 @dataclass
 class Point:
     trial: int
-    removed_layers: list[int]
-    layers: int
+    removal: Removal
+    layers: int  # decoder layers left (a layer that only loses blocks stays)
     results: dict[str, TaskResult]
     retained: dict[str, float | None] = field(default_factory=dict)
 
@@ -122,7 +122,7 @@ class AccuracyReport:
             "points": [
                 {
                     "trial": p.trial,
-                    "removed_layers": p.removed_layers,
+                    **p.removal.json(),
                     "layers": p.layers,
                     "accuracy": results(p.results),
                     "accuracy_retained": p.retained,
@@ -167,7 +167,7 @@ def evaluate_study(
         points.append(
             Point(
                 trial=number,
-                removed_layers=list(removed.layers),
+                removal=removed,
                 layers=record.baseline.layers - len(removed.layers),
                 results=results,
                 retained={t: retained(r.value, baseline[t].value, r.higher_is_better) for t, r in results.items()},
@@ -183,7 +183,6 @@ def _removed(study: optuna.Study, number: int) -> Removal:
     removed = TrialRecord.of(finished_trial(study, number)).removal
     if not removed:
         raise SearchError(f"trial {number} has no removal set recorded; pick a trial that removed layers")
-    check_whole_layers(removed, number)
     return removed
 
 
@@ -335,11 +334,11 @@ def format_accuracy(report: AccuracyReport) -> str:
         stderr = f" ± {result.stderr:.4f}" if result.stderr is not None else ""
         return f"{result.value:.4f}{stderr}" + (f" ({kept:.0%})" if kept is not None else "")
 
-    header = ["trial", "removed_layers", "layers", *(f"{t} {report.baseline[t].metric}" for t in report.tasks)]
+    header = ["trial", "removed", "layers", *(f"{t} {report.baseline[t].metric}" for t in report.tasks)]
     rows = [["baseline", "(none)", str(report.layers), *(shown(report.baseline[t]) for t in report.tasks)]]
     for p in report.points:
         rows.append(
-            [str(p.trial), " ".join(map(str, p.removed_layers)), str(p.layers)]
+            [str(p.trial), p.removal.describe(), str(p.layers)]
             + [shown(p.results[t], p.retained[t]) for t in report.tasks]
         )
     first = report.baseline[report.tasks[0]]

@@ -149,17 +149,13 @@ def prune_trial(
     out: Path | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
-    blocks: bool = False,
 ) -> Pruned:
-    """Reload the study's model in float32, fold its healing as the study fitted it, remove the layers.
-    `out`: where it will be written, checked before the work (None: kept in memory). `blocks`: a
-    point's lone attention and MLP blocks are skipped for good, as the study measured them (what
-    `write_model` writes in the sub-layer format); without it such a point is refused, because
-    `heal` and `evaluate` build stock models."""
+    """Reload the study's model in float32, fold its healing as the study fitted it, remove the layers
+    and skip the point's lone attention and MLP blocks for good, as the study measured them (what
+    `write_model` writes in the sub-layer format). `out`: where it will be written, checked before the
+    work (None: kept in memory)."""
     trial = finished_trial(study, number)
     record, measured = StudyRecord.read(study), TrialRecord.of(trial)
-    if not blocks:
-        check_whole_layers(measured.removal, number)
     n_layers, removed = record.baseline.layers, list(measured.removed_layers)
     kept = [i for i in range(n_layers) if i not in set(removed)]
     lone = measured.removal.remap({old: new for new, old in enumerate(kept)})  # its blocks on the pruned stack
@@ -183,16 +179,6 @@ def prune_trial(
     if lone:  # refused here, before anything is written
         check_sublayer_exportable(model, skipped_blocks(model))
     return Pruned(model, loaded.tokenizer, trial, record, removed, healing, measured.removal)
-
-
-def check_whole_layers(removal: Removal, number: int) -> None:
-    """`heal` and `evaluate` rebuild a point as a stock model, which a point losing single blocks is not
-    (`export` writes those in the sub-layer format): refused before anything loads."""
-    if not removal.whole_layers_only:
-        raise SearchError(
-            f"trial {number} removes single attention or MLP blocks ({removal.describe()}); heal and evaluate "
-            "of sub-layer points are not supported yet: pick a whole-layer point (export writes this one)"
-        )
 
 
 def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
@@ -220,7 +206,7 @@ def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
 def export_trial(
     study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
 ) -> ExportReport:
-    pruned = prune_trial(study, number, out, device, trust_remote_code, blocks=True)
+    pruned = prune_trial(study, number, out, device, trust_remote_code)
     write_model(pruned.model, pruned.tokenizer, Path(out), pruning_record(study, pruned))
     trial, expected = pruned.trial, expected_test_ppl(pruned.record, pruned.trial)
     del pruned

@@ -33,7 +33,6 @@ from search.errors import SearchError
 from search.export import (
     ExportReport,
     check_out,
-    check_whole_layers,
     finished_trial,
     prune_trial,
     pruning_record,
@@ -43,6 +42,7 @@ from search.export import (
 from search.front import retained
 from search.model.loading import load_model
 from search.model.numerics import apply_numerics, mixed_precision
+from search.model.removal import Removal
 from search.records import StudyRecord, TrialRecord
 from search.tables import table
 
@@ -63,7 +63,9 @@ class Figures:
 class HealReport:
     out: str
     trial: int
-    removed_layers: list[int]
+    removed_layers: list[int]  # whole layers
+    removed_attention: list[int]  # lone blocks (original indices), as in the front
+    removed_mlp: list[int]
     dtype: str  # numerics of fine-tuning and of every figure below
     fitting_tokens: int
     lora: dict
@@ -135,7 +137,7 @@ def heal_trial(
     out = Path(out)
     record = StudyRecord.read(study)
     stored = record.settings
-    check_whole_layers(TrialRecord.of(finished_trial(study, number)).removal, number)  # before minutes of fine-tuning
+    removal = TrialRecord.of(finished_trial(study, number)).removal  # a finished trial, before minutes of work
     tasks = list(dict.fromkeys(accuracy.tasks))
     manager, early = prepare_tasks(accuracy) if tasks else (None, None)
     eval_dataset = eval_dataset or stored.eval_dataset
@@ -198,7 +200,7 @@ def heal_trial(
     return HealReport(
         out=str(out),
         trial=trial.number,
-        removed_layers=report.removed_layers,
+        **removal.json(),
         dtype=dtype,
         fitting_tokens=int(splits.fit.numel()),
         lora=lora,
@@ -209,6 +211,10 @@ def heal_trial(
         seconds=time.perf_counter() - started,
         export=report,
     )
+
+
+def _removal(report: HealReport) -> Removal:
+    return Removal.of(report.removed_layers, report.removed_attention, report.removed_mlp)
 
 
 @dataclass
@@ -265,7 +271,7 @@ def format_heal(report: HealReport) -> str:
     ]
     ratios = report.ratios()
     lines = [
-        f"trial {report.trial}: removed {report.removed_layers}, LoRA rank {report.lora['rank']}, "
+        f"trial {report.trial}: removed {_removal(report).describe()}, LoRA rank {report.lora['rank']}, "
         f"{report.lora['steps']} steps on {report.fitting_tokens} fitting tokens, {report.dtype}, "
         f"{report.seconds:.0f} s in all",
         table(header, cells),

@@ -206,3 +206,28 @@ def test_heal_tasks_score_all_four_models(tmp_path, tiny_model_dir, corpus, caps
     values = {name: measured[name]["accuracy"]["heldout_cloze"]["value"] for name in measured}
     expected = f"{values['after'] / values['unpruned']:.1%} after" if values["unpruned"] else "- after"
     assert expected in out
+
+
+def test_evaluate_measures_a_sublayer_point_with_its_blocks_skipped(
+    tmp_path, tiny_model_dir, corpus, capsys, monkeypatch
+):
+    from search.model.sublayer_export import skipped_blocks
+    from search.records import TrialRecord
+
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=6))
+    trial = next(t for t in study.get_trials(states=COMPLETE) if not TrialRecord.of(t).removal.whole_layers_only)
+    removal = TrialRecord.of(trial).removal
+    seen = []
+    real = search.accuracy.run_tasks
+    monkeypatch.setattr(
+        search.accuracy, "run_tasks", lambda model, *a, **k: seen.append(skipped_blocks(model)) or real(model, *a, **k)
+    )
+    capsys.readouterr()
+    args = ["evaluate", *_flags(tmp_path), "--trial", str(trial.number), "--limit", "4"]
+    assert main([*args, "--format", "json"]) == 0
+    point = json.loads(capsys.readouterr().out)["points"][0]
+    assert (point["removed_attention"], point["removed_mlp"]) == (list(removal.attention), list(removal.mlp))
+    assert point["layers"] == 6 - len(removal.layers)
+    kept = [i for i in range(6) if i not in removal.layers]
+    assert seen == [type(removal)(), removal.remap({old: new for new, old in enumerate(kept)})]  # baseline, point
+    assert main(args) == 0 and removal.describe() in capsys.readouterr().out

@@ -258,17 +258,3 @@ def test_a_sublayer_point_exports_with_its_modeling_file_and_verifies(tmp_path, 
     loaded = load_model(str(out))  # the engine's own path: no trust_remote_code, no code from the directory
     assert perplexity(loaded.model, splits.test, splits.bos_id) == pytest.approx(in_memory_ppl, rel=1e-5)
     assert total_param_count(loaded.model) == in_memory_params
-
-
-def test_heal_and_evaluate_still_refuse_a_sublayer_point(tmp_path, tiny_model_dir, corpus):
-    from search.export import check_whole_layers, prune_trial
-    from search.model.removal import Removal
-    from search.study import run
-
-    with pytest.raises(SearchError, match="heal and evaluate of sub-layer points are not supported yet"):
-        check_whole_layers(Removal.of(attention=[2]), 7)
-    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=4))
-    blocky = next(t for t in study.get_trials(states=COMPLETE) if not TrialRecord.of(t).removal.whole_layers_only)
-    with pytest.raises(SearchError, match="not supported yet"):
-        prune_trial(study, blocky.number)  # how heal and evaluate build a point
-    assert prune_trial(study, blocky.number, blocks=True).removal == TrialRecord.of(blocky).removal

@@ -121,3 +121,27 @@ def test_heal_refuses_a_missing_trial_before_any_work(tmp_path, tiny_model_dir, 
     with pytest.raises(SearchError, match="no trial 999"):
         heal_trial(study, 999, tmp_path / "out", FAST)
     assert not windows_seen and not (tmp_path / "out").exists()
+
+
+def test_heal_of_a_sublayer_point_writes_a_verified_sublayer_export(tmp_path, tiny_model_dir, corpus):
+    """LoRA adapts the kept blocks only (a skipped block has no projection to adapt) and the merged model
+    is written in the sub-layer format, reloaded with its modeling file and verified."""
+    from search.model.removal import Removal
+    from search.records import TrialRecord
+    from search.study import run
+
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=8))
+    blocky = [t for t in study.get_trials(states=COMPLETE) if not TrialRecord.of(t).removal.whole_layers_only]
+    trial = max(blocky, key=lambda t: ("test_ppl_ratio" in t.user_attrs, len(TrialRecord.of(t).removal.blocks())))
+    removal = TrialRecord.of(trial).removal
+    report = heal_trial(study, trial.number, tmp_path / "out", FAST, tokens=512, reference=False)
+    assert report.export.ok and report.export.trust_remote_code and report.export.kv_cache_match
+    assert report.export.params == report.export.expected_params
+    assert Removal.of(report.removed_layers, report.removed_attention, report.removed_mlp) == removal
+    if "test_ppl_ratio" in trial.user_attrs:  # before LoRA the model is the trial's own
+        assert report.ratios()["test_ppl_ratio_before"] == pytest.approx(trial.user_attrs["test_ppl_ratio"], rel=1e-3)
+    assert report.after.test_ppl != report.before.test_ppl
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert len(exported.config.removed_attention) == len(removal.attention)  # on the exported stack's indices
+    record = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert record["trust_remote_code"] and record["lora"]["measured"]["after"]["test_ppl"] == report.after.test_ppl

@@ -15,14 +15,21 @@ from evaluators.sensitivity import block_similarity
 from search import space
 from search.caching import CachingEvaluator
 from search.errors import SearchError
-from search.export import prune_trial
+from search.export import expected_params, prune_trial
 from search.front import format_csv, front_report
 from search.methods import choose, measure
 from search.model.architectures import architecture_of
 from search.model.numerics import apply_numerics
 from search.model.removal import Removal
-from search.model.surgery import block_param_counts, decoder_layers, layer_param_counts, removal_applied
-from search.records import COMPLETE, TrialRecord
+from search.model.sublayer_export import skipped_blocks
+from search.model.surgery import (
+    block_param_counts,
+    decoder_layers,
+    layer_param_counts,
+    removal_applied,
+    total_param_count,
+)
+from search.records import COMPLETE, StudyRecord, TrialRecord
 from search.sampler import RemovalSetSampler, removal_set
 from search.seeding.greedy import Stage, seed_sets, staged_greedy
 from search.seeding.seed import attention_drop_seeds, layer_seeds, sublayer_seeds
@@ -188,8 +195,12 @@ def test_a_sublayer_study_searches_blocks(tmp_path, tiny_model_dir, corpus):
     evaluator.baseline()
     blocky = next(t for t in done if TrialRecord.of(t).removal.attention or TrialRecord.of(t).removal.mlp)
     assert math.isclose(evaluator.calib_ratio(TrialRecord.of(blocky).removal), blocky.values[0], rel_tol=1e-6)
-    with pytest.raises(SearchError, match="sub-layer points are not supported yet"):
-        prune_trial(study, blocky.number)  # export, heal and evaluate build points this way: refused first
+    # Export, heal and evaluate build a point this way: the same blocks skipped for good, the same size.
+    pruned = prune_trial(study, blocky.number)
+    removal = TrialRecord.of(blocky).removal
+    kept = [i for i in range(6) if i not in removal.layers]
+    assert skipped_blocks(pruned.model) == removal.remap({old: new for new, old in enumerate(kept)})
+    assert total_param_count(pruned.model) == expected_params(StudyRecord.read(study), blocky)
     again = run(config)  # a resume reads the study back
     assert len(again.get_trials(states=COMPLETE)) == len(done)
 
