@@ -3,8 +3,8 @@
     python benchmarks/sublayer.py --json > benchmarks/results/sublayer.json
     python benchmarks/sublayer.py --budgets 12% --render benchmarks/results/sublayer.json   # README table
 
-Per budget (default 12 % and 25 %), on the default model and corpus (or --model/--dataset), with the
-Wikipedia sample as the second domain:
+Per budget (default 12 % and 25 %) and healing (default unhealed and `--heal linear`), on the default
+model and corpus (or --model/--dataset), with the Wikipedia sample as the second domain:
 1. the whole-layer study (`run --budget B`), and the sub-layer study (`run --budget B --granularity
    sublayer --trials N`), each on a fresh store; their fronts with held-out and second-domain ratios;
 2. block-level staged greedy (BlockPruner's rule, `method block_greedy`) and attention-only removal
@@ -15,7 +15,8 @@ Wikipedia sample as the second domain:
 
 The comparisons are in the JSON: for each whole-layer front point, the sub-layer front point (and,
 separately, any sub-layer trial with a held-out figure) with at least its parameter reduction and
-the best calibration ratio; for each block-method point, the same against the sub-layer front.
+the best calibration ratio; for each block-method point, the same against the sub-layer front and
+trials.
 """
 
 from __future__ import annotations
@@ -136,16 +137,17 @@ def compare(rows: list[dict], against: list[dict], calib_key: str) -> list[dict]
     return out
 
 
-def benchmark(budget: float, args, scratch: Path, say) -> dict:
+def benchmark(budget: float, heal: str, args, scratch: Path, say) -> dict:
     base = dict(
         budget=budget,
+        heal=heal,
         eval_dataset=SECOND,
         dtype=args.dtype,
         model=args.model or RunConfig().model,
         dataset=args.dataset,
         latency_repeats=args.latency_repeats,
     )
-    tag = f"b{round(budget * 100)}"
+    tag = f"b{round(budget * 100)}" + ("" if heal == "none" else f"-{heal}")
     layer = RunConfig(**base, study=f"layer-{tag}", storage=f"sqlite:///{scratch}/layer-{tag}.db")
     sub = RunConfig(
         **base,
@@ -165,20 +167,28 @@ def benchmark(budget: float, args, scratch: Path, say) -> dict:
         row["ppl_ratio"] = row["calib_ppl_ratio"]
     return {
         "budget": budget,
+        "heal": heal,
         "whole_layer": {"front": layer_front, **layer_about},
         "sublayer": {"front": sub_front, **sub_about},
         "methods": methods,
         "layer_front_vs_sublayer": compare(layer_front, sub_front, "ppl_ratio"),
         "layer_front_vs_sublayer_trials": compare(layer_front, sub_about["measured"], "ppl_ratio"),
         "methods_vs_sublayer": compare(methods, sub_front, "calib_ppl_ratio"),
+        "methods_vs_sublayer_trials": compare(methods, sub_about["measured"], "calib_ppl_ratio"),
     }
+
+
+def _healing(block: dict) -> str:
+    heal = block.get("heal", "none")
+    return "unhealed" if heal == "none" else f"--heal {heal}"
 
 
 def render(results: dict) -> str:
     lines = []
     for block in results["budgets"]:
         lines.append(
-            f"\n**Budget {block['budget']:.0%}** (whole-layer study {block['whole_layer']['seconds']:.0f} s, "
+            f"\n**Budget {block['budget']:.0%}, {_healing(block)}** "
+            f"(whole-layer study {block['whole_layer']['seconds']:.0f} s, "
             f"sub-layer study {block['sublayer']['seconds']:.0f} s, {block['sublayer']['trials']} trials)\n"
         )
         lines.append("| method | removed | params | calib | held-out | wiki | latency 128 | latency long | KV |")
@@ -201,6 +211,7 @@ def render(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="12%,25%", help="comma-separated budgets (default: 12%%,25%%)")
+    parser.add_argument("--heals", default="none,linear", help="comma-separated --heal values (default: none,linear)")
     parser.add_argument("--trials", type=int, default=96, help="trials of each sub-layer study (default: 96)")
     parser.add_argument("--long-tokens", type=int, default=2048, help="context of the long timing (default: 2048)")
     parser.add_argument("--latency-repeats", type=int, default=30, help="timed rounds per shape at 128 tokens")
@@ -220,7 +231,11 @@ def main() -> None:
         print(text, file=sys.stderr, flush=True)
 
     with TemporaryDirectory() as scratch:
-        blocks = [benchmark(parse_budget(b), args, Path(scratch), say) for b in args.budgets.split(",")]
+        blocks = [
+            benchmark(parse_budget(b), heal, args, Path(scratch), say)
+            for b in args.budgets.split(",")
+            for heal in args.heals.split(",")
+        ]
     results = {"long_tokens": args.long_tokens, "budgets": blocks}
     print(json.dumps(results, indent=2) if args.json else render(results))
 

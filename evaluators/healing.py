@@ -1,11 +1,15 @@
-"""Linear healing: replace each removed run of layers by one linear map, folded into a kept weight.
+"""Linear healing: replace each removed run of blocks by one linear map, folded into a kept weight.
 
-For a maximal run of removed layers i..j, the kept layer p = i-1 ends by adding its MLP output M
-to the residual stream. Healing fits A so that the pruned model's residual after layer p,
-out_p + M·A, matches what the unpruned model carried after layer j, and folds the map into the
-MLP's output projection: M·(I + A) is that projection with its weight multiplied by (I + A). The
-healed model keeps its architecture and parameter count, so stock `transformers` loads it (the
-idea of ReplaceMe, Shopkhoev et al. 2025).
+The residual stream passes through 2L blocks, attention then MLP per layer: block 2l is layer l's
+attention, 2l+1 its MLP, and boundary x is the stream entering block x (2l: layer l's input, 2L:
+the stack's output). A removal (whole layers, lone attention and MLP blocks) is a set of blocks;
+for a maximal run of removed blocks i..j, the kept block p = i-1 ends by adding its output M to the
+stream. Healing fits A so that the pruned model's stream after block p, S_p+1 + M·A, matches what
+the unpruned model carried at boundary j+1, and folds the map into the block's output projection
+(the MLP's down projection, or attention's output projection): M·(I + A) is that projection with
+its weight multiplied by (I + A). A run of whole layers is the runs of ReplaceMe (Shopkhoev et al.
+2025): the preceding layer's MLP maps onto the stream after the run. The healed model keeps its
+architecture and parameter count, so stock `transformers` loads it.
 
 The fit is least squares with a ridge on A: it shrinks towards leaving the model unhealed (A = 0),
 never towards deleting the MLP. Windows: the fitting windows are their own tokens, taken from the
@@ -20,9 +24,10 @@ is progressive: it starts after the previous run, fed the state its fit left (th
 plus the previous map's output, read back from scratch files on disk, evaluators/scratch.py), and
 runs only the kept layers up to the next run, not the stack from the first changed layer again.
 
-A run that starts at layer 0 has no preceding MLP and stays unhealed (reported, never faked). A
-family whose MLP output passes through a norm before the residual add cannot fold a map exactly:
-`fold_reason` names it and the caller refuses.
+A run that starts at block 0 has no preceding block and stays unhealed (reported, never faked). A
+family whose block outputs pass through a norm before the residual add cannot fold a map exactly:
+`fold_reason` names it and the caller refuses. Whole-layer removals only ever need MLP outputs and
+layer boundaries (`blocks=False`: what is summed and kept on disk is what it was before blocks).
 """
 
 from __future__ import annotations
@@ -43,40 +48,63 @@ from evaluators.perplexity import window_batches
 from evaluators.scratch import Scratch
 from search.model.architectures import architecture_of
 from search.model.numerics import mixed_precision
-from search.model.surgery import decoder_layers, layers_removed
+from search.model.removal import Removal
+from search.model.surgery import decoder_layers, removal_applied
 
 DEFAULT_RIDGE = 1e-2  # relative to the mean diagonal of M^T M
 CAPTURES = 16  # captures kept per fitting set (on disk, two batches' worth of tensors per fitting batch each)
 
 
-def runs(removed: Sequence[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive removed layers, as (first, last)."""
+def attention_block(layer: int) -> int:
+    return 2 * layer
+
+
+def mlp_block(layer: int) -> int:
+    return 2 * layer + 1
+
+
+def removed_blocks(removal: Removal) -> list[int]:
+    """The removal's blocks in stream order (a whole layer is both of its blocks)."""
+    return sorted(attention_block(i) if kind == "attn" else mlp_block(i) for i, kind in removal.blocks())
+
+
+def runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive removed blocks, as (first, last)."""
     found: list[tuple[int, int]] = []
-    for layer in sorted(set(removed)):
-        if found and found[-1][1] == layer - 1:
-            found[-1] = (found[-1][0], layer)
+    for block in sorted(set(blocks)):
+        if found and found[-1][1] == block - 1:
+            found[-1] = (found[-1][0], block)
         else:
-            found.append((layer, layer))
+            found.append((block, block))
     return found
 
 
-def unreachable_runs(removed: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """Runs no preceding MLP can heal: the one starting at layer 0."""
-    return tuple(run for run in runs(removed) if run[0] == 0)
+def _layer_span(run: tuple[int, int]) -> tuple[int, int]:
+    return run[0] // 2, run[1] // 2
 
 
-def fold_reason(model: nn.Module) -> str:
-    """Why this family cannot be healed by folding ("" when it can)."""
+def unreachable_runs(removal: Removal) -> tuple[tuple[int, int], ...]:
+    """The run no preceding block can heal (the one starting at block 0), as the layers it spans."""
+    return tuple(_layer_span(run) for run in runs(removed_blocks(removal)) if run[0] == 0)
+
+
+def fold_reason(model: nn.Module, blocks: bool = False) -> str:
+    """Why this family cannot be healed by folding ("" when it can); `blocks`: runs that may end at an
+    attention block too, whose map folds into attention's output projection."""
     arch = architecture_of(model)
-    return "" if arch.mlp_output else f"{arch.name}: {arch.no_fold}"
+    if arch.mlp_output is None or (blocks and arch.attention_output is None):
+        return f"{arch.name}: {arch.no_fold}"
+    return ""
 
 
-def output_projection(model: nn.Module, layer: int) -> nn.Module:
-    """The module whose output layer `layer` adds to the residual stream last (its MLP's down projection)."""
-    path = architecture_of(model).mlp_output
+def output_projection(model: nn.Module, block: int) -> nn.Module:
+    """The module whose output `block` adds to the residual stream last: its MLP's down projection, or
+    attention's output projection."""
+    arch = architecture_of(model)
+    path = arch.mlp_output if block % 2 else arch.attention_output
     if path is None:
-        raise ValueError(fold_reason(model))
-    module = decoder_layers(model)[layer]
+        raise ValueError(fold_reason(model, blocks=True))
+    module = decoder_layers(model)[block // 2]
     for name in path.split("."):
         module = getattr(module, name)
     return module
@@ -84,7 +112,8 @@ def output_projection(model: nn.Module, layer: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class Healing:
-    """The maps of one removal set: preceding layer -> A, and the runs left unhealed (they start at 0)."""
+    """The maps of one removal set: preceding block -> A, and the run left unhealed (it starts at block
+    0; as the layers it spans)."""
 
     maps: dict[int, torch.Tensor]
     unhealed: tuple[tuple[int, int], ...] = ()
@@ -92,7 +121,13 @@ class Healing:
     @property
     def first_changed(self) -> int | None:
         """The first layer whose weights healing changes: a prefix must start at or before it."""
-        return min(self.maps, default=None)
+        return min(self.maps) // 2 if self.maps else None
+
+    def folded_into(self) -> dict[str, str]:
+        """For pruning.json: layer -> the projection its map is folded into (one per layer at most: a map
+        on attention means its MLP was removed)."""
+        kind = {0: "attention", 1: "MLP"}
+        return {str(b // 2): f"layer {b // 2} {kind[b % 2]} output projection" for b in sorted(self.maps)}
 
 
 def _fold(module: nn.Module, mix: torch.Tensor) -> None:
@@ -114,8 +149,8 @@ def healed(model: nn.Module, healing: Healing) -> Iterator[nn.Module]:
     """Run the block with the maps folded in (into the unpruned stack's indices); restores the weights."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its value before folding)
     try:
-        for layer, delta in healing.maps.items():
-            module = output_projection(model, layer)
+        for block, delta in healing.maps.items():
+            module = output_projection(model, block)
             parameters: list[Any] = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
             saved += [(p, p.detach().clone()) for p in parameters]
             _fold(module, _mix(delta))
@@ -128,8 +163,8 @@ def healed(model: nn.Module, healing: Healing) -> Iterator[nn.Module]:
 
 def fold_permanently(model: nn.Module, healing: Healing) -> None:
     """Fold the maps for good (export): the weights stay healed."""
-    for layer, delta in healing.maps.items():
-        _fold(output_projection(model, layer), _mix(delta))
+    for block, delta in healing.maps.items():
+        _fold(output_projection(model, block), _mix(delta))
 
 
 def _mix(delta: torch.Tensor) -> torch.Tensor:
@@ -163,26 +198,32 @@ def _add(sums: dict, key: Any, value: torch.Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value
 
 
-Pair = tuple[int, int]  # (p, b): the MLP output of layer p against the residual stream entering layer b
+Pair = tuple[int, int]  # (p, b): the output of block p against the residual stream at boundary b
 
 
-def run_pairs(removed: Sequence[int]) -> set[Pair]:
-    """The statistics a fit of `removed` reads: (p, b) for each healable run i..j, p = i-1, b = j+1."""
-    return {(first - 1, last + 1) for first, last in runs(removed) if first > 0}
+def run_pairs(removal: Removal) -> set[Pair]:
+    """The statistics a fit of `removal` reads: (p, b) for each healable run i..j, p = i-1, b = j+1."""
+    return {(first - 1, last + 1) for first, last in runs(removed_blocks(removal)) if first > 0}
 
 
-def all_pairs(n_layers: int, max_run: int) -> set[Pair]:
-    """Every (p, b) a run of at most `max_run` layers can need (b = n_layers: the stack's output)."""
-    return {(p, p + 1 + k) for p in range(n_layers - 1) for k in range(1, max_run + 1) if p + 1 + k <= n_layers}
+def all_pairs(n_layers: int, max_run: int, blocks: bool = False) -> set[Pair]:
+    """Every (p, b) a run of at most `max_run` whole layers can need (b = 2 n_layers: the stack's output);
+    with `blocks`, every run of at most 2 `max_run` + 1 blocks after any block."""
+    end = 2 * n_layers
+    if not blocks:
+        layers = [(p, p + 1 + k) for p in range(n_layers - 1) for k in range(1, max_run + 1)]
+        return {(mlp_block(p), 2 * b) for p, b in layers if b <= n_layers}
+    return {(p, p + 1 + k) for p in range(end - 1) for k in range(1, 2 * max_run + 2) if p + 1 + k <= end}
 
 
 @dataclass
 class FitStats:
     """What the maps are solved from, over the fitting windows (the held-out windows never enter):
-    for the unpruned stack, Σ MᵀM of layer p's MLP output (`gram`) and Σ Mᵀ(S_b - S_p+1), S_x the
-    residual stream entering layer x (`cross`), in float64, O(d²) each whatever the number of tokens;
-    and, for sequential fits, every layer's input and MLP output per batch on disk (`states`: keys
-    "s<x>" and "m<p>"), read back one batch at a time."""
+    for the unpruned stack, Σ MᵀM of block p's output (`gram`) and Σ Mᵀ(S_b - S_p+1), S_x the
+    residual stream at boundary x (`cross`), in float64, O(d²) each whatever the number of tokens;
+    and, for sequential fits, the stream at every boundary and every block's output a fit can start
+    from, per batch on disk (`states`: keys "s<x>" and "m<p>"), read back one batch at a time: layer
+    boundaries and MLP outputs, and with `blocks` the mid-layer boundaries and attention outputs too."""
 
     windows: torch.Tensor
     bos_id: int | None
@@ -191,6 +232,7 @@ class FitStats:
     gram: dict[int, torch.Tensor]
     cross: dict[Pair, torch.Tensor]
     states: Scratch | None = None
+    blocks: bool = False
     # (ridge, runs before a layer, that layer) -> its capture on the model healed that far: sets sharing those
     # runs (a greedy stage's candidates, a sampler's neighbours) continue from it instead of running again.
     captures: OrderedDict[tuple, _Capture] = field(default_factory=OrderedDict, repr=False)
@@ -218,59 +260,71 @@ def collect_fit_stats(
     batch_size: int,
     pairs: set[Pair],
     keep_states: bool = True,
+    blocks: bool = False,
 ) -> FitStats:
     """One pass of the unpruned stack (no LM head) over the fitting windows, summing the statistics of
-    `pairs` and, with `keep_states`, writing every layer's input and MLP output to scratch files (what
-    sequential fits of later runs start from). Held in memory: the current batch's MLP outputs and
+    `pairs` and, with `keep_states`, writing the stream at each boundary and each block's output to
+    scratch files (what sequential fits of later runs start from; `blocks`: the mid-layer ones too,
+    which runs of lone blocks start from). Held in memory: the current batch's block outputs and
     residual states that a later boundary of the same batch still needs, nothing across batches."""
     prepare(model)  # before the hooks: the fused-head probe runs a batch of its own
     layers = decoder_layers(model)
     n = len(layers)
-    stats = FitStats(windows, bos_id, batch_size, 0, {}, {}, Scratch() if keep_states else None)
+    blocks = blocks or any(p % 2 == 0 or b % 2 for p, b in pairs)
+    stats = FitStats(windows, bos_id, batch_size, 0, {}, {}, Scratch() if keep_states else None, blocks)
     # On disk in the dtype the layers compute in (bf16 under bf16-mixed: half the bytes to write and read
     # back; measured to move healed ratios by at most 0.001), read back into the residual stream's dtype.
     weights = next(model.parameters()).dtype
     stored = mixed_precision(model) or weights
-    sources = set(range(n)) if keep_states else {p for p, _ in pairs}
+    every = range(2 * n) if blocks else [mlp_block(i) for i in range(n)]
+    sources = set(every) if keep_states else {p for p, _ in pairs}
     targets: dict[int, list[int]] = {}  # b -> the p paired with it
     for p, b in sorted(pairs):
         targets.setdefault(b, []).append(p)
-    top = n if keep_states else max((b for _, b in pairs), default=0)
-    mlp: dict[int, torch.Tensor] = {}  # this batch: p -> M_p
+    top = 2 * n if keep_states else max((b for _, b in pairs), default=0)
+    outputs: dict[int, torch.Tensor] = {}  # this batch: p -> M_p
     after: dict[int, torch.Tensor] = {}  # this batch: p -> S_p+1
     batch = [0]
 
     def boundary(x: int, state: torch.Tensor) -> None:
-        """The residual stream entering layer x (x = n: the stack's output) of the current batch."""
+        """The residual stream at boundary x (x = 2n: the stack's output) of the current batch."""
         if stats.states is not None:
             stats.states.put(f"s{x}", batch[0], state.to(stored))
-        if x - 1 in mlp:
+        if x - 1 in outputs:
             after[x - 1] = state
         for p in targets.get(x, ()):
-            _add(stats.cross, (p, x), _product(mlp[p], state - after[p]))
+            _add(stats.cross, (p, x), _product(outputs[p], state - after[p]))
         if x >= top:
             raise _Stop
 
     def keep_input(module, args, kwargs, index=0):
         boundary(index, _input(args, kwargs).detach())
 
-    def keep_mlp(module, args, output, index=0):
+    def keep_output(module, args, output, index=0):
         m = _output(output).detach()
         if stats.states is not None:
             stats.states.put(f"m{index}", batch[0], m)
         if index in pairs_from:
             _add(stats.gram, index, _product(m, m))
-            mlp[index] = m
+            outputs[index] = m
 
     def keep_last(module, args, output):
-        boundary(n, _output(output).detach())
+        boundary(2 * n, _output(output).detach())
 
     pairs_from = {p for p, _ in pairs}
     handles = [
-        layer.register_forward_pre_hook(partial(keep_input, index=i), with_kwargs=True)
+        layer.register_forward_pre_hook(partial(keep_input, index=attention_block(i)), with_kwargs=True)
         for i, layer in enumerate(layers)
     ]
-    handles += [output_projection(model, p).register_forward_hook(partial(keep_mlp, index=p)) for p in sorted(sources)]
+    if blocks:  # the MLP block's first module (its norm) reads the stream between the two blocks
+        first = architecture_of(model).mlp_block[0]
+        handles += [
+            getattr(layer, first).register_forward_pre_hook(partial(keep_input, index=mlp_block(i)), with_kwargs=True)
+            for i, layer in enumerate(layers)
+        ]
+    handles += [
+        output_projection(model, p).register_forward_hook(partial(keep_output, index=p)) for p in sorted(sources)
+    ]
     handles.append(layers[n - 1].register_forward_hook(keep_last))
     causal_lm: Any = model
     try:
@@ -285,7 +339,7 @@ def collect_fit_stats(
                 except _Stop:
                     pass
                 finally:
-                    mlp.clear()
+                    outputs.clear()
                     after.clear()
                 stats.tokens += inputs.shape[0] * (inputs.shape[1] - 1)
     except BaseException:
@@ -301,7 +355,7 @@ def add_pairs(model: nn.Module, stats: FitStats, pairs: set[Pair]) -> None:
     """Sum the statistics of `pairs` the first pass did not (a run longer than it was told to expect)."""
     missing = {pair for pair in pairs if pair not in stats.cross}
     if missing:
-        more = collect_fit_stats(model, stats.windows, stats.bos_id, stats.batch_size, missing, keep_states=False)
+        more = collect_fit_stats(model, stats.windows, stats.bos_id, stats.batch_size, missing, False, stats.blocks)
         stats.cross.update(more.cross)
         for p, gram in more.gram.items():
             stats.gram.setdefault(p, gram)
@@ -309,9 +363,9 @@ def add_pairs(model: nn.Module, stats: FitStats, pairs: set[Pair]) -> None:
 
 @dataclass
 class _Capture:
-    """One kept layer's MLP output and output on every fitting window (per batch, on disk), in the model
-    pruned and healed up to it, and the sums fits read from them: whatever run follows that layer, its
-    map is a solve from here, and the run after it continues from here."""
+    """One kept block's output and the stream after it on every fitting window (per batch, on disk), in
+    the model pruned and healed up to it, and the sums fits read from them: whatever run follows that
+    block, its map is a solve from here, and the run after it continues from here."""
 
     scratch: Scratch  # "m", "out" per batch
     gram: torch.Tensor  # Σ M'ᵀM'
@@ -325,14 +379,19 @@ class _Capture:
 def _capture(
     model: nn.Module,
     stats: FitStats,
-    removed: Sequence[int],
+    removal: Removal,
     start: int,
     feed: Callable[[int], torch.Tensor],
-    layer: int,
+    block: int,
 ) -> _Capture:
-    """Run the pruned model healed so far from kept layer `start` (fed `feed(batch)`, the state the
-    previous run's fit left) to `layer` over the fitting windows, keeping that layer's MLP output and
-    output."""
+    """Run the pruned model healed so far from kept block `start` (fed `feed(batch)`, the state the
+    previous run's fit left) to `block` over the fitting windows, keeping that block's output and the
+    stream after it.
+
+    In layers: from `start`'s layer to `block`'s. Where `start` is an MLP, its layer's attention ended the
+    previous run, so it is skipped and the layer's input is the stream entering the MLP; where `block` is
+    an attention block, its MLP begins the run that follows, so it is skipped and the layer's output is
+    the stream after the attention."""
     device = next(model.parameters()).device
     captured: dict[str, torch.Tensor] = {}
     current: list[torch.Tensor] = []
@@ -351,11 +410,12 @@ def _capture(
         raise _Stop
 
     causal_lm: Any = model
-    projection, layer_module = output_projection(model, layer), decoder_layers(model)[layer]
+    projection, layer_module = output_projection(model, block), decoder_layers(model)[block // 2]
+    before = Removal.of([*range(start // 2), *removal.layers], removal.attention, removal.mlp)
     found = _Capture(Scratch(), torch.zeros(()), {})
     gram: torch.Tensor | None = None
     try:
-        with layers_removed(model, sorted(set(range(start)) | set(removed))):
+        with removal_applied(model, before):
             handles = [
                 decoder_layers(model)[0].register_forward_pre_hook(feed_hook, with_kwargs=True),
                 projection.register_forward_hook(keep_mlp),
@@ -408,26 +468,27 @@ def solve(mm: torch.Tensor, my: torch.Tensor, ridge: float) -> torch.Tensor:
 
 
 def _healed_state(out: torch.Tensor, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """A kept layer's output with its MLP output mapped by (I + delta): out + M·delta."""
+    """The stream after a kept block with that block's output mapped by (I + delta): out + M·delta."""
     return out + (m.to(out.dtype) @ delta.to(out.dtype))
 
 
 def fit_healing(
     model: nn.Module,
     stats: FitStats,
-    removed: Sequence[int],
+    removal: Removal,
     ridge: float = DEFAULT_RIDGE,
     sequential: bool = True,
 ) -> Healing:
-    """One map per removed run (see the module docstring); the model is left as it was.
+    """One map per removed run of blocks (see the module docstring); the model is left as it was.
 
-    The first healable run sees the unpruned model up to its preceding layer, so its map comes from the
+    The first healable run sees the unpruned model up to its preceding block, so its map comes from the
     streamed sums alone. With `sequential`, run r+1 is fitted on the model pruned and healed up to run
-    r: one pass over the fitting windows through the kept layers between the two runs, fed the state
-    after run r (its preceding layer's output plus its mapped MLP output: the unpruned states on disk
-    after the first run, the previous pass's after later ones)."""
-    removed = sorted(set(removed))
-    add_pairs(model, stats, run_pairs(removed))
+    r: one pass over the fitting windows through the kept blocks between the two runs, fed the state
+    after run r (the stream after its preceding block plus that block's mapped output: the unpruned
+    states on disk after the first run, the previous pass's after later ones)."""
+    if not removal.whole_layers_only and sequential and not stats.blocks:
+        raise ValueError("runs of lone blocks start mid-layer: collect_fit_stats(blocks=True)")
+    add_pairs(model, stats, run_pairs(removal))
     device, residual = next(model.parameters()).device, next(model.parameters()).dtype
     states = stats.states
     if sequential and states is None:
@@ -435,26 +496,26 @@ def fit_healing(
     maps: dict[int, torch.Tensor] = {}
     unhealed: list[tuple[int, int]] = []
     state: Callable[[int], torch.Tensor] | None = None  # batch -> the stream after the last run; None: unchanged
-    end = 0  # the last layer of the previous run
-    found = runs(removed)
+    end = 0  # the last block of the previous run
+    found = runs(removed_blocks(removal))
     for number, (first, last) in enumerate(found):
-        layer, target = first - 1, last + 1
+        block, target = first - 1, last + 1  # the kept block before the run, the boundary after it
         if first == 0:
-            unhealed.append((first, last))
+            unhealed.append(_layer_span((first, last)))
             if states is not None:
                 state = partial(_state, states, "s0", None, None, device, residual)  # from the embedding
         elif not sequential or state is None:  # nothing before it changed: the unpruned sums are its own
-            maps[layer] = solve(stats.gram[layer], stats.cross[(layer, target)], ridge)
+            maps[block] = solve(stats.gram[block], stats.cross[(block, target)], ridge)
             if states is not None:
-                state = partial(_state, states, f"s{first}", f"m{layer}", maps[layer], device, residual)
+                state = partial(_state, states, f"s{first}", f"m{block}", maps[block], device, residual)
         else:
-            key = (ridge, tuple(found[:number]), layer)  # what the model up to `layer` is: the runs before it
+            key = (ridge, tuple(found[:number]), block)  # what the model up to `block` is: the runs before it
             capture = stats.captures.get(key)
             if capture is None:
-                capture = stats.captures[key] = _capture(model, stats, removed, end + 1, state, layer)
+                capture = stats.captures[key] = _capture(model, stats, removal, end + 1, state, block)
             stats.captures.move_to_end(key)
-            maps[layer] = solve(capture.gram, _cross(stats, capture, target, device), ridge)
-            state = partial(_state, capture.scratch, "out", "m", maps[layer], device, residual)
+            maps[block] = solve(capture.gram, _cross(stats, capture, target, device), ridge)
+            state = partial(_state, capture.scratch, "out", "m", maps[block], device, residual)
         end = last
     while len(stats.captures) > CAPTURES:  # after the fit: a capture in use is never closed under it
         stats.captures.pop(next(iter(stats.captures))).close()
@@ -470,8 +531,8 @@ def _state(
     dtype: torch.dtype,
     index: int,
 ) -> torch.Tensor:
-    """Batch `index` of a stored stream in the residual's `dtype`, with the mapped MLP output added when a
-    run was healed there."""
+    """Batch `index` of a stored stream in the residual's `dtype`, with the mapped block output added when
+    a run was healed there."""
     stream = scratch.get(out, index, device).to(dtype)
     if mlp is None or delta is None:
         return stream

@@ -55,6 +55,11 @@ class Evaluator:
     def n_layers(self) -> int:
         return len(self.layer_kinds)
 
+    @property
+    def blocks(self) -> bool:
+        """A sub-layer space: sets remove lone blocks, and healing runs may start or end mid-layer."""
+        return self.block_kinds is not None
+
     def windows(self, split: str) -> torch.Tensor:
         if split == "sensitivity":
             return self.sensitivity_windows(self.sensitivity_tokens)
@@ -90,8 +95,6 @@ class Evaluator:
             fit = HEALINGS[self.heal]
             if fit is None:
                 return Healing({})
-            if not removal.whole_layers_only:
-                raise ValueError(f"linear healing fits runs of whole layers; {removal} removes single blocks")
             if self._fit is None or (sequential and self._fit.states is None):
                 if self.splits.fit is None:
                     raise ValueError("healing needs fitting windows (make_splits(fit_tokens=...))")
@@ -102,12 +105,13 @@ class Evaluator:
                     self.splits.fit,
                     self.splits.bos_id,
                     self.batch_size,
-                    all_pairs(len(decoder_layers(self.model)), self.max_run),
+                    all_pairs(len(decoder_layers(self.model)), self.max_run, self.blocks),
                     keep_states=sequential or self.sequential,
+                    blocks=self.blocks,
                 )
             if len(self._healings) >= 64:
                 self._healings.pop(next(iter(self._healings)))
-            self._healings[key] = fit(self.model, self._fit, removal.layers, self.ridge, sequential)
+            self._healings[key] = fit(self.model, self._fit, removal, self.ridge, sequential)
         return self._healings[key]
 
     def clear_fits(self) -> None:

@@ -173,7 +173,7 @@ def prune_trial(
         raise SearchError(
             "this GPT-2 config scales attention by layer index; a pruned copy would not reload identically"
         )
-    healing = _heal(model, loaded.tokenizer, record, removed)
+    healing = _heal(model, loaded.tokenizer, record, measured.removal)
     remove_layers(model, removed)
     skip_blocks(model, lone.attention, lone.mlp)
     if lone:  # refused here, before anything is written
@@ -213,13 +213,14 @@ def export_trial(
     return verify(Path(out), study, trial, device, expected)
 
 
-def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | None:
+def _heal(model, tokenizer, record: StudyRecord, removal: Removal) -> dict | None:
     """Fold the study's healing into the weights, fitted as the study fitted it (its fitting windows)."""
     settings = record.settings
     fit = HEALINGS[settings.heal]
-    if fit is None or not removed:
+    if fit is None or not removal:
         return None
-    check_healable(model, settings.heal)
+    blocks = not removal.whole_layers_only
+    check_healable(model, settings.heal, blocks)
     splits = make_splits(
         tokenizer,
         settings.dataset,
@@ -236,9 +237,9 @@ def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | N
     # refitted on the float32 weights that are saved (its verification tolerance covers the difference).
     apply_numerics(model, settings.dtype)
     sequential = settings.heal_fit != "parallel"
-    stats = collect_fit_stats(model, splits.fit, splits.bos_id, 4, run_pairs(removed), keep_states=sequential)
+    stats = collect_fit_stats(model, splits.fit, splits.bos_id, 4, run_pairs(removal), sequential, blocks)
     try:
-        healing = fit(model, stats, removed, DEFAULT_RIDGE, sequential)
+        healing = fit(model, stats, removal, DEFAULT_RIDGE, sequential)
     finally:
         stats.close()
     fold_permanently(model, healing)
@@ -248,7 +249,7 @@ def _heal(model, tokenizer, record: StudyRecord, removed: list[int]) -> dict | N
         "fitting_windows": "after the held-out windows in the corpus (never the held-out ones)",
         "ridge": DEFAULT_RIDGE,
         "fit": settings.heal_fit or "sequential",
-        "folded_into": {str(layer): f"layer {layer} MLP output projection" for layer in sorted(healing.maps)},
+        "folded_into": healing.folded_into(),
         "unhealed_runs": [list(run) for run in healing.unhealed],
     }
 

@@ -142,7 +142,7 @@ def make_objective(
             kv_cache_ratio=evaluator.kv_cache_ratio(removed) if evaluator.block_kinds is not None else None,
         )
         if evaluator.heal != "none":
-            write_trial(trial, unhealed_runs=unreachable_runs(removed.layers) or None)
+            write_trial(trial, unhealed_runs=unreachable_runs(removed) or None)
         if not any(dominated(values, t.values) for t in study.get_trials(deepcopy=False, states=COMPLETE)):
             write_trial(trial, test_ppl_ratio=evaluator.test_ratio(removed))
             second = "eval" in evaluator.splits.measured  # --eval-dataset: another domain, never fitted on

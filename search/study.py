@@ -126,8 +126,6 @@ def check_space(config: RunConfig) -> None:
         raise SearchError(f"--granularity {config.granularity!r}: choose one of {', '.join(space.GRANULARITIES)}")
     if config.granularity == "layer":
         return
-    if config.heal != "none":
-        raise SearchError("--granularity sublayer does not combine with --heal yet: healing fits runs of whole layers")
     if not CRITERIA[config.criterion].blocks:
         raise SearchError(
             f"--criterion {config.criterion} ranks whole layers only; sub-layer studies need --criterion ppl"
@@ -141,7 +139,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
     loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
     model = configure(loaded.model, compile=config.compile)
     check_window(model.config, config.seq_len, bos_to_prepend(loaded.tokenizer) is not None, config.latency_tokens)
-    check_healable(model, config.heal)
+    check_healable(model, config.heal, blocks=config.granularity == "sublayer")
     splits = make_splits(
         loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len, config.fit_tokens
     )

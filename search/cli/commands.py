@@ -61,9 +61,7 @@ def method(args: argparse.Namespace) -> None:
     config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "storage"})
     config = replace(config, heal=HEALED_METHODS.get(args.method, config.heal))
     if args.method in BLOCK_METHODS:
-        if config.heal != "none":
-            raise SearchError(f"--method {args.method} removes single blocks; --heal fits runs of whole layers")
-        config = replace(config, granularity="sublayer")  # latency shapes by block
+        config = replace(config, granularity="sublayer")  # latency shapes and healing statistics by block
     loaded, evaluator, _ = prepare(config)
     dtype = loaded.dtype  # `auto` resolved: the store's cache key names what ran
     url = args.eval_cache

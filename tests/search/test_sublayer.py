@@ -1,6 +1,7 @@
 """The sub-layer space end to end: encoding, budget, sampler moves, cached evaluation, latency shapes,
 and a study on a tiny model whose trials remove attention and MLP blocks."""
 
+import json
 import math
 import random
 
@@ -205,6 +206,30 @@ def test_a_sublayer_study_searches_blocks(tmp_path, tiny_model_dir, corpus):
     assert len(again.get_trials(states=COMPLETE)) == len(done)
 
 
+def test_a_healed_sublayer_study_exports_its_folded_maps_and_verifies(tmp_path, tiny_model_dir, corpus):
+    """--heal linear over block runs: the study's healed held-out figure is what the exported model, its
+    maps folded into attention and MLP output projections and reloaded with its modeling file, measures."""
+    from search.export import export_trial
+
+    config = tiny_config(
+        tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=8, heal="linear", heal_tokens=512
+    )
+    study = run(config)
+    measured = [t for t in study.get_trials(states=COMPLETE) if "test_ppl_ratio" in t.user_attrs]
+    trial = max(measured, key=lambda t: (not TrialRecord.of(t).removal.whole_layers_only, t.values[0]))
+    removal = TrialRecord.of(trial).removal
+    assert not removal.whole_layers_only
+    _, evaluator, _ = prepare(config)
+    evaluator.baseline()
+    healed_ratio = evaluator.calib_ratio(removal)
+    unhealed = evaluator.ppl(removal, "calib", unhealed=True) / evaluator.base_ppl["calib"]
+    assert math.isclose(healed_ratio, trial.values[0], rel_tol=1e-6) and healed_ratio != unhealed
+    report = export_trial(study, trial.number, tmp_path / "out")
+    assert report.ok and report.trust_remote_code and report.ppl_rel_diff <= 0.01
+    healing = json.loads((tmp_path / "out" / "pruning.json").read_text())["healing"]
+    assert healing["method"] == "linear" and healing["folded_into"]
+
+
 def test_sublayer_studies_get_their_own_default_name():
     layer, sublayer = RunConfig(budget=0.12), RunConfig(budget=0.12, granularity="sublayer")
     assert sublayer.study_name == layer.study_name + "-sublayer"
@@ -212,7 +237,6 @@ def test_sublayer_studies_get_their_own_default_name():
 
 def test_sublayer_refusals_are_one_line(tmp_path, tiny_model_dir, corpus):
     for overrides, message in (
-        ({"heal": "linear"}, "does not combine with --heal"),
         ({"criterion": "bi"}, "ranks whole layers only"),
         ({"granularity": "blocks"}, "choose one of layer, sublayer"),
     ):

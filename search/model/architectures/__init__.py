@@ -31,8 +31,10 @@ class Architecture:
     index_attrs: tuple[str, ...] = ("layer_idx",)
     count_parameters: Callable[[nn.Module], int] = count_parameters
     # Linear healing folds a map into the projection whose output is added to the residual stream
-    # (path inside one decoder layer); None, with the reason, when no such exact fold exists.
+    # (paths inside one decoder layer: the MLP's, and attention's for runs that follow an attention
+    # block); None, with the reason, when no such exact fold exists.
     mlp_output: str | None = "mlp.down_proj"
+    attention_output: str | None = "self_attn.o_proj"
     no_fold: str = ""
     # A decoder layer's two residual blocks (paths inside one layer). Each block is its `*_module`, which
     # computes the branch added to the residual stream, plus the norms and dropouts applied in series on

@@ -14,7 +14,9 @@ GEMMA3 = register(
         ("gemma3_text",),
         "model.layers",
         mlp_output=None,
-        no_fold="a norm (post_feedforward_layernorm) follows each MLP output, so no linear map folds into it exactly",
+        attention_output=None,
+        no_fold="a norm (post_feedforward_layernorm, post_attention_layernorm) follows each block's output, so no "
+        "linear map folds into it exactly",
         attention_block=("input_layernorm", "self_attn", "post_attention_layernorm"),
         mlp_block=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
     )
