@@ -11,7 +11,11 @@ model and corpus (or --model/--dataset), with the Wikipedia sample as the second
    by the one-pass similarity criterion (LLM-Drop's rule, `method attention_drop`) at every size the
    budget allows, measured the same way (same windows, same evaluation cache as the sub-layer study);
 3. every point above timed again in one round-robin run at --long-tokens of context (forward pass
-   over that many tokens), with its KV-cache ratio measured after that prefill.
+   over that many tokens), with its KV-cache ratio measured after that prefill;
+4. the sub-layer front points that remove lone blocks (up to --exports of them), exported, reloaded
+   as a user would (`from_pretrained(dir, trust_remote_code=True)`, the study's numerics) and timed
+   round-robin against the unpruned model on the study's latency input: the exported model's
+   latency ratio beside the one the study recorded for its shape.
 
 The comparisons are in the JSON: for each whole-layer front point, the sub-layer front point (and,
 separately, any sub-layer trial with a held-out figure) with at least its parameter reduction and
@@ -23,20 +27,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+import optuna
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluators.latency import kv_cache_bytes, latency_input, measure_latencies  # noqa: E402
+from evaluators.latency import kv_cache_bytes, latency_input, measure_latencies, time_forward  # noqa: E402
 from search.caching import with_store  # noqa: E402
+from search.export import export_trial  # noqa: E402
 from search.front import front_report  # noqa: E402
 from search.methods import choose, measure  # noqa: E402
+from search.model.numerics import apply_numerics  # noqa: E402
 from search.model.removal import Removal  # noqa: E402
 from search.records import StudyRecord, TrialRecord, counts_towards_trials  # noqa: E402
 from search.space import parse_budget  # noqa: E402
@@ -112,6 +120,44 @@ def long_context(config: RunConfig, removals: list[Removal], tokens: int, repeat
     }
 
 
+def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats: int, say) -> list[dict]:
+    """Each point exported, reloaded with its modeling file, and timed against the unpruned model:
+    warm-up, then `repeats` rounds alternating which goes first, medians."""
+    from transformers import AutoModelForCausalLM
+
+    study = optuna.load_study(study_name=config.study, storage=config.storage)
+    loaded, evaluator, _ = prepare(config)
+    ids = latency_input(evaluator.splits.calib, config.latency_tokens, torch.device(config.device))
+    rows = []
+    for point in points:
+        out = scratch / f"{config.study}-export-{point['trial']}"
+        report = export_trial(study, point["trial"], out)
+        exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+        apply_numerics(exported, loaded.dtype)
+        models = [loaded.model, exported]
+        for model in models:
+            time_forward(model, ids)
+        times: list[list[float]] = [[], []]
+        for round_ in range(repeats):
+            for index in (0, 1) if round_ % 2 == 0 else (1, 0):
+                times[index].append(time_forward(models[index], ids))
+        ratio = statistics.median(times[1]) / statistics.median(times[0])
+        rows.append(
+            {
+                "removal": point["removal"],
+                "trial": point["trial"],
+                "verified": report.ok,
+                "params": report.params,
+                "study_latency_ratio": point["latency_ratio"],
+                "export_latency_ratio": ratio,
+                "rel_diff": ratio / point["latency_ratio"] - 1,
+            }
+        )
+        say(f"export of {point['removal']}: latency {ratio:.3f} (study {point['latency_ratio']:.3f})")
+        del exported
+    return rows
+
+
 def best_covering(point: dict, candidates: list[dict], calib_key: str) -> dict | None:
     """The candidate with at least `point`'s parameter reduction and the best calibration ratio."""
     found = [c for c in candidates if c["params_reduction"] >= point["params_reduction"] - 1e-12]
@@ -165,6 +211,8 @@ def benchmark(budget: float, heal: str, args, scratch: Path, say) -> dict:
         point.update(long[point["removal"]])
     for row in methods:
         row["ppl_ratio"] = row["calib_ppl_ratio"]
+    blocky = [p for p in sub_front if p.get("removed_attention") or p.get("removed_mlp")]
+    exports = export_latency(sub, blocky[: args.exports], scratch, args.latency_repeats, say)
     return {
         "budget": budget,
         "heal": heal,
@@ -175,6 +223,7 @@ def benchmark(budget: float, heal: str, args, scratch: Path, say) -> dict:
         "layer_front_vs_sublayer_trials": compare(layer_front, sub_about["measured"], "ppl_ratio"),
         "methods_vs_sublayer": compare(methods, sub_front, "calib_ppl_ratio"),
         "methods_vs_sublayer_trials": compare(methods, sub_about["measured"], "calib_ppl_ratio"),
+        "exports": exports,
     }
 
 
@@ -216,6 +265,7 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=2048, help="context of the long timing (default: 2048)")
     parser.add_argument("--latency-repeats", type=int, default=30, help="timed rounds per shape at 128 tokens")
     parser.add_argument("--long-repeats", type=int, default=5, help="timed rounds per shape at --long-tokens")
+    parser.add_argument("--exports", type=int, default=3, help="sub-layer front points exported and timed")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None)
     parser.add_argument("--dataset", default=None)
