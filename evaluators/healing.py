@@ -318,8 +318,9 @@ def collect_fit_stats(
     ]
     if blocks:  # the MLP block's first module (its norm) reads the stream between the two blocks
         first = architecture_of(model).mlp_block[0]
+        hook = keep_input
         handles += [
-            getattr(layer, first).register_forward_pre_hook(partial(keep_input, index=mlp_block(i)), with_kwargs=True)
+            layer.get_submodule(first).register_forward_pre_hook(partial(hook, index=mlp_block(i)), with_kwargs=True)
             for i, layer in enumerate(layers)
         ]
     handles += [

@@ -13,7 +13,7 @@ from dataclasses import replace
 import optuna
 from tqdm.auto import tqdm
 
-from evaluators.healing import runs
+from evaluators.healing import removed_blocks, runs
 from evaluators.perplexity import Rejected
 from evaluators.sensitivity import block_similarity
 from search import baselines, space
@@ -79,7 +79,10 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
     others += [(Removal.of(chosen), reason) for chosen, reason in picks]  # whole layers: in either space
     if budget.block_params is not None:
         similar = block_similarity(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size)
-        layered, layer_stages = layer_seeds(scorer("layer greedy", budget.max_layers()), budget)
+        # the path a whole-layer study with the same --heal walks: healed when the study heals
+        layers = budget.max_layers()
+        layer_score = healed_scores(evaluator, layers) if healing else scorer("layer greedy", layers)
+        layered, layer_stages = layer_seeds(layer_score, budget)
         others = [*layered, *attention_drop_seeds(similar, budget), *others]
         extra = 1 + sum(criterion.passes(len(s.scores)) for s in layer_stages)
     return stages, others, extra
@@ -144,7 +147,8 @@ def healed_scores(evaluator: CachingEvaluator, most: int) -> ScoreFn:
     def measure(removal: Removal, best: float | None, screen: bool) -> float:
         if not base:
             base.append(evaluator.ppl(Removal(), "sensitivity"))
-        parallel = screen and len(runs(removal.layers)) > 1  # one run: the screen is the study's fit (and cached)
+        # one run: the screen is the study's fit (and cached)
+        parallel = screen and len(runs(removed_blocks(removal))) > 1
         try:
             ppl = evaluator.ppl(removal, "sensitivity", best, sequential=False if parallel else None)
         except Rejected as rejected:
@@ -160,7 +164,7 @@ def healed_scores(evaluator: CachingEvaluator, most: int) -> ScoreFn:
         scores = dict(screened)
         best: float | None = None
         for unit in sorted(candidates, key=lambda u: (screened[u], u))[:CONFIRMED]:
-            if len(runs(sets[unit].layers)) > 1 and evaluator.sequential:
+            if len(runs(removed_blocks(sets[unit]))) > 1 and evaluator.sequential:
                 scores[unit] = measure(sets[unit], best, screen=False)
             best = scores[unit] if best is None else min(best, scores[unit])
         return scores

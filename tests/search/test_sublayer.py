@@ -4,6 +4,7 @@ and a study on a tiny model whose trials remove attention and MLP blocks."""
 import json
 import math
 import random
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -206,15 +207,21 @@ def test_a_sublayer_study_searches_blocks(tmp_path, tiny_model_dir, corpus):
     assert len(again.get_trials(states=COMPLETE)) == len(done)
 
 
-def test_a_healed_sublayer_study_exports_its_folded_maps_and_verifies(tmp_path, tiny_model_dir, corpus):
+def test_a_healed_sublayer_study_exports_its_folded_maps_and_verifies(tmp_path, tiny_model_dir, corpus, monkeypatch):
     """--heal linear over block runs: the study's healed held-out figure is what the exported model, its
     maps folded into attention and MLP output projections and reloaded with its modeling file, measures."""
+    import search.seeding.seed
     from search.export import export_trial
 
+    paths = []  # the greedy paths scored healed: how many stages each may take
+    real = search.seeding.seed.healed_scores
+    monkeypatch.setattr(search.seeding.seed, "healed_scores", lambda ev, most: paths.append(most) or real(ev, most))
     config = tiny_config(
         tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=8, heal="linear", heal_tokens=512
     )
     study = run(config)
+    _, _, budget = prepare(config)
+    assert sorted(paths) == sorted([budget.max_units(), budget.max_layers()])  # the block path and the layer path
     measured = [t for t in study.get_trials(states=COMPLETE) if "test_ppl_ratio" in t.user_attrs]
     trial = max(measured, key=lambda t: (not TrialRecord.of(t).removal.whole_layers_only, t.values[0]))
     removal = TrialRecord.of(trial).removal
@@ -228,6 +235,12 @@ def test_a_healed_sublayer_study_exports_its_folded_maps_and_verifies(tmp_path, 
     assert report.ok and report.trust_remote_code and report.ppl_rel_diff <= 0.01
     healing = json.loads((tmp_path / "out" / "pruning.json").read_text())["healing"]
     assert healing["method"] == "linear" and healing["folded_into"]
+
+    # It starts from the path a healed whole-layer study walks (scored healed, not unhealed).
+    layer_study = run(replace(config, granularity="layer", study="layers", trials=1))
+    path = [stage.removed for stage in StudyRecord.read(layer_study).greedy]
+    reasons = {TrialRecord.of(t).removal: TrialRecord.of(t).proposed_by for t in study.trials}
+    assert path and all(reasons[removal] == f"layer greedy stage {n}" for n, removal in enumerate(path, 1))
 
 
 def test_sublayer_studies_get_their_own_default_name():
