@@ -1,7 +1,7 @@
 """Sub-layer search against whole-layer search and the block methods, side by side.
 
     python benchmarks/sublayer.py --json > benchmarks/results/sublayer.json
-    python benchmarks/sublayer.py --budgets 12% --render benchmarks/results/sublayer.json   # README table
+    python benchmarks/sublayer.py --budgets 12% --render benchmarks/results/sublayer.json  # docs/benchmarks.md table
 
 Per budget (default 12 % and 25 %) and healing (default unhealed and `--heal linear`), on the default
 model and corpus (or --model/--dataset), with the Wikipedia sample as the second domain:
@@ -270,7 +270,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--render", metavar="FILE", help="print the README table from a --json result")
+    parser.add_argument("--render", metavar="FILE", help="print the docs/benchmarks.md table from a --json result")
     args = parser.parse_args()
     if args.render:
         print(render(json.loads(Path(args.render).read_text())))

@@ -6,12 +6,12 @@ Two savings on top of the model's own forward pass, each exact up to float32 rou
   4 x 513 tokens), copies them for the shift and runs log-softmax over all of it: memory-bound work
   that cost about as much as the LM head's matrix product itself. Here the final hidden states go
   through the head a few rows at a time and each chunk's NLL is taken while it is still in cache
-  (benchmarks/eval_cost.py measures the saving; README, "Evaluation cost").
+  (benchmarks/eval_cost.py measures the saving; docs/benchmarks.md, "Evaluation cost").
   The model's own `forward` may post-process logits (soft-capping, scaling); a model is evaluated
   this way only after a probe shows both paths agree on it, else it keeps the plain path.
 - **Compiled decoder layers** (`torch.compile`, opt-in per model with `configure`). Eager mode runs
   the norms, rotary embedding, activation and residual adds as separate memory-bound kernels;
-  compiled, they fuse (faster passes for a one-off compile per process; README, "Evaluation cost").
+  compiled, they fuse (faster passes for a one-off compile per process; docs/benchmarks.md, "Evaluation cost").
   Each layer is wrapped with `torch.compile`, and Dynamo reuses one compiled graph for every
   layer with the same code and attributes (parameters are inputs; a family with two layer types
   compiles two). Only perplexity passes use it; latency is timed on the

@@ -34,7 +34,7 @@ class LoraSettings:
     steps: int = 60
     rank: int = 8
     alpha: int = 16  # LoRA's scale is alpha / rank
-    lr: float = 6e-4  # measured: README, "LoRA on top"
+    lr: float = 6e-4  # measured: docs/benchmarks.md, "LoRA on top"
     windows_per_step: int = 1
     warmup: float = 0.1  # fraction of the steps the learning rate ramps up over; cosine decay after
     seed: int = 0

@@ -125,7 +125,7 @@ def point_accuracy(
 
 
 def add_accuracy(study: optuna.Study, report: dict) -> None:
-    """Accuracy from `evaluate`, where measured (keys documented in the README)."""
+    """Accuracy from `evaluate`, where measured (keys documented in docs/usage.md)."""
     stored = read_accuracy(study)
     chosen = baseline_accuracy(stored, [removal_key(Removal.from_json(p)) for p in report["front"]])
     if not chosen:

@@ -4,7 +4,7 @@
 
 Reduced precision only pays where the hardware runs it natively: on a CPU with bf16 units
 (AVX512-BF16, AMX) bfloat16 matrix products are much faster than float32, on one without them
-PyTorch emulates bf16 and they are much *slower* (README, "What a trial costs"). So `auto` times
+PyTorch emulates bf16 and they are much *slower* (docs/method.md, "What a trial costs"). So `auto` times
 a matrix product of the model's width in float32 and under bf16 autocast, interleaved, and takes
 `bf16-mixed` only when it is clearly faster; otherwise float32, which is also exact. A study
 records the resolved dtype, and resuming with `auto` keeps it.

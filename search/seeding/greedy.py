@@ -10,7 +10,7 @@ sampler improves on it.
 Re-scoring every remaining layer at every stage costs layers x stages evaluations. With a
 `shortlist`, stages after the first score only the layers that scored best at their latest
 scoring and the layers next to those already removed (where importance changes most once a
-neighbour goes), which measured the same path on the default model (README, seeding).
+neighbour goes), which measured the same path on the default model (docs/method.md, seeding).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def seed_sets(stages: Sequence[Stage], budget: Budget, count: int, others: Seeds
 
     The sets one short are the backward step of floating selection (Pudil et al. 1994, SFFS): a
     part greedy removed early can look worse once its neighbours are gone, so stage k+1 less one of
-    its earlier parts can beat stage k (the README shows such a case on SmolLM2).
+    its earlier parts can beat stage k (docs/benchmarks.md shows such a case on SmolLM2).
     """
     seeds: dict[Removal, str] = {}
     order = {unit: n for n, unit in enumerate(budget.units())}
