@@ -133,9 +133,8 @@ class Pruned:
     tokenizer: Any
     trial: optuna.trial.FrozenTrial
     record: StudyRecord
-    removed: list[int]  # whole layers
+    removal: Removal  # everything the trial removes, whole layers and lone blocks
     healing: dict | None  # what pruning.json says of the linear healing (None: unhealed)
-    removal: Removal = Removal()  # everything the trial removes, whole layers and lone blocks
 
 
 def check_out(out: Path) -> None:
@@ -178,7 +177,7 @@ def prune_trial(
     skip_blocks(model, lone.attention, lone.mlp)
     if lone:  # refused here, before anything is written
         check_sublayer_exportable(model, skipped_blocks(model))
-    return Pruned(model, loaded.tokenizer, trial, record, removed, healing, measured.removal)
+    return Pruned(model, loaded.tokenizer, trial, record, measured.removal, healing)
 
 
 def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
@@ -190,10 +189,10 @@ def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
         "model_fingerprint": record.model_fingerprint or None,
         "study": study.study_name,
         "trial": trial.number,
-        "removed_layers": pruned.removed,
+        "removed_layers": list(pruned.removal.layers),
         **{key: value for key, value in pruned.removal.json().items() if key != "removed_layers" and value},
         "layers_before": n_layers,
-        "layers_after": n_layers - len(pruned.removed),
+        "layers_after": n_layers - len(pruned.removal.layers),
         "params_reduction": measured.params_reduction,
         "ppl_ratio": trial.values[0],
         "latency_ratio": trial.values[1],

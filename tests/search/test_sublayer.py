@@ -207,7 +207,10 @@ def test_a_sublayer_study_searches_blocks(tmp_path, tiny_model_dir, corpus):
     assert len(again.get_trials(states=COMPLETE)) == len(done)
 
 
-def test_a_healed_sublayer_study_exports_its_folded_maps_and_verifies(tmp_path, tiny_model_dir, corpus, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
+def test_a_healed_sublayer_study_exports_its_folded_maps_and_verifies(
+    tmp_path, tiny_model_dir, corpus, monkeypatch, dtype
+):
     """--heal linear over block runs: the study's healed held-out figure is what the exported model, its
     maps folded into attention and MLP output projections and reloaded with its modeling file, measures."""
     import search.seeding.seed
@@ -217,7 +220,15 @@ def test_a_healed_sublayer_study_exports_its_folded_maps_and_verifies(tmp_path, 
     real = search.seeding.seed.healed_scores
     monkeypatch.setattr(search.seeding.seed, "healed_scores", lambda ev, most: paths.append(most) or real(ev, most))
     config = tiny_config(
-        tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=8, heal="linear", heal_tokens=512
+        tmp_path,
+        tiny_model_dir,
+        corpus,
+        granularity="sublayer",
+        budget=0.25,
+        trials=8,
+        heal="linear",
+        heal_tokens=512,
+        dtype=dtype,
     )
     study = run(config)
     _, _, budget = prepare(config)
