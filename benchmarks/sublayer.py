@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -91,6 +92,7 @@ def method_points(config: RunConfig, say) -> list[dict]:
     cached.baseline()
     rows = []
     for method, most in (("block_greedy", budget.max_units()), ("attention_drop", budget.n_layers)):
+        started = time.perf_counter()
         for k in range(1, most + 1):
             choice = choose(cached, method, k, config.sensitivity_tokens)
             if not budget.allows(choice.sets[0]):
@@ -98,8 +100,9 @@ def method_points(config: RunConfig, say) -> list[dict]:
             (row,) = measure(cached, [choice])
             row["params_reduction"] = budget.params_reduction(choice.sets[0])
             row["removal"] = choice.sets[0].key
+            row["method_seconds"] = time.perf_counter() - started  # choosing and measuring every size so far
             rows.append(row)
-        say(f"{method}: {len([r for r in rows if r['method'] == method])} sizes")
+        say(f"{method}: {len([r for r in rows if r['method'] == method])} sizes, {time.perf_counter() - started:.0f} s")
     return rows
 
 
@@ -131,6 +134,7 @@ def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats
     rows = []
     for point in points:
         out = scratch / f"{config.study}-export-{point['trial']}"
+        shutil.rmtree(out, ignore_errors=True)  # a stopped run's export is written again
         report = export_trial(study, point["trial"], out)
         exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
         apply_numerics(exported, loaded.dtype)
@@ -269,6 +273,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None)
     parser.add_argument("--dataset", default=None)
+    parser.add_argument(
+        "--stores",
+        metavar="DIR",
+        help="keep the study stores in DIR (default: a temporary directory); run again to resume a stopped run",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--render", metavar="FILE", help="print the docs/benchmarks.md table from a --json result")
     args = parser.parse_args()
@@ -280,9 +289,11 @@ def main() -> None:
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    with TemporaryDirectory() as scratch:
+    with TemporaryDirectory() as temporary:
+        scratch = Path(args.stores or temporary)
+        scratch.mkdir(parents=True, exist_ok=True)
         blocks = [
-            benchmark(parse_budget(b), heal, args, Path(scratch), say)
+            benchmark(parse_budget(b), heal, args, scratch, say)
             for b in args.budgets.split(",")
             for heal in args.heals.split(",")
         ]

@@ -19,6 +19,8 @@ from search.errors import SearchError, first_line
 from search.model.packaged import packaged_file
 
 DEFAULT_CORPUS_NAME = "lee-background"
+# --data-seed draws calibration windows from the corpus's first this many windows (all of the default corpus).
+POOL_WINDOWS = 1024
 
 
 def default_corpus_path() -> Path:
@@ -138,16 +140,31 @@ def eval_windows(tokenizer, spec: str, tokens: int, seq_len: int) -> torch.Tenso
 
 
 def make_splits(
-    tokenizer, spec: str | None, calib_tokens: int, test_tokens: int, seq_len: int, fit_tokens: int = 0
+    tokenizer,
+    spec: str | None,
+    calib_tokens: int,
+    test_tokens: int,
+    seq_len: int,
+    fit_tokens: int = 0,
+    data_seed: int = 0,
 ) -> Splits:
     """Tokenise documents in order until the splits are filled: calibration first, held-out after
-    it, then healing's fitting windows (so adding them changes neither of the first two)."""
+    it, then healing's fitting windows (so adding them changes neither of the first two).
+
+    `data_seed` other than 0 draws the calibration windows (and then the fitting windows) at random
+    from every window of the corpus's first `POOL_WINDOWS` outside the held-out split, which stays
+    where seed 0 puts it: a figure measured on held-out tokens means the same under every seed, and
+    only what the search optimises on changes."""
     if seq_len < 2:
         raise SearchError("--seq-len must be at least 2")
+    if data_seed < 0:
+        raise SearchError(f"--data-seed must be 0 or more, not {data_seed}")
     n_calib = max(1, calib_tokens // seq_len)
     n_test = max(1, test_tokens // seq_len)
     n_fit = fit_tokens // seq_len if fit_tokens else 0
     needed = (n_calib + n_test + n_fit) * seq_len
+    if data_seed:
+        return _seeded_splits(tokenizer, spec, n_calib, n_test, n_fit, seq_len, data_seed)
     ids = _token_ids(tokenizer, spec, needed)
     if len(ids) < needed:
         raise SearchError(
@@ -162,4 +179,28 @@ def make_splits(
         test=windows[n_calib : n_calib + n_test],
         bos_id=bos_to_prepend(tokenizer),
         fit=windows[n_calib + n_test :] if n_fit else None,
+    )
+
+
+def _seeded_splits(
+    tokenizer, spec: str | None, n_calib: int, n_test: int, n_fit: int, seq_len: int, data_seed: int
+) -> Splits:
+    ids = _token_ids(tokenizer, spec, max(POOL_WINDOWS, n_calib + n_test + n_fit) * seq_len)
+    n_all = len(ids) // seq_len
+    pool = [i for i in range(n_all) if not n_calib <= i < n_calib + n_test]
+    if n_all < n_calib + n_test or len(pool) < n_calib + n_fit:
+        raise SearchError(
+            f"--data-seed {data_seed}: the dataset has {max(0, len(pool))} windows of {seq_len} tokens outside the "
+            f"held-out split, fewer than the {n_calib + n_fit} needed for --calib-tokens"
+            + (" and --heal-tokens" if n_fit else "")
+        )
+    windows = torch.tensor(ids[: n_all * seq_len], dtype=torch.long).view(n_all, seq_len)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(data_seed)).tolist()
+    drawn = [pool[i] for i in order]
+    calib, fit = sorted(drawn[:n_calib]), sorted(drawn[n_calib : n_calib + n_fit])
+    return Splits(
+        calib=windows[calib],
+        test=windows[n_calib : n_calib + n_test],
+        bos_id=bos_to_prepend(tokenizer),
+        fit=windows[fit] if n_fit else None,
     )

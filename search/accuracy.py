@@ -253,7 +253,14 @@ def study_tasks(manager, names: Sequence[str], tokenizer, record: StudyRecord, l
     offline = [n for n in names if n in OFFLINE_TASKS]
     if offline:
         settings = record.settings
-        splits = make_splits(tokenizer, settings.dataset, settings.calib_tokens, settings.test_tokens, settings.seq_len)
+        splits = make_splits(
+            tokenizer,
+            settings.dataset,
+            settings.calib_tokens,
+            settings.test_tokens,
+            settings.seq_len,
+            data_seed=settings.data_seed,
+        )
         if record.data_fingerprint not in ("", splits.fingerprint()):
             raise SearchError("the held-out windows differ from the study's (dataset or tokenizer changed)")
         for name in offline:

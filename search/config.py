@@ -45,6 +45,7 @@ class RunConfig:
     eval_dataset: str | None = None  # a second corpus (another domain) every front point is also measured on
     eval_tokens: int = 8192
     granularity: str = "layer"  # search/space.py: remove whole layers, or attention and MLP blocks ("sublayer")
+    data_seed: int = 0  # which windows form the calibration split (evaluators/data.py); held-out never moves
 
     @property
     def fit_tokens(self) -> int:
@@ -76,6 +77,7 @@ class RunConfig:
             eval_dataset=_absolute(self.eval_dataset),
             eval_tokens=self.eval_tokens if self.eval_dataset else None,
             granularity=self.granularity,
+            data_seed=self.data_seed,
         )
 
     def model_spec(self) -> str | None:

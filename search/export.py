@@ -227,6 +227,7 @@ def _heal(model, tokenizer, record: StudyRecord, removal: Removal) -> dict | Non
         settings.test_tokens,
         settings.seq_len,
         settings.heal_tokens or 0,
+        settings.data_seed,
     )
     if record.data_fingerprint not in ("", splits.fingerprint()) or splits.fit is None:
         raise SearchError(
@@ -304,7 +305,15 @@ def verify(
     dtype = dtype or settings.dtype
     how = load_kwargs(Path(out))
     tokenizer = AutoTokenizer.from_pretrained(out, **how)
-    splits = make_splits(tokenizer, settings.dataset, settings.calib_tokens, settings.test_tokens, settings.seq_len)
+    splits = make_splits(
+        tokenizer,
+        settings.dataset,
+        settings.calib_tokens,
+        settings.test_tokens,
+        settings.seq_len,
+        0,
+        settings.data_seed,
+    )
     if record.data_fingerprint not in ("", splits.fingerprint()):
         raise SearchError("the held-out windows differ from the study's (dataset or tokenizer changed)")
 

@@ -81,6 +81,8 @@ def front_report(study: optuna.Study) -> dict:
         report["heal"] = record.settings.heal
     if record.settings.eval_dataset:
         report["eval_dataset"] = record.settings.eval_dataset
+    if record.settings.data_seed:  # calibration windows drawn by a seed (0, the corpus's first, says nothing)
+        report["data_seed"] = record.settings.data_seed
     add_accuracy(study, report)
     return report
 

@@ -152,7 +152,13 @@ def heal_trial(
     check_out(out)
     loaded = load_model(record.model_spec, "float32", device, trust_remote_code)
     splits = make_splits(
-        loaded.tokenizer, stored.dataset, stored.calib_tokens, stored.test_tokens, stored.seq_len, tokens
+        loaded.tokenizer,
+        stored.dataset,
+        stored.calib_tokens,
+        stored.test_tokens,
+        stored.seq_len,
+        tokens,
+        stored.data_seed,
     )
     if record.data_fingerprint not in ("", splits.fingerprint()) or splits.fit is None:
         raise SearchError("the windows differ from the study's (dataset or tokenizer changed)")

@@ -4,7 +4,10 @@ Objectives (both minimised): perplexity ratio to the unpruned model on the calib
 and measured latency ratio. Parameter reduction is a constraint (`--budget`), checked before any
 forward pass, so an over-budget proposal costs nothing. Held-out perplexity is measured only for
 trials that land on the Pareto front when they finish: a trial dominated then stays dominated,
-so every front point ends up with its held-out figure without paying for the rest.
+so every front point ends up with its held-out figure without paying for the rest. The front of
+perplexity against parameter reduction counts too: in a sub-layer space latency and parameters
+part ways (an attention block is cheap in parameters and dear in time), and the best set of a
+parameter budget must carry its held-out figure even where a faster set dominates it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,17 @@ Lock = Callable[[], AbstractContextManager[None]]
 
 def dominated(values: Sequence[float], by: Sequence[float]) -> bool:
     return all(b <= v for b, v in zip(by, values)) and any(b < v for b, v in zip(by, values))
+
+
+def on_a_front(trial: optuna.Trial, values: Sequence[float], reduction: float) -> bool:
+    """No finished trial dominates (perplexity, latency), or none dominates (perplexity, parameters kept)."""
+    finished = trial.study.get_trials(deepcopy=False, states=COMPLETE)
+    if not any(dominated(values, t.values) for t in finished):
+        return True
+    kept = (values[0], -reduction)
+    return not any(
+        dominated(kept, (t.values[0], -(TrialRecord.of(t).params_reduction or 0.0))) for t in finished if t.values
+    )
 
 
 def claim(trial: optuna.Trial, removal: Removal, lock: Lock, **record: object) -> optuna.trial.FrozenTrial | None:
@@ -143,7 +157,7 @@ def make_objective(
         )
         if evaluator.heal != "none":
             write_trial(trial, unhealed_runs=unreachable_runs(removed) or None)
-        if not any(dominated(values, t.values) for t in study.get_trials(deepcopy=False, states=COMPLETE)):
+        if on_a_front(trial, values, reduction):
             write_trial(trial, test_ppl_ratio=evaluator.test_ratio(removed))
             second = "eval" in evaluator.splits.measured  # --eval-dataset: another domain, never fitted on
             write_trial(trial, eval_ppl_ratio=evaluator.ratio(removed, "eval") if second else None)

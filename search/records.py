@@ -42,6 +42,7 @@ class Settings:
     eval_dataset: str | None = None  # a second corpus every front point is also measured on
     eval_tokens: int | None = None
     granularity: str = "layer"  # search/space.py: whole layers, or attention and MLP blocks ("sublayer")
+    data_seed: int = 0  # which calibration windows (evaluators/data.py); 0: the corpus's first, as before seeds
 
     def differences(self, stored: Settings) -> list[str]:
         mine, theirs = asdict(self), asdict(stored)
@@ -235,7 +236,9 @@ class TrialRecord:
     latency_ratio: float | None = None
     latency_ms: float | None = None
     kv_cache_ratio: float | None = None  # sub-layer studies: measured after a prefill of the latency input
-    test_ppl_ratio: float | None = None  # measured only for trials on the front when they finished
+    test_ppl_ratio: float | None = (
+        None  # measured only for trials on a front (latency or parameters) when they finished
+    )
     # With --heal: the ratios above are the healed model's; these are the same set unhealed (front trials).
     eval_ppl_ratio: float | None = None  # --eval-dataset: the second corpus (front trials)
     unhealed_ppl_ratio: float | None = None

@@ -141,7 +141,13 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
     check_window(model.config, config.seq_len, bos_to_prepend(loaded.tokenizer) is not None, config.latency_tokens)
     check_healable(model, config.heal, blocks=config.granularity == "sublayer")
     splits = make_splits(
-        loaded.tokenizer, config.dataset, config.calib_tokens, config.test_tokens, config.seq_len, config.fit_tokens
+        loaded.tokenizer,
+        config.dataset,
+        config.calib_tokens,
+        config.test_tokens,
+        config.seq_len,
+        config.fit_tokens,
+        config.data_seed,
     )
     if config.eval_dataset:
         if config.eval_dataset == config.dataset:

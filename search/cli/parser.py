@@ -28,6 +28,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -110,6 +120,13 @@ def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentG
         type=_positive_int,
         default=d.test_tokens,
         help=f"held-out tokens for reported figures (default: {d.test_tokens})",
+    )
+    data.add_argument(
+        "--data-seed",
+        type=_non_negative_int,
+        default=d.data_seed,
+        help="which windows form the calibration split: 0 (default) takes the corpus's first, any other seed "
+        "draws them from the whole corpus outside the held-out split, which never moves",
     )
     data.add_argument(
         "--sensitivity-tokens",

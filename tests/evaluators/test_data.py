@@ -17,6 +17,25 @@ def test_splits_are_sized_and_disjoint(corpus):
     assert splits.fingerprint() != again.fingerprint()
 
 
+def test_data_seeds_draw_calibration_windows_and_never_move_the_held_out_split(corpus):
+    def rows(windows):
+        return {tuple(w.tolist()) for w in windows}
+
+    first = make_splits(tiny_tokenizer(), str(corpus), 256, 128, 64, fit_tokens=256)
+    drawn = [make_splits(tiny_tokenizer(), str(corpus), 256, 128, 64, fit_tokens=256, data_seed=s) for s in (1, 2)]
+    for splits in drawn:
+        assert torch.equal(splits.test, first.test)  # figures on held-out tokens mean the same under every seed
+        assert splits.calib.shape == first.calib.shape and splits.fit.shape == first.fit.shape
+        assert not rows(splits.calib) & rows(splits.test) and not rows(splits.fit) & (
+            rows(splits.calib) | rows(splits.test)
+        )
+    assert not torch.equal(drawn[0].calib, drawn[1].calib) and not torch.equal(drawn[0].calib, first.calib)
+    again = make_splits(tiny_tokenizer(), str(corpus), 256, 128, 64, data_seed=1)
+    assert torch.equal(again.calib, drawn[0].calib)  # reproducible, and with or without fitting windows
+    with pytest.raises(SearchError, match="--data-seed 1: the dataset has .* windows of 64 tokens outside"):
+        make_splits(tiny_tokenizer(), str(corpus), 64 * 10_000, 128, 64, data_seed=1)
+
+
 def test_folder_of_text_files(tmp_path):
     write_corpus(tmp_path / "a.txt", lines=50, seed=1)
     write_corpus(tmp_path / "b.txt", lines=50, seed=2)

@@ -3,6 +3,7 @@ import pytest
 import search.model.numerics
 import search.study
 from search.errors import SearchError
+from search.export import export_trial
 from search.front import front_report
 from search.model.removal import Removal
 from search.records import COMPLETE
@@ -120,6 +121,19 @@ def test_study_with_other_settings_is_refused(tmp_path, tiny_model_dir, corpus):
     with pytest.raises(SearchError, match="created with other settings.*budget"):
         run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3, budget=0.3))
     assert snapshot(run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3))) == before
+
+
+def test_a_data_seed_searches_other_calibration_windows_and_keeps_the_held_out_ones(tmp_path, tiny_model_dir, corpus):
+    first = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3))
+    seeded = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3, data_seed=1, study="seeded"))
+    base, other = (first.user_attrs["baseline"], seeded.user_attrs["baseline"])
+    assert base["test_ppl"] == other["test_ppl"] and base["calib_ppl"] != other["calib_ppl"]
+    report = front_report(seeded)
+    assert report["data_seed"] == 1 and "data_seed" not in front_report(first)
+    with pytest.raises(SearchError, match="created with other settings.*data_seed"):
+        run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3, data_seed=2, study="seeded"))
+    exported = export_trial(seeded, report["front"][0]["trial"], tmp_path / "out")
+    assert exported.ok  # export's check finds the study's windows again: its held-out figure reproduces
 
 
 def test_small_space_is_measured_exhaustively(tmp_path, tiny_model_dir, corpus):

@@ -192,6 +192,13 @@ def test_a_sublayer_study_searches_blocks(tmp_path, tiny_model_dir, corpus):
         assert point["layers"] == 6 - len(point["removed_layers"])
         assert 0 < point["kv_cache_ratio"] <= 1
     assert format_csv(report).startswith("trial,removed_layers,removed_attention,removed_mlp,layers")
+    # The best set of each parameter reduction carries a held-out figure, whether or not a faster one dominates it.
+    measured = [t for t in done if TrialRecord.of(t).duplicate_of is None]
+    for t in measured:
+        reduction = TrialRecord.of(t).params_reduction
+        beaten = [o for o in measured if o.values[0] < t.values[0] and TrialRecord.of(o).params_reduction >= reduction]
+        if not beaten:
+            assert TrialRecord.of(t).test_ppl_ratio is not None, t.number
     # Each recorded ratio is what the pruned model measures from scratch (blocks skipped, not zeroed).
     _, evaluator, _ = prepare(config)
     evaluator.baseline()
