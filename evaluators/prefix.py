@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from search.model.surgery import decoder_layers, removal_applied
 log = logging.getLogger("search")
 
 MEMORY_FRACTION = 0.25  # of the memory available when the cache is built
+# (model, one batch's inputs, the batch's index) -> what an evaluation takes from that batch
+Measure = Callable[[nn.Module, torch.Tensor, int], Any]
 
 
 def available_bytes(device: torch.device) -> int:
@@ -82,11 +84,21 @@ class PrefixCache:
         start = self.start(removal) or 0
         return sum(1 for i in range(start, self.n_layers) if i not in set(removal.layers))
 
-    def nll_batches(self, removal: Removal, before: int | None = None) -> Generator[tuple[float, int], None, None]:
+    def nll_batches(
+        self, removal: Removal, before: int | None = None, measure: Measure | None = None
+    ) -> Generator[Any, None, None]:
+        """Per batch, (summed NLL, target count) of the pruned model, or what `measure` takes from it."""
         start = self.start(removal, before)
         if start is None:
             with removal_applied(self.model, removal):
-                yield from nll_batches(self.model, self.windows, self.bos_id, self.batch_size)
+                if measure is None:
+                    yield from nll_batches(self.model, self.windows, self.bos_id, self.batch_size)
+                    return
+                prepare(self.model)
+                device = next(self.model.parameters()).device
+                with torch.inference_mode():
+                    for index, inputs in enumerate(window_batches(self.windows, self.bos_id, self.batch_size, device)):
+                        yield measure(self.model, inputs, index)
             return
         states = self.states[start]
         current: list[torch.Tensor] = []
@@ -106,7 +118,7 @@ class PrefixCache:
                 device = next(self.model.parameters()).device
                 for index, inputs in enumerate(window_batches(self.windows, self.bos_id, self.batch_size, device)):
                     current[:] = [states[index]]
-                    yield batch_nll(self.model, inputs)
+                    yield batch_nll(self.model, inputs) if measure is None else measure(self.model, inputs, index)
             finally:
                 handle.remove()
 

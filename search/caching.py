@@ -17,8 +17,9 @@ import optuna
 import torch
 
 from evaluators.data import windows_fingerprint
+from evaluators.divergence import DEFAULT_TOP_K, Divergence
 from search.evaluations import EvalCache, device_label
-from search.evaluator import Evaluator, capped_ratio
+from search.evaluator import Evaluator, Fitness, capped_fitness, capped_ratio
 from search.model.removal import Removal
 
 
@@ -74,8 +75,34 @@ class CachingEvaluator:
             store.put(removal, ppl, time.perf_counter() - started)
         return ppl
 
+    def kl(self, removal: Removal, ceiling: float | None = None, cap: float | None = None) -> Divergence:
+        """`Evaluator.kl` through the cache: the mean KL under its own key, the pass's perplexity as a
+        calibration perplexity (the same figure a perplexity evaluation would have stored)."""
+        healing = self.evaluator.heal != "none" and bool(removal)
+        stores = self.healed_stores if healing else self.stores
+        kl_store, ppl_store = stores.get("kl"), stores.get("calib")
+        kl = kl_store.get(removal) if kl_store is not None else None
+        ppl = ppl_store.get(removal) if ppl_store is not None else None
+        if kl is not None and ppl is not None:
+            self.hits += 1
+            return Divergence(kl, ppl)
+        started, built = time.perf_counter(), self.evaluator.has_prefix("calib")
+        try:
+            found = self.evaluator.kl(removal, ceiling, cap)
+        finally:
+            if ppl_store is not None and not built and self.evaluator.has_prefix("calib"):
+                ppl_store.put(Removal(), self.evaluator.prefix("calib").base_ppl)
+        seconds = time.perf_counter() - started
+        if kl_store is not None and ppl_store is not None:
+            kl_store.put(removal, found.kl, seconds)
+            ppl_store.put(removal, found.ppl, seconds)
+        return found
+
     def calib_ratio(self, removal: Removal, ceiling: float | None = None) -> float:
         return capped_ratio(self, removal, ceiling)
+
+    def calib_fitness(self, removal: Removal, ceiling: float | None = None) -> Fitness:
+        return capped_fitness(self, removal, ceiling)
 
     def test_ratio(self, removal: Removal) -> float:
         return self.ratio(removal, "test")
@@ -108,6 +135,8 @@ def with_store(
         }
         windows = evaluator.windows("sensitivity")  # greedy's windows: the same rows as `sensitivity()`'s cache
         found["sensitivity"] = replace(found["calib"], data_fingerprint=windows_fingerprint(windows, splits.bos_id))
+        # --fitness kl: the mean KL from the unpruned model on the calibration windows, not a perplexity
+        found["kl"] = replace(found["calib"], numerics=f"{numerics}/kl{DEFAULT_TOP_K}")
         return found
 
     return CachingEvaluator(evaluator, caches(numerics), caches(healed) if evaluator.heal != "none" else {})

@@ -46,6 +46,7 @@ class RunConfig:
     eval_tokens: int = 8192
     granularity: str = "layer"  # search/space.py: remove whole layers, or attention and MLP blocks ("sublayer")
     data_seed: int = 0  # which windows form the calibration split (evaluators/data.py); held-out never moves
+    fitness: str = "ppl"  # the objective on calibration: perplexity ratio, or "kl" (evaluators/divergence.py)
 
     @property
     def fit_tokens(self) -> int:
@@ -78,6 +79,7 @@ class RunConfig:
             eval_tokens=self.eval_tokens if self.eval_dataset else None,
             granularity=self.granularity,
             data_seed=self.data_seed,
+            fitness=self.fitness,
         )
 
     def model_spec(self) -> str | None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from evaluators.data import Splits
+from evaluators.divergence import DenseReference, Divergence, bounded_kl, dense_reference, nll_and_kl
 from evaluators.healing import DEFAULT_RIDGE, FitStats, Healing, all_pairs, collect_fit_stats, healed
 from evaluators.latency import BlockKinds, Latency, kv_cache_bytes, measure_latencies, reachable_shapes, shape_key
 from evaluators.perplexity import bounded_perplexity, check_cap, target_count
@@ -46,10 +47,12 @@ class Evaluator:
     sequential: bool = True
     max_run: int = 1  # the longest run of removed layers the statistics are summed for up front (the budget's)
     sensitivity_tokens: int = 2048  # the "sensitivity" split: the first calibration tokens, which greedy scores on
+    fitness: str = "ppl"  # what the study minimises on calibration: "ppl" (ratio) or "kl" (mean KL from the unpruned)
     _prefix: dict[str, PrefixCache] = field(default_factory=dict, repr=False)
     _fit: FitStats | None = field(default=None, repr=False)
     _healings: dict[tuple[Removal, bool], Healing] = field(default_factory=dict, repr=False)
     _kv_base: int | None = field(default=None, repr=False)  # the unpruned model's KV-cache bytes
+    _reference: DenseReference | None = field(default=None, repr=False)  # for --fitness kl
 
     @property
     def n_layers(self) -> int:
@@ -152,9 +155,43 @@ class Evaluator:
             finally:
                 evaluation.close()  # a stopped evaluation restores the model's layers now, not when collected
 
+    def reference(self) -> DenseReference:
+        """The unpruned model's next-token distributions on the calibration windows (one pass, on first use)."""
+        if self._reference is None:
+            self._reference = dense_reference(self.model, self.splits.calib, self.splits.bos_id, self.batch_size)
+        return self._reference
+
+    def kl(
+        self, removal: Removal, ceiling: float | None = None, cap: float | None = None, unhealed: bool = False
+    ) -> Divergence:
+        """Mean KL from the unpruned model on the calibration windows, and the same pass's perplexity, healed
+        as `ppl` heals; raises Rejected once the mean provably exceeds `ceiling` (or the ratio `cap`)."""
+        reference = self.reference()  # before any healing or removal touches the model
+        cache = self.prefix("calib")
+        self.base_ppl.setdefault("calib", cache.base_ppl)
+        healing = Healing({}) if unhealed or not removal else self.healing(removal)
+        with healed(self.model, healing):
+            evaluation = cache.nll_batches(removal, healing.first_changed, nll_and_kl(reference))
+            try:
+                return bounded_kl(
+                    evaluation,
+                    cache.base_nll,
+                    target_count(cache.windows, cache.bos_id),
+                    len(cache.windows),
+                    self.batch_size,
+                    ceiling,
+                    cap,
+                )
+            finally:
+                evaluation.close()
+
     def calib_ratio(self, removal: Removal, ceiling: float | None = None) -> float:
-        """The objective; --max-ppl-ratio applies to it (held-out figures are never capped)."""
+        """The calibration ratio; --max-ppl-ratio applies to it (held-out figures are never capped)."""
         return capped_ratio(self, removal, ceiling)
+
+    def calib_fitness(self, removal: Removal, ceiling: float | None = None) -> Fitness:
+        """The objective: `ceiling` is in the fitness's own units."""
+        return capped_fitness(self, removal, ceiling)
 
     def test_ratio(self, removal: Removal) -> float:
         return self.ppl(removal, "test") / self.base_ppl["test"]
@@ -192,6 +229,25 @@ class Evaluator:
         if self._kv_base is None:
             self._kv_base = kv_cache_bytes(self.model, self.latency_input)
         return kv_cache_bytes(self.model, self.latency_input, removal) / self._kv_base if self._kv_base else 1.0
+
+
+@dataclass(frozen=True)
+class Fitness:
+    """What a trial minimises (`value`: the ratio, or the mean KL) and its calibration perplexity ratio."""
+
+    value: float
+    ppl_ratio: float
+
+
+def capped_fitness(evaluator: Evaluator | CachingEvaluator, removal: Removal, ceiling: float | None) -> Fitness:
+    if evaluator.fitness == "ppl":
+        ratio = capped_ratio(evaluator, removal, ceiling)
+        return Fitness(ratio, ratio)
+    cap = evaluator.max_ppl_ratio
+    found = evaluator.kl(removal, ceiling, cap)
+    ratio = found.ppl / evaluator.base_ppl["calib"]
+    check_cap(ratio, cap, len(evaluator.windows("calib")))
+    return Fitness(found.kl, ratio)
 
 
 def capped_ratio(evaluator: Evaluator | CachingEvaluator, removal: Removal, ceiling: float | None) -> float:

@@ -46,7 +46,7 @@ from search.model.surgery import (
     skip_blocks,
     total_param_count,
 )
-from search.records import StudyRecord, TrialRecord, find_trial
+from search.records import StudyRecord, TrialRecord, calib_ppl_ratio, find_trial
 from search.registry import Registry
 
 PPL_TOLERANCE = 0.01
@@ -194,7 +194,7 @@ def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
         "layers_before": n_layers,
         "layers_after": n_layers - len(pruned.removal.layers),
         "params_reduction": measured.params_reduction,
-        "ppl_ratio": trial.values[0],
+        "ppl_ratio": calib_ppl_ratio(trial),
         "latency_ratio": trial.values[1],
         "test_ppl_ratio": measured.test_ppl_ratio,
         "healing": pruned.healing,

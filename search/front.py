@@ -13,12 +13,13 @@ import optuna
 from evaluators.accuracy import TaskResult
 from search.errors import SearchError
 from search.model.removal import Removal
-from search.records import AccuracyKey, StudyRecord, TrialRecord, read_accuracy, removal_key
+from search.records import AccuracyKey, StudyRecord, TrialRecord, calib_ppl_ratio, read_accuracy, removal_key
 from search.tables import cell, table
 
 FRONT_FIELDS = ("trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
 BLOCK_FIELDS = ("removed_attention", "removed_mlp")  # sub-layer studies: blocks of layers that stay
 OPTIONAL_FIELDS = (
+    "kl",  # --fitness kl: what the study minimised
     "kv_cache_ratio",
     "eval_ppl_ratio",
     "unhealed_ppl_ratio",
@@ -60,7 +61,7 @@ def front_report(study: optuna.Study) -> dict:
                 **removal,
                 "layers": measured.layers,
                 "params_reduction": measured.params_reduction,
-                "ppl_ratio": trial.values[0],
+                "ppl_ratio": calib_ppl_ratio(trial),
                 "latency_ratio": trial.values[1],
                 "test_ppl_ratio": measured.test_ppl_ratio,
                 # Present once measured: a second corpus (--eval-dataset), and with --heal the same set unhealed.

@@ -126,30 +126,33 @@ def make_objective(
         start, hits = time.perf_counter(), evaluator.hits
         latency = shape_latency(study, evaluator, removed)  # first: it decides what can still win
         measured = study.get_trials(deepcopy=False, states=COMPLETE)
-        # A set is dominated once its ppl ratio provably exceeds that of a finished set at least as fast.
+        # A set is dominated once its fitness provably exceeds that of a finished set at least as fast.
         ceiling = min((t.values[0] for t in measured if t.values[1] <= latency.ratio), default=None)
-        if evaluator.max_ppl_ratio is not None:
+        if evaluator.max_ppl_ratio is not None and evaluator.fitness == "ppl":  # KL: the cap bounds the pass's ratio
             ceiling = min(evaluator.max_ppl_ratio, ceiling if ceiling is not None else math.inf)
         try:
-            ppl_ratio = evaluator.calib_ratio(removed, ceiling)
+            fitness = evaluator.calib_fitness(removed, ceiling)
         except Rejected as rejected:
             # Recorded as what it is: pruned, with the bound that condemned it; it counts as a trial.
+            kl = evaluator.fitness == "kl"
             write_trial(
                 trial,
                 rejected=rejected.reason,
-                ppl_ratio_lower_bound=rejected.lower_bound,
+                ppl_ratio_lower_bound=None if kl else rejected.lower_bound,
+                kl_lower_bound=rejected.lower_bound if kl else None,
                 windows_evaluated=rejected.windows,
                 latency_ratio=latency.ratio,
                 eval_s=time.perf_counter() - start,
             )
             _report(trial, on_result)
             raise optuna.TrialPruned(rejected.reason) from None
-        values = (ppl_ratio, latency.ratio)
+        values = (fitness.value, latency.ratio)
         write_trial(
             trial,
             # Measured, or an earlier evaluation of the same set on the same model, data and numerics.
             ppl_from="store" if evaluator.hits > hits else "computed",
-            ppl_ratio=ppl_ratio,
+            ppl_ratio=fitness.ppl_ratio,
+            kl=fitness.value if evaluator.fitness == "kl" else None,
             latency_ratio=latency.ratio,
             latency_ms=latency.ms,
             # Sub-layer studies: removing attention shrinks the cache faster than the parameter count.

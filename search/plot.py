@@ -9,7 +9,7 @@ import optuna
 
 from search.errors import SearchError
 from search.front import front_report
-from search.records import COMPLETE
+from search.records import COMPLETE, calib_ppl_ratio
 
 
 def plot_front(study: optuna.Study, path: Path) -> Path:
@@ -23,14 +23,15 @@ def plot_front(study: optuna.Study, path: Path) -> Path:
     report = front_report(study)
     front = sorted(report["front"], key=lambda p: p["latency_ratio"])
     trials = [t for t in study.get_trials(deepcopy=False, states=COMPLETE) if t.values]
+    ratios = [calib_ppl_ratio(t) or t.values[0] for t in trials]  # a KL study plots its perplexity ratios too
 
     # Destroyed models (ratios of 10 or 1000) would flatten the interesting part: clip, and say so.
     top = max(1.1, 1.5 * max(p["ppl_ratio"] for p in front))
-    off = sum(t.values[0] > top for t in trials)
+    off = sum(r > top for r in ratios)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.scatter(
         [t.values[1] for t in trials],
-        [min(t.values[0], top) for t in trials],
+        [min(r, top) for r in ratios],
         s=14,
         color="0.7",
         label=f"trials ({off} above the top, drawn at its edge)" if off else "trials",

@@ -43,6 +43,7 @@ class Settings:
     eval_tokens: int | None = None
     granularity: str = "layer"  # search/space.py: whole layers, or attention and MLP blocks ("sublayer")
     data_seed: int = 0  # which calibration windows (evaluators/data.py); 0: the corpus's first, as before seeds
+    fitness: str = "ppl"  # what trials minimise: the perplexity ratio, or "kl" (older stores: ppl)
 
     def differences(self, stored: Settings) -> list[str]:
         mine, theirs = asdict(self), asdict(stored)
@@ -232,7 +233,9 @@ class TrialRecord:
     rejected: str | None = None  # stopped part-way: why
     ppl_ratio_lower_bound: float | None = None
     windows_evaluated: int | None = None
-    ppl_ratio: float | None = None
+    ppl_ratio: float | None = None  # calibration; the objective unless the study's fitness is KL
+    kl: float | None = None  # --fitness kl: the objective, mean KL from the unpruned model on calibration tokens
+    kl_lower_bound: float | None = None  # --fitness kl, rejected: what the windows seen proved
     latency_ratio: float | None = None
     latency_ms: float | None = None
     kv_cache_ratio: float | None = None  # sub-layer studies: measured after a prefill of the latency input
@@ -274,6 +277,14 @@ class TrialRecord:
 
 
 _TRIAL_FIELDS = frozenset(f.name for f in fields(TrialRecord))
+
+
+def calib_ppl_ratio(trial: optuna.trial.FrozenTrial) -> float | None:
+    """A finished trial's calibration perplexity ratio: its objective, unless its study minimised KL."""
+    recorded = TrialRecord.of(trial).ppl_ratio
+    if recorded is not None:
+        return recorded
+    return trial.values[0] if trial.values else None
 
 
 def write_trial(trial: optuna.Trial, **values: Any) -> None:

@@ -169,6 +169,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         sequential=config.heal_fit == "sequential",
         max_run=budget.max_layers(),
         sensitivity_tokens=config.sensitivity_tokens,
+        fitness=config.fitness,
     )
     return loaded, evaluator, budget
 

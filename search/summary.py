@@ -9,6 +9,7 @@ from search.errors import SearchError
 from search.front import OPTIONAL_FIELDS, baseline_accuracy, front_report, point_accuracy
 from search.records import (
     TrialRecord,
+    calib_ppl_ratio,
     counts_towards_trials,
     find_trial,
     read_accuracy,
@@ -50,6 +51,7 @@ def trial_details(study: optuna.Study, number: int) -> dict:
     t = find_trial(study, number)
     r = TrialRecord.of(t)
     baseline = read_baseline(study)
+    ratio = calib_ppl_ratio(t)
     details = {
         "study": study.study_name,
         "trial": t.number,
@@ -57,8 +59,8 @@ def trial_details(study: optuna.Study, number: int) -> dict:
         **(r.removal.json() if not r.removal.whole_layers_only else {"removed_layers": list(r.removed_layers)}),
         "layers": r.layers,
         "params_reduction": r.params_reduction,
-        "ppl_ratio": t.values[0] if t.values else None,
-        "calib_ppl": t.values[0] * baseline.calib_ppl if t.values and baseline else None,
+        "ppl_ratio": ratio,
+        "calib_ppl": ratio * baseline.calib_ppl if ratio is not None and baseline else None,
         "test_ppl_ratio": r.test_ppl_ratio,
         "test_ppl": r.test_ppl_ratio * baseline.test_ppl if r.test_ppl_ratio is not None and baseline else None,
         **{key: getattr(r, key) for key in OPTIONAL_FIELDS if getattr(r, key) is not None},

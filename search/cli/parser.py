@@ -235,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="what a removal is made of: whole decoder layers, or (sublayer) attention and MLP blocks "
         f"separately, a layer losing one, the other or both (default: {d.granularity})",
     )
+    what.add_argument(
+        "--fitness",
+        choices=["ppl", "kl"],
+        default=d.fitness,
+        help="what trials minimise on the calibration tokens: the perplexity ratio to the unpruned model, or "
+        "(kl) the mean KL divergence from its next-token distributions; every point still reports perplexity "
+        f"ratios (default: {d.fitness})",
+    )
     study = run.add_argument_group("study")
     study.add_argument(
         "--trials",
