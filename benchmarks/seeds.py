@@ -2,6 +2,7 @@
 
     python benchmarks/seeds.py --json > benchmarks/results/seeds.json
     python benchmarks/seeds.py --render benchmarks/results/seeds.json   # the docs/benchmarks.md table
+    python benchmarks/seeds.py --fitness kl --json > benchmarks/results/seeds_kl.json
 
 Each seed is `python -m search run --budget B --data-seed S` on a fresh store: the same model, corpus,
 held-out split and settings, with the calibration windows (what the search optimises and ranks on)
@@ -43,8 +44,9 @@ def one_seed(seed: int, args, scratch: Path, say) -> dict:
         model=args.model,
         dataset=args.dataset,
         data_seed=seed,
-        study=f"seed-{seed}",
-        storage=f"sqlite:///{scratch}/seed-{seed}.db",
+        fitness=args.fitness,
+        study=f"seed-{seed}" + ("" if args.fitness == "ppl" else f"-{args.fitness}"),
+        storage=f"sqlite:///{scratch}/seed-{seed}" + ("" if args.fitness == "ppl" else f"-{args.fitness}") + ".db",
     )
     started = time.perf_counter()
     study = run(config)
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated data seeds (default: 0,1,2)")
     parser.add_argument("--budget", type=parse_budget, default=RunConfig().budget, help="as `run --budget`")
     parser.add_argument("--trials", type=int, default=RunConfig().trials, help="as `run --trials`")
+    parser.add_argument("--fitness", default="ppl", choices=["ppl", "kl"], help="as `run --fitness`")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None)
     parser.add_argument("--dataset", default=None)
@@ -130,7 +133,13 @@ def main() -> None:
         scratch = Path(args.stores or temporary)
         scratch.mkdir(parents=True, exist_ok=True)
         runs = [one_seed(int(s), args, scratch, say) for s in args.seeds.split(",")]
-    results = {"budget": args.budget, "trials": args.trials, "runs": runs, "by_size": by_size(runs)}
+    results = {
+        "budget": args.budget,
+        "trials": args.trials,
+        "fitness": args.fitness,
+        "runs": runs,
+        "by_size": by_size(runs),
+    }
     print(json.dumps(results, indent=2) if args.json else render(results))
 
 

@@ -74,8 +74,8 @@ def anchors(path: Path) -> frozenset[str]:
 
 
 def links(path: Path) -> list[tuple[int, str]]:
-    """(line number, target) of every Markdown link outside code."""
-    found = []
+    """(line number, target) of every Markdown link outside code, also one whose text wraps onto the next line."""
+    prose: list[tuple[int, str]] = []
     fence = None
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         match = FENCE.match(line)
@@ -85,8 +85,12 @@ def links(path: Path) -> list[tuple[int, str]]:
         if fence is not None:
             continue
         # Code spans are not links, but a link's text may be one: blank their content only.
-        line = CODE_SPAN.sub(lambda m: m.group(1) + "x" * len(m.group(2)) + m.group(1), line)
-        found.extend((number, m.group(1)) for m in LINK.finditer(line))
+        prose.append((number, CODE_SPAN.sub(lambda m: m.group(1) + "x" * len(m.group(2)) + m.group(1), line)))
+    found = []
+    for index, (number, line) in enumerate(prose):
+        after = prose[index + 1] if index + 1 < len(prose) else None
+        joined = line + (" " + after[1] if after is not None and after[0] == number + 1 else "")
+        found.extend((number, m.group(1)) for m in LINK.finditer(joined) if m.start() < len(line))
     return found
 
 
