@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from evaluators.accuracy import TaskResult, Tasks, check_names, harness_version, load_tasks, run_tasks, task_manager
 from evaluators.cloze import VERSION as CLOZE_VERSION
 from evaluators.cloze import cloze_documents, cloze_task
-from evaluators.data import Splits, make_splits
+from evaluators.data import Splits
 from search.errors import SearchError
 from search.export import finished_trial, prune_trial
 from search.front import front_report, retained
@@ -252,17 +252,7 @@ def study_tasks(manager, names: Sequence[str], tokenizer, record: StudyRecord, l
     configs = {}
     offline = [n for n in names if n in OFFLINE_TASKS]
     if offline:
-        settings = record.settings
-        splits = make_splits(
-            tokenizer,
-            settings.dataset,
-            settings.calib_tokens,
-            settings.test_tokens,
-            settings.seq_len,
-            data_seed=settings.data_seed,
-        )
-        if record.data_fingerprint not in ("", splits.fingerprint()):
-            raise SearchError("the held-out windows differ from the study's (dataset or tokenizer changed)")
+        splits = record.splits(tokenizer)
         for name in offline:
             task = OFFLINE_TASKS[name]
             docs = task.documents(tokenizer, splits)

@@ -24,7 +24,6 @@ from typing import Any
 import optuna
 import torch
 
-from evaluators.data import make_splits
 from evaluators.healing import DEFAULT_RIDGE, collect_fit_stats, fold_permanently, run_pairs
 from evaluators.perplexity import perplexity
 from search.errors import SearchError, first_line
@@ -220,19 +219,9 @@ def _heal(model, tokenizer, record: StudyRecord, removal: Removal) -> dict | Non
         return None
     blocks = not removal.whole_layers_only
     check_healable(model, settings.heal, blocks)
-    splits = make_splits(
-        tokenizer,
-        settings.dataset,
-        settings.calib_tokens,
-        settings.test_tokens,
-        settings.seq_len,
-        settings.heal_tokens or 0,
-        settings.data_seed,
-    )
-    if record.data_fingerprint not in ("", splits.fingerprint()) or splits.fit is None:
-        raise SearchError(
-            "the windows differ from the study's (dataset or tokenizer changed); cannot refit the healing"
-        )
+    splits = record.splits(tokenizer, settings.heal_tokens or 0)
+    if splits.fit is None:
+        raise SearchError("the study recorded no healing windows; cannot refit the healing")
     # Mixed numerics (bf16-mixed) fit under the study's autocast; a study with half-precision weights is
     # refitted on the float32 weights that are saved (its verification tolerance covers the difference).
     apply_numerics(model, settings.dtype)
@@ -305,17 +294,7 @@ def verify(
     dtype = dtype or settings.dtype
     how = load_kwargs(Path(out))
     tokenizer = AutoTokenizer.from_pretrained(out, **how)
-    splits = make_splits(
-        tokenizer,
-        settings.dataset,
-        settings.calib_tokens,
-        settings.test_tokens,
-        settings.seq_len,
-        0,
-        settings.data_seed,
-    )
-    if record.data_fingerprint not in ("", splits.fingerprint()):
-        raise SearchError("the held-out windows differ from the study's (dataset or tokenizer changed)")
+    splits = record.splits(tokenizer)
 
     model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **how)
     model = model.to(device).eval()

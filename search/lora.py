@@ -25,7 +25,7 @@ import optuna
 import torch
 
 from evaluators.accuracy import TaskResult, Tasks, run_tasks
-from evaluators.data import Splits, eval_windows, make_splits
+from evaluators.data import Splits, eval_windows
 from evaluators.lora import LoraRun, LoraSettings, finetune_lora
 from evaluators.perplexity import perplexity
 from search.accuracy import AccuracySettings, prepare_tasks, study_tasks
@@ -151,17 +151,8 @@ def heal_trial(
 
     check_out(out)
     loaded = load_model(record.model_spec, "float32", device, trust_remote_code)
-    splits = make_splits(
-        loaded.tokenizer,
-        stored.dataset,
-        stored.calib_tokens,
-        stored.test_tokens,
-        stored.seq_len,
-        tokens,
-        stored.data_seed,
-    )
-    if record.data_fingerprint not in ("", splits.fingerprint()) or splits.fit is None:
-        raise SearchError("the windows differ from the study's (dataset or tokenizer changed)")
+    splits = record.splits(loaded.tokenizer, tokens)
+    assert splits.fit is not None  # record.splits refuses a study whose windows give none
     second = (
         eval_windows(loaded.tokenizer, eval_dataset, eval_tokens or stored.eval_tokens or 8192, stored.seq_len)
         if eval_dataset

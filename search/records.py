@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evaluators.accuracy import TaskResult
+from evaluators.data import Splits, make_splits
 from search.errors import SearchError
 from search.model.removal import Removal
 
@@ -119,6 +120,15 @@ class StudyRecord:
             attrs["warm_start_from"] = self.warm_start_from
         for key, value in attrs.items():
             study.set_user_attr(key, value)
+
+    def splits(self, tokenizer, fit_tokens: int = 0) -> Splits:
+        """The study's windows rebuilt from its settings (with `fit_tokens` of fitting windows), checked
+        against the fingerprint it recorded: what export, heal and evaluate measure on."""
+        s = self.settings
+        splits = make_splits(tokenizer, s.dataset, s.calib_tokens, s.test_tokens, s.seq_len, fit_tokens, s.data_seed)
+        if self.data_fingerprint not in ("", splits.fingerprint()) or (fit_tokens and splits.fit is None):
+            raise SearchError("the windows differ from the study's (dataset or tokenizer changed)")
+        return splits
 
     @classmethod
     def read(cls, study: optuna.Study) -> StudyRecord:
