@@ -128,6 +128,10 @@ def make_objective(
         measured = study.get_trials(deepcopy=False, states=COMPLETE)
         # A set is dominated once its fitness provably exceeds that of a finished set at least as fast.
         ceiling = min((t.values[0] for t in measured if t.values[1] <= latency.ratio), default=None)
+        if ceiling is not None and evaluator.block_kinds is not None:
+            # Sub-layer: latency and parameters part ways, so it must also be beaten by a set at least as small.
+            smaller = [t.values[0] for t in measured if (TrialRecord.of(t).params_reduction or 0.0) >= reduction]
+            ceiling = max(ceiling, min(smaller)) if smaller else None
         if evaluator.max_ppl_ratio is not None and evaluator.fitness == "ppl":  # KL: the cap bounds the pass's ratio
             ceiling = min(evaluator.max_ppl_ratio, ceiling if ceiling is not None else math.inf)
         try:

@@ -199,6 +199,13 @@ def test_a_sublayer_study_searches_blocks(tmp_path, tiny_model_dir, corpus):
         beaten = [o for o in measured if o.values[0] < t.values[0] and TrialRecord.of(o).params_reduction >= reduction]
         if not beaten:
             assert TrialRecord.of(t).test_ppl_ratio is not None, t.number
+    # A set stopped early was proven worse than one at least as fast and than one at least as small.
+    for stopped in [t for t in study.trials if TrialRecord.of(t).rejected]:
+        record = TrialRecord.of(stopped)
+        assert any(
+            o.values[0] < record.ppl_ratio_lower_bound and TrialRecord.of(o).params_reduction >= record.params_reduction
+            for o in done
+        ), stopped.number
     # Each recorded ratio is what the pruned model measures from scratch (blocks skipped, not zeroed).
     _, evaluator, _ = prepare(config)
     evaluator.baseline()
