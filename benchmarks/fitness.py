@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluators.data import make_splits  # noqa: E402
-from evaluators.divergence import _log_rest, full_kl, logp_chunks  # noqa: E402
+from evaluators.divergence import DenseReference, coarse_kl, full_kl, logp_chunks  # noqa: E402
 from evaluators.perplexity import window_batches  # noqa: E402
 from search.model.loading import load_model  # noqa: E402
 from search.model.removal import Removal  # noqa: E402
@@ -67,28 +67,21 @@ def random_sets(n_layers: int, count: int, seed: int = 0) -> list[Removal]:
 
 
 class Dense:
-    """The unpruned model's distributions: top-k per k, and in full over the first SHORT windows."""
+    """The unpruned model's distributions: a reference per k, and in full over the first SHORT windows."""
 
     def __init__(self, model, windows, bos_id, batch_size):
-        self.top: list[torch.Tensor] = []  # per batch [targets, max k] log-probs, most likely first
-        self.ids: list[torch.Tensor] = []
+        widest = DenseReference(max(TOP_K))
         self.full: list[torch.Tensor] = []
         self.nll: list[float] = []
         for index, inputs in enumerate(window_batches(windows, bos_id, batch_size, torch.device("cpu"))):
             logp = torch.cat(list(logp_chunks(model, inputs)))
             top = torch.topk(logp, min(max(TOP_K), logp.shape[-1]), dim=-1)
-            self.top.append(top.values)
-            self.ids.append(top.indices)
+            widest.logp.append(top.values)
+            widest.ids.append(top.indices)
             self.nll.append(-logp.gather(-1, inputs[:, 1:].reshape(-1, 1)).double().sum().item())
             if index * batch_size < SHORT:
                 self.full.append(logp)
-
-
-def coarse(dense: Dense, batch: int, logq: torch.Tensor, k: int) -> float:
-    logp, ids = dense.top[batch][:, :k], dense.ids[batch][:, :k]
-    top_q = logq.gather(-1, ids)
-    rest_p, rest_q = _log_rest(logp), _log_rest(top_q)
-    return ((logp.exp() * (logp - top_q)).sum(-1) + rest_p.exp() * (rest_p - rest_q)).double().sum().item()
+        self.top = {k: widest.top(k) for k in TOP_K}
 
 
 def measure(model, removal: Removal, dense: Dense, calib, test, bos_id, batch_size, base_test_nll) -> dict:
@@ -100,7 +93,7 @@ def measure(model, removal: Removal, dense: Dense, calib, test, bos_id, batch_si
             nll.append(-logq.gather(-1, inputs[:, 1:].reshape(-1, 1)).double().sum().item())
             targets.append(len(logq))
             for k in TOP_K:
-                kl[k].append(coarse(dense, index, logq, k))
+                kl[k].append(coarse_kl(dense.top[k], index, 0, logq).item())
             if index < len(dense.full):
                 full += full_kl(dense.full[index], logq).item()
         test_nll = sum(

@@ -43,6 +43,11 @@ class DenseReference:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for part in (self.logp, self.ids, self.rest) for t in part)
 
+    def top(self, k: int) -> DenseReference:
+        """The same distributions kept to their `k` most likely tokens (k at most this one's)."""
+        logp = [t[:, :k] for t in self.logp]
+        return DenseReference(k, logp, [t[:, :k] for t in self.ids], [_log_rest(t) for t in logp])
+
 
 def _log_rest(top: torch.Tensor) -> torch.Tensor:
     """log(1 - sum(exp(top))) per row, kept finite where the top tokens hold (nearly) all the mass."""
@@ -92,20 +97,6 @@ def coarse_kl(reference: DenseReference, batch: int, start: int, logq: torch.Ten
     rest_q = _log_rest(top_q)
     kl = (logp.exp() * (logp - top_q)).sum(-1) + rest_p.exp() * (rest_p - rest_q)
     return kl.double().sum()
-
-
-@torch.inference_mode()
-def kl_batches(
-    model: nn.Module, windows: torch.Tensor, bos_id: int | None, batch_size: int, reference: DenseReference
-) -> Iterator[tuple[float, int]]:
-    """(summed KL from the reference, target count) per batch, of the model as it is now (pruned)."""
-    device = next(model.parameters()).device
-    for index, inputs in enumerate(window_batches(windows, bos_id, batch_size, device)):
-        total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-        for logq in logp_chunks(model, inputs):
-            total += coarse_kl(reference, index, seen, logq)
-            seen += len(logq)
-        yield total.item(), seen
 
 
 def nll_and_kl(reference: DenseReference) -> Callable[[nn.Module, torch.Tensor, int], tuple[float, int, float]]:

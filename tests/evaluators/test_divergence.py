@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from evaluators.divergence import DenseReference, dense_reference, full_kl, kl_batches, logp_chunks
+from evaluators.divergence import DenseReference, dense_reference, full_kl, logp_chunks, nll_and_kl
 from evaluators.forward import configure
 from evaluators.perplexity import window_batches
 from search.model.removal import Removal
@@ -27,9 +27,10 @@ def _exact_kl(model, removal: Removal, windows: torch.Tensor, bos_id) -> float:
 
 
 def _mean_kl(model, removal: Removal, windows, bos_id, reference: DenseReference) -> float:
-    with removal_applied(model, removal):
-        batches = list(kl_batches(model, windows, bos_id, 4, reference))
-    return sum(s for s, _ in batches) / sum(n for _, n in batches)
+    measure = nll_and_kl(reference)
+    with removal_applied(model, removal), torch.inference_mode():
+        batches = [measure(model, inputs, i) for i, inputs in enumerate(window_batches(windows, bos_id, 4, "cpu"))]
+    return sum(kl for _, _, kl in batches) / sum(n for _, n, _ in batches)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -43,6 +44,8 @@ def test_kl_over_the_whole_vocabulary_is_the_full_kl_and_fewer_tokens_bound_it(f
     assert _mean_kl(model, Removal(), windows, bos_id, whole) == pytest.approx(0.0, abs=1e-6)  # unpruned
     bounds = [_mean_kl(model, removal, windows, bos_id, dense_reference(model, windows, bos_id, 4, k)) for k in (1, 8)]
     assert 0 <= bounds[0] <= bounds[1] + 1e-9 <= exact + 2e-9  # a lower bound that tightens with k
+    narrowed = whole.top(8)  # a wider reference narrowed to k = 8 is the reference taken at k = 8
+    assert math.isclose(_mean_kl(model, removal, windows, bos_id, narrowed), bounds[1], rel_tol=1e-5)
     assert whole.nbytes == 6 * 24 * (
         VOCAB * 8 + 4
     )  # per target (BOS is context only): k log-probs and ids, and the rest's log
