@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,7 +43,7 @@ from search.front import front_report  # noqa: E402
 from search.methods import choose  # noqa: E402
 from search.model.removal import Removal  # noqa: E402
 from search.records import StudyRecord, TrialRecord, counts_towards_trials  # noqa: E402
-from search.store import open_storage  # noqa: E402
+from search.store import open_storage, sqlite_path  # noqa: E402
 from search.study import RunConfig, prepare, run  # noqa: E402
 
 METHODS = (("staged_greedy", "none"), ("replaceme", "linear"), ("greedy_then_healed", "linear"))
@@ -103,11 +105,12 @@ def method_rows(cached: CachingEvaluator, ks: list[int], sensitivity_tokens: int
     return rows
 
 
-def search_rows(config: RunConfig, ks: list[int], say) -> list[dict]:
+def search_rows(config: RunConfig, ks: list[int], say) -> tuple[list[dict], dict]:
+    """The study's front point per k, and what the study cost (with --confirm-tokens: what confirming did)."""
     started = time.perf_counter()
     study = run(config)
     seconds = time.perf_counter() - started
-    say(f"search ({config.trials} trials): {seconds:.0f} s")
+    say(f"search ({config.trials} trials, confirm tokens {config.confirmation_tokens}): {seconds:.0f} s")
     trials = [t for t in study.get_trials(deepcopy=False) if counts_towards_trials(t)]
     measured = [t for t in trials if TrialRecord.of(t).duplicate_of is None]
     evaluations = (StudyRecord.read(study).sensitivity_passes or 0) + len(measured)
@@ -116,33 +119,49 @@ def search_rows(config: RunConfig, ks: list[int], say) -> list[dict]:
         points = [p for p in front_report(study)["front"] if len(p["removed_layers"]) == k]
         if not points:
             continue
-        best = min(points, key=lambda p: p["ppl_ratio"])
+        best = min(points, key=lambda p: p.get("confirmed_ppl_ratio", p["ppl_ratio"]))  # what the study ranks
         rows.append(
             {
                 "k": k,
                 "method": "search",
                 "heal": config.heal,
+                "confirm_tokens": config.confirmation_tokens,
                 "removed_layers": best["removed_layers"],
                 "calib_ppl_ratio": best["ppl_ratio"],
+                **({"confirmed_ppl_ratio": best["confirmed_ppl_ratio"]} if "confirmed_ppl_ratio" in best else {}),
                 "test_ppl_ratio": best["test_ppl_ratio"],
                 "eval_ppl_ratio": best.get("eval_ppl_ratio"),
                 "evaluations": evaluations,
                 "seconds": seconds,
             }
         )
-    return rows
+    cost = {"confirm_tokens": config.confirmation_tokens, "seconds": seconds, "evaluations": evaluations}
+    if config.confirmation_tokens:
+        cost["confirmation"] = front_report(study)["confirmation"]
+    return rows, cost
 
 
 def render(result: dict) -> str:
-    methods = [m for m, _ in METHODS] + ["search"]
+    searches = sorted({r.get("confirm_tokens", 0) for r in result["rows"] if r["method"] == "search"})
+    columns = [(m, None) for m, _ in METHODS] + [("search", c) for c in searches]
+    names = [m if c is None else f"search (confirm {c})" if len(searches) > 1 else m for m, c in columns]
     lines = [
-        "| k | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
+        "| k | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for k in sorted({r["k"] for r in result["rows"]}):
         cells = []
-        for method in methods:
-            row = next((r for r in result["rows"] if r["k"] == k and r["method"] == method), None)
+        for method, confirm in columns:
+            row = next(
+                (
+                    r
+                    for r in result["rows"]
+                    if r["k"] == k
+                    and r["method"] == method
+                    and (confirm is None or r.get("confirm_tokens", 0) == confirm)
+                ),
+                None,
+            )
             figures = [row.get(key) for key in ("test_ppl_ratio", "eval_ppl_ratio")] if row else []
             cells.append(" / ".join(f"{f:.3f}" for f in figures if f is not None) or "-")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
@@ -163,6 +182,13 @@ def main() -> None:
         type=int,
         default=RunConfig.calib_tokens,
         help="calibration tokens (the search's fitness; more of them shrink its noise)",
+    )
+    parser.add_argument(
+        "--confirm-tokens",
+        type=int,
+        nargs="+",
+        help="one study per value, one after the other, each from a copy of the store as the methods left it "
+        "(so none profits from another's evaluations): its --confirm-tokens, 0 for none (default: the run's)",
     )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--storage", help="SQLAlchemy URL (default: a fresh SQLite file)")
@@ -208,8 +234,19 @@ def main() -> None:
         )
     dtype = loaded.dtype
     del loaded, evaluator, cached  # the study loads its own copy
-    if not args.no_search:
-        rows += search_rows(config.__class__(**{**config.__dict__, "dtype": dtype}), args.layers, say)
+    searches = []
+    for confirm in [] if args.no_search else args.confirm_tokens or [None]:
+        own = storage
+        if len(args.confirm_tokens or []) > 1:
+            path = sqlite_path(storage)
+            if path is None:
+                raise SystemExit("several --confirm-tokens need a SQLite --storage (each study starts from a copy)")
+            own = f"sqlite:///{path.with_name(f'{path.stem}-confirm{confirm}.db')}"
+            shutil.copy(path, own.removeprefix("sqlite:///"))
+        study_config = replace(config, dtype=dtype, storage=own, confirm_tokens=confirm)
+        found, cost = search_rows(study_config, args.layers, say)
+        rows += found
+        searches.append(cost)
     result = {
         "model": config.model or "SmolLM2-135M-Instruct (embedded)",
         "budget": config.budget,
@@ -218,6 +255,7 @@ def main() -> None:
         "dtype": dtype,
         "heal_tokens": config.heal_tokens,
         "calib_tokens": config.calib_tokens,
+        "searches": searches,
         "trials": config.trials,
         "baseline_ppl": base,
         "healed_eval_cost": cost,

@@ -78,9 +78,10 @@ class Splits:
     bos_id: int | None  # prepended as context to every window when the model was trained with it
     fit: torch.Tensor | None = None  # healing's fitting windows: after the held-out ones, disjoint from both
     eval: torch.Tensor | None = None  # held-out windows of a second corpus (--eval-dataset), never fitted on
+    more: torch.Tensor | None = None  # --confirm-tokens: calibration windows after `calib`, disjoint from the rest
 
     def windows(self, split: str) -> torch.Tensor:
-        windows = {"calib": self.calib, "test": self.test, "fit": self.fit, "eval": self.eval}[split]
+        windows = {"calib": self.calib, "test": self.test, "fit": self.fit, "eval": self.eval, "more": self.more}[split]
         if windows is None:
             raise ValueError(f"no {split} windows were made")
         return windows
@@ -89,6 +90,11 @@ class Splits:
     def measured(self) -> tuple[str, ...]:
         """The splits perplexity is reported on: calibration, held-out, and the second corpus if any."""
         return ("calib", "test") + (("eval",) if self.eval is not None else ())
+
+    @property
+    def scored(self) -> tuple[str, ...]:
+        """Every split perplexity is taken on: the measured ones, and confirmation's `more` windows."""
+        return self.measured + (("more",) if self.more is not None else ())
 
     def split_fingerprint(self, split: str) -> str:
         """The token windows of one split and how BOS is added: what a ppl depends on."""
@@ -147,9 +153,11 @@ def make_splits(
     seq_len: int,
     fit_tokens: int = 0,
     data_seed: int = 0,
+    confirm_tokens: int = 0,
 ) -> Splits:
     """Tokenise documents in order until the splits are filled: calibration first, held-out after
-    it, then healing's fitting windows (so adding them changes neither of the first two).
+    it, then healing's fitting windows, then the windows confirmation adds to the calibration ones
+    to reach `confirm_tokens` (so adding a later split changes none before it).
 
     `data_seed` other than 0 draws the calibration windows (and then the fitting windows) at random
     from every window of the corpus's first `POOL_WINDOWS` outside the held-out split, which stays
@@ -162,45 +170,56 @@ def make_splits(
     n_calib = max(1, calib_tokens // seq_len)
     n_test = max(1, test_tokens // seq_len)
     n_fit = fit_tokens // seq_len if fit_tokens else 0
-    needed = (n_calib + n_test + n_fit) * seq_len
+    n_more = max(0, confirm_tokens // seq_len - n_calib)
+    if confirm_tokens and not n_more:
+        raise SearchError(f"--confirm-tokens {confirm_tokens} adds no window to --calib-tokens {calib_tokens}")
+    flags = (
+        f"--calib-tokens {calib_tokens} and --test-tokens {test_tokens}"
+        + (f" and --heal-tokens {fit_tokens}" if n_fit else "")
+        + (f" and --confirm-tokens {confirm_tokens}" if n_more else "")
+    )
+    n_all = n_calib + n_test + n_fit + n_more
     if data_seed:
-        return _seeded_splits(tokenizer, spec, n_calib, n_test, n_fit, seq_len, data_seed)
-    ids = _token_ids(tokenizer, spec, needed)
-    if len(ids) < needed:
+        return _seeded_splits(tokenizer, spec, (n_calib, n_test, n_fit, n_more), seq_len, data_seed, flags)
+    ids = _token_ids(tokenizer, spec, n_all * seq_len)
+    if len(ids) < n_all * seq_len:
         raise SearchError(
-            f"dataset has {len(ids)} tokens, fewer than the {needed} needed for "
-            f"--calib-tokens {calib_tokens} and --test-tokens {test_tokens}"
-            + (f" and --heal-tokens {fit_tokens}" if n_fit else "")
-            + f" in windows of {seq_len}"
+            f"dataset has {len(ids)} tokens, fewer than the {n_all * seq_len} needed for {flags} "
+            f"in windows of {seq_len}"
         )
-    windows = torch.tensor(ids[:needed], dtype=torch.long).view(n_calib + n_test + n_fit, seq_len)
+    windows = torch.tensor(ids[: n_all * seq_len], dtype=torch.long).view(n_all, seq_len)
+    fit_end = n_calib + n_test + n_fit
     return Splits(
         calib=windows[:n_calib],
         test=windows[n_calib : n_calib + n_test],
         bos_id=bos_to_prepend(tokenizer),
-        fit=windows[n_calib + n_test :] if n_fit else None,
+        fit=windows[n_calib + n_test : fit_end] if n_fit else None,
+        more=windows[fit_end:] if n_more else None,
     )
 
 
 def _seeded_splits(
-    tokenizer, spec: str | None, n_calib: int, n_test: int, n_fit: int, seq_len: int, data_seed: int
+    tokenizer, spec: str | None, counts: tuple[int, int, int, int], seq_len: int, data_seed: int, flags: str
 ) -> Splits:
-    ids = _token_ids(tokenizer, spec, max(POOL_WINDOWS, n_calib + n_test + n_fit) * seq_len)
+    n_calib, n_test, n_fit, n_more = counts
+    ids = _token_ids(tokenizer, spec, max(POOL_WINDOWS, sum(counts)) * seq_len)
     n_all = len(ids) // seq_len
     pool = [i for i in range(n_all) if not n_calib <= i < n_calib + n_test]
-    if n_all < n_calib + n_test or len(pool) < n_calib + n_fit:
+    drawn_count = n_calib + n_fit + n_more
+    if n_all < n_calib + n_test or len(pool) < drawn_count:
         raise SearchError(
             f"--data-seed {data_seed}: the dataset has {max(0, len(pool))} windows of {seq_len} tokens outside the "
-            f"held-out split, fewer than the {n_calib + n_fit} needed for --calib-tokens"
-            + (" and --heal-tokens" if n_fit else "")
+            f"held-out split, fewer than the {drawn_count} needed for {flags}"
         )
     windows = torch.tensor(ids[: n_all * seq_len], dtype=torch.long).view(n_all, seq_len)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(data_seed)).tolist()
     drawn = [pool[i] for i in order]
     calib, fit = sorted(drawn[:n_calib]), sorted(drawn[n_calib : n_calib + n_fit])
+    more = sorted(drawn[n_calib + n_fit : drawn_count])
     return Splits(
         calib=windows[calib],
         test=windows[n_calib : n_calib + n_test],
         bos_id=bos_to_prepend(tokenizer),
         fit=windows[fit] if n_fit else None,
+        more=windows[more] if n_more else None,
     )

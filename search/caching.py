@@ -37,11 +37,11 @@ class CachingEvaluator:
     def baseline(self, known: dict[str, float] | None = None) -> dict[str, float]:
         """Unpruned perplexities: `known`, else the cache, else measured (and recorded)."""
         found = dict(known or {})
-        for split in self.evaluator.splits.measured:
+        for split in self.evaluator.splits.scored:
             store = self.stores.get(split)
             if split not in found and store is not None and (cached := store.get(Removal())) is not None:
                 found[split] = cached
-        measured = [split for split in self.evaluator.splits.measured if split not in found]
+        measured = [split for split in self.evaluator.splits.scored if split not in found]
         base = self.evaluator.baseline(found)
         for split in measured:  # figures read from the study belong to its numerics, maybe not this run's
             if split in self.stores:
@@ -75,23 +75,25 @@ class CachingEvaluator:
             store.put(removal, ppl, time.perf_counter() - started)
         return ppl
 
-    def kl(self, removal: Removal, ceiling: float | None = None, cap: float | None = None) -> Divergence:
-        """`Evaluator.kl` through the cache: the mean KL under its own key, the pass's perplexity as a
-        calibration perplexity (the same figure a perplexity evaluation would have stored)."""
+    def kl(
+        self, removal: Removal, ceiling: float | None = None, cap: float | None = None, split: str = "calib"
+    ) -> Divergence:
+        """`Evaluator.kl` through the cache: the mean KL under its own key, the pass's perplexity as the
+        split's perplexity (the same figure a perplexity evaluation would have stored)."""
         healing = self.evaluator.heal != "none" and bool(removal)
         stores = self.healed_stores if healing else self.stores
-        kl_store, ppl_store = stores.get("kl"), stores.get("calib")
+        kl_store, ppl_store = stores.get(kl_key(split)), stores.get(split)
         kl = kl_store.get(removal) if kl_store is not None else None
         ppl = ppl_store.get(removal) if ppl_store is not None else None
         if kl is not None and ppl is not None:
             self.hits += 1
             return Divergence(kl, ppl)
-        started, built = time.perf_counter(), self.evaluator.has_prefix("calib")
+        started, built = time.perf_counter(), self.evaluator.has_prefix(split)
         try:
-            found = self.evaluator.kl(removal, ceiling, cap)
+            found = self.evaluator.kl(removal, ceiling, cap, split=split)
         finally:
-            if ppl_store is not None and not built and self.evaluator.has_prefix("calib"):
-                ppl_store.put(Removal(), self.evaluator.prefix("calib").base_ppl)
+            if ppl_store is not None and not built and self.evaluator.has_prefix(split):
+                ppl_store.put(Removal(), self.evaluator.prefix(split).base_ppl)
         seconds = time.perf_counter() - started
         if kl_store is not None and ppl_store is not None:
             kl_store.put(removal, found.kl, seconds)
@@ -131,15 +133,21 @@ def with_store(
     def caches(numerics: str) -> dict[str, EvalCache]:
         found = {
             split: EvalCache(storage.engine, model_fingerprint, splits.split_fingerprint(split), numerics)
-            for split in splits.measured
+            for split in splits.scored
         }
         windows = evaluator.windows("sensitivity")  # greedy's windows: the same rows as `sensitivity()`'s cache
         found["sensitivity"] = replace(found["calib"], data_fingerprint=windows_fingerprint(windows, splits.bos_id))
-        # --fitness kl: the mean KL from the unpruned model on the calibration windows, not a perplexity
-        found["kl"] = replace(found["calib"], numerics=f"{numerics}/kl{DEFAULT_TOP_K}")
+        # --fitness kl: the mean KL from the unpruned model on a split's windows, not a perplexity
+        for split in ("calib", "more") if splits.more is not None else ("calib",):
+            found[kl_key(split)] = replace(found[split], numerics=f"{numerics}/kl{DEFAULT_TOP_K}")
         return found
 
     return CachingEvaluator(evaluator, caches(numerics), caches(healed) if evaluator.heal != "none" else {})
+
+
+def kl_key(split: str) -> str:
+    """The evaluation cache of a split's mean KL ("kl" alone: calibration's, as stores first named it)."""
+    return "kl" if split == "calib" else f"kl:{split}"
 
 
 def heal_key(evaluator: Evaluator) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 
+from search.confirmation import DEFAULT_MARGIN, default_tokens
 from search.errors import SearchError
 from search.model.loading import model_name
 from search.model.numerics import AUTO
@@ -47,6 +48,14 @@ class RunConfig:
     granularity: str = "layer"  # search/space.py: remove whole layers, or attention and MLP blocks ("sublayer")
     data_seed: int = 0  # which windows form the calibration split (evaluators/data.py); held-out never moves
     fitness: str = "ppl"  # the objective on calibration: perplexity ratio, or "kl" (evaluators/divergence.py)
+    # search/confirmation.py: near-front candidates ranked on this many calibration tokens (0: off). None: the
+    # default for a new study (DEFAULT_FACTOR x calib_tokens), the stored value when resuming one.
+    confirm_tokens: int | None = None
+    confirm_margin: float = DEFAULT_MARGIN  # nats per token: how near the best a candidate must come to be confirmed
+
+    @property
+    def confirmation_tokens(self) -> int:
+        return default_tokens(self.calib_tokens) if self.confirm_tokens is None else self.confirm_tokens
 
     @property
     def fit_tokens(self) -> int:
@@ -80,6 +89,8 @@ class RunConfig:
             granularity=self.granularity,
             data_seed=self.data_seed,
             fitness=self.fitness,
+            confirm_tokens=self.confirmation_tokens,
+            confirm_margin=self.confirm_margin if self.confirmation_tokens else None,
         )
 
     def model_spec(self) -> str | None:
@@ -105,7 +116,17 @@ def check_compatible(study: optuna.Study, config: RunConfig) -> None:
         )
 
 
-def adopt_stored_dtype(config: RunConfig, study: optuna.Study) -> RunConfig:
-    """`--dtype auto` resumes a study with the dtype it was measured in, whatever this machine prefers."""
+def adopt_stored(config: RunConfig, study: optuna.Study) -> RunConfig:
+    """A resumed study keeps what a default resolved to when it was created: `--dtype auto` the dtype it
+    was measured in, whatever this machine prefers; an unset --confirm-tokens its confirmation (none for
+    a study older than confirmation), whatever today's default."""
     stored = read_settings(study)
-    return replace(config, dtype=stored.dtype) if config.dtype == AUTO and stored and stored.dtype else config
+    if stored is None:
+        return config
+    if config.dtype == AUTO and stored.dtype:
+        config = replace(config, dtype=stored.dtype)
+    if config.confirm_tokens is None:
+        config = replace(config, confirm_tokens=stored.confirm_tokens)
+        if stored.confirm_margin is not None:
+            config = replace(config, confirm_margin=stored.confirm_margin)
+    return config

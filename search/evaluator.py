@@ -48,11 +48,12 @@ class Evaluator:
     max_run: int = 1  # the longest run of removed layers the statistics are summed for up front (the budget's)
     sensitivity_tokens: int = 2048  # the "sensitivity" split: the first calibration tokens, which greedy scores on
     fitness: str = "ppl"  # what the study minimises on calibration: "ppl" (ratio) or "kl" (mean KL from the unpruned)
+    confirm_margin: float = 0.0  # --confirm-margin: nats per token (search/confirmation.py); used with `splits.more`
     _prefix: dict[str, PrefixCache] = field(default_factory=dict, repr=False)
     _fit: FitStats | None = field(default=None, repr=False)
     _healings: dict[tuple[Removal, bool], Healing] = field(default_factory=dict, repr=False)
     _kv_base: int | None = field(default=None, repr=False)  # the unpruned model's KV-cache bytes
-    _reference: DenseReference | None = field(default=None, repr=False)  # for --fitness kl
+    _references: dict[str, DenseReference] = field(default_factory=dict, repr=False)  # for --fitness kl
 
     @property
     def n_layers(self) -> int:
@@ -85,7 +86,7 @@ class Evaluator:
 
     def baseline(self, known: dict[str, float] | None = None) -> dict[str, float]:
         """Unpruned perplexity per split: `known` (from the study) where given, else measured."""
-        for split in self.splits.measured:
+        for split in self.splits.scored:
             self.base_ppl[split] = (known or {}).get(split) or self.prefix(split).base_ppl
         return self.base_ppl
 
@@ -155,20 +156,33 @@ class Evaluator:
             finally:
                 evaluation.close()  # a stopped evaluation restores the model's layers now, not when collected
 
-    def reference(self) -> DenseReference:
-        """The unpruned model's next-token distributions on the calibration windows (one pass, on first use)."""
-        if self._reference is None:
-            self._reference = dense_reference(self.model, self.splits.calib, self.splits.bos_id, self.batch_size)
-        return self._reference
+    @property
+    def confirms(self) -> bool:
+        """--confirm-tokens: near-front candidates are measured again on more calibration windows."""
+        return self.splits.more is not None
+
+    def reference(self, split: str = "calib") -> DenseReference:
+        """The unpruned model's next-token distributions on a split's windows (one pass, on first use)."""
+        if split not in self._references:
+            self._references[split] = dense_reference(
+                self.model, self.windows(split), self.splits.bos_id, self.batch_size
+            )
+        return self._references[split]
 
     def kl(
-        self, removal: Removal, ceiling: float | None = None, cap: float | None = None, unhealed: bool = False
+        self,
+        removal: Removal,
+        ceiling: float | None = None,
+        cap: float | None = None,
+        unhealed: bool = False,
+        split: str = "calib",
     ) -> Divergence:
-        """Mean KL from the unpruned model on the calibration windows, and the same pass's perplexity, healed
-        as `ppl` heals; raises Rejected once the mean provably exceeds `ceiling` (or the ratio `cap`)."""
-        reference = self.reference()  # before any healing or removal touches the model
-        cache = self.prefix("calib")
-        self.base_ppl.setdefault("calib", cache.base_ppl)
+        """Mean KL from the unpruned model on a split's windows (calibration, or confirmation's "more"), and
+        the same pass's perplexity, healed as `ppl` heals; raises Rejected once the mean provably exceeds
+        `ceiling` (or the ratio `cap`)."""
+        reference = self.reference(split)  # before any healing or removal touches the model
+        cache = self.prefix(split)
+        self.base_ppl.setdefault(split, cache.base_ppl)
         healing = Healing({}) if unhealed or not removal else self.healing(removal)
         with healed(self.model, healing):
             evaluation = cache.nll_batches(removal, healing.first_changed, nll_and_kl(reference))

@@ -19,7 +19,9 @@ from search.tables import cell, table
 FRONT_FIELDS = ("trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
 BLOCK_FIELDS = ("removed_attention", "removed_mlp")  # sub-layer studies: blocks of layers that stay
 OPTIONAL_FIELDS = (
-    "kl",  # --fitness kl: what the study minimised
+    "kl",  # --fitness kl: what the study minimised (on the calibration tokens)
+    "confirmed_ppl_ratio",  # --confirm-tokens: on the calibration and confirmation tokens, what the front ranks
+    "confirmed_kl",
     "kv_cache_ratio",
     "eval_ppl_ratio",
     "unhealed_ppl_ratio",
@@ -84,8 +86,27 @@ def front_report(study: optuna.Study) -> dict:
         report["eval_dataset"] = record.settings.eval_dataset
     if record.settings.data_seed:  # calibration windows drawn by a seed (0, the corpus's first, says nothing)
         report["data_seed"] = record.settings.data_seed
+    if record.settings.confirm_tokens:
+        report["confirmation"] = confirmation_summary(study)
     add_accuracy(study, report)
     return report
+
+
+def confirmation_summary(study: optuna.Study) -> dict:
+    """What confirming cost: the trials measured again on more tokens (duplicates not: they copy) and the
+    seconds it took, besides the margin and token count it ran with."""
+    settings = StudyRecord.read(study).settings
+    confirmed = [
+        r
+        for r in (TrialRecord.of(t) for t in study.get_trials(deepcopy=False))
+        if r.confirm_s is not None and r.duplicate_of is None
+    ]
+    return {
+        "tokens": settings.confirm_tokens,
+        "margin": settings.confirm_margin,
+        "trials": len(confirmed),
+        "seconds": sum(r.confirm_s or 0.0 for r in confirmed),
+    }
 
 
 def retained(value: float, baseline: float, higher_is_better: bool) -> float | None:
@@ -157,6 +178,13 @@ def format_table(report: dict) -> str:
         f"{base['latency_ms']:.1f} ms/forward",
         "",
     ]
+    if "confirmation" in report:
+        c = report["confirmation"]
+        title.insert(
+            -1,
+            f"confirmed on {c['tokens']} calibration tokens (margin {c['margin']} nats/token): {c['trials']} "
+            f"trials, {c['seconds']:.0f} s; the front ranks confirmed_* figures",
+        )
     if "eval_ppl" in base:
         title.insert(2, f"second corpus {report.get('eval_dataset')}: baseline ppl {base['eval_ppl']:.3f}")
     if "heal" in report:

@@ -28,7 +28,8 @@ def describe(number: int, record: TrialRecord) -> str:
         outcome = f"rejected: {record.rejected}"
     else:
         test = f", held-out x{record.test_ppl_ratio:.3f}" if record.test_ppl_ratio is not None else ""
-        outcome = f"ppl x{record.ppl_ratio:.3f}, latency x{record.latency_ratio:.3f}{test}"
+        confirmed = f" (x{record.confirmed_ppl_ratio:.3f} confirmed)" if record.confirmed_ppl_ratio is not None else ""
+        outcome = f"ppl x{record.ppl_ratio:.3f}{confirmed}, latency x{record.latency_ratio:.3f}{test}"
     return f"trial {number}: remove {record.removal.describe()} -> {outcome} ({how})"
 
 

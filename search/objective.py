@@ -8,6 +8,8 @@ so every front point ends up with its held-out figure without paying for the res
 perplexity against parameter reduction counts too: in a sub-layer space latency and parameters
 part ways (an attention block is cheap in parameters and dear in time), and the best set of a
 parameter budget must carry its held-out figure even where a faster set dominates it.
+With `--confirm-tokens` the objective of a finished trial is its figure on more calibration tokens
+(search/confirmation.py), and the candidates further from the front than the noise are rejected.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from evaluators.latency import Latency
 from evaluators.perplexity import Rejected
 from search import space
 from search.caching import CachingEvaluator
+from search.confirmation import confirmed_fitness, loosened
 from search.model.removal import Removal
 from search.records import (
     COMPLETE,
     LatencyEntry,
     TrialRecord,
+    calib_value,
     proposer_known,
     read_latency,
     removal_attrs,
@@ -126,16 +130,27 @@ def make_objective(
         start, hits = time.perf_counter(), evaluator.hits
         latency = shape_latency(study, evaluator, removed)  # first: it decides what can still win
         measured = study.get_trials(deepcopy=False, states=COMPLETE)
+        # On the calibration tokens, the figure this candidate is about to get (a confirmed objective has more).
+        calib = {t.number: calib_value(t, evaluator.fitness) for t in measured}
         # A set is dominated once its fitness provably exceeds that of a finished set at least as fast.
-        ceiling = min((t.values[0] for t in measured if t.values[1] <= latency.ratio), default=None)
+        ceiling = min((calib[t.number] for t in measured if t.values[1] <= latency.ratio), default=None)
         if ceiling is not None and evaluator.block_kinds is not None:
             # Sub-layer: latency and parameters part ways, so it must also be beaten by a set at least as small.
-            smaller = [t.values[0] for t in measured if (TrialRecord.of(t).params_reduction or 0.0) >= reduction]
+            smaller = [calib[t.number] for t in measured if (TrialRecord.of(t).params_reduction or 0.0) >= reduction]
             ceiling = max(ceiling, min(smaller)) if smaller else None
+        if ceiling is not None and evaluator.confirms:  # within the noise of the best: measured again, not rejected
+            ceiling = loosened(ceiling, evaluator.confirm_margin, evaluator.fitness)
+        front_ceiling = ceiling
         if evaluator.max_ppl_ratio is not None and evaluator.fitness == "ppl":  # KL: the cap bounds the pass's ratio
             ceiling = min(evaluator.max_ppl_ratio, ceiling if ceiling is not None else math.inf)
         try:
             fitness = evaluator.calib_fitness(removed, ceiling)
+            if evaluator.confirms and front_ceiling is not None and fitness.value > front_ceiling:
+                # Further above a set at least as fast than the noise: not worth more tokens, and never
+                # finished with a figure on fewer tokens than the confirmed ones it would be ranked with.
+                write_trial(trial, ppl_ratio=fitness.ppl_ratio, kl=fitness.value if evaluator.fitness == "kl" else None)
+                windows = len(evaluator.windows("calib"))
+                raise Rejected("above a set at least as fast by more than --confirm-margin", fitness.value, windows)
         except Rejected as rejected:
             # Recorded as what it is: pruned, with the bound that condemned it; it counts as a trial.
             kl = evaluator.fitness == "kl"
@@ -150,13 +165,25 @@ def make_objective(
             )
             _report(trial, on_result)
             raise optuna.TrialPruned(rejected.reason) from None
-        values = (fitness.value, latency.ratio)
         write_trial(
             trial,
             # Measured, or an earlier evaluation of the same set on the same model, data and numerics.
             ppl_from="store" if evaluator.hits > hits else "computed",
             ppl_ratio=fitness.ppl_ratio,
             kl=fitness.value if evaluator.fitness == "kl" else None,
+        )
+        if evaluator.confirms:  # every finished trial of a confirming study is near the best: ranked on more tokens
+            confirming = time.perf_counter()
+            fitness = confirmed_fitness(evaluator, removed, fitness)
+            write_trial(
+                trial,
+                confirmed_ppl_ratio=fitness.ppl_ratio,
+                confirmed_kl=fitness.value if evaluator.fitness == "kl" else None,
+                confirm_s=time.perf_counter() - confirming,
+            )
+        values = (fitness.value, latency.ratio)
+        write_trial(
+            trial,
             latency_ratio=latency.ratio,
             latency_ms=latency.ms,
             # Sub-layer studies: removing attention shrinks the cache faster than the parameter count.

@@ -45,6 +45,8 @@ class Settings:
     granularity: str = "layer"  # search/space.py: whole layers, or attention and MLP blocks ("sublayer")
     data_seed: int = 0  # which calibration windows (evaluators/data.py); 0: the corpus's first, as before seeds
     fitness: str = "ppl"  # what trials minimise: the perplexity ratio, or "kl" (older stores: ppl)
+    confirm_tokens: int = 0  # search/confirmation.py: 0, no confirmation (older stores)
+    confirm_margin: float | None = None  # nats per token (None without confirmation)
 
     def differences(self, stored: Settings) -> list[str]:
         mine, theirs = asdict(self), asdict(stored)
@@ -246,6 +248,10 @@ class TrialRecord:
     ppl_ratio: float | None = None  # calibration; the objective unless the study's fitness is KL
     kl: float | None = None  # --fitness kl: the objective, mean KL from the unpruned model on calibration tokens
     kl_lower_bound: float | None = None  # --fitness kl, rejected: what the windows seen proved
+    # --confirm-tokens: the same on the calibration and confirmation windows together (the objective then)
+    confirmed_ppl_ratio: float | None = None
+    confirmed_kl: float | None = None
+    confirm_s: float | None = None  # what confirming cost (included in eval_s)
     latency_ratio: float | None = None
     latency_ms: float | None = None
     kv_cache_ratio: float | None = None  # sub-layer studies: measured after a prefill of the latency input
@@ -295,6 +301,14 @@ def calib_ppl_ratio(trial: optuna.trial.FrozenTrial) -> float | None:
     if recorded is not None:
         return recorded
     return trial.values[0] if trial.values else None
+
+
+def calib_value(trial: optuna.trial.FrozenTrial, fitness: str) -> float:
+    """A finished trial's fitness on the calibration tokens: its objective, unless its study confirms
+    (then the objective is the confirmed figure, on more tokens)."""
+    record = TrialRecord.of(trial)
+    recorded = record.kl if fitness == "kl" else record.ppl_ratio
+    return recorded if recorded is not None else trial.values[0]
 
 
 def write_trial(trial: optuna.Trial, **values: Any) -> None:

@@ -20,7 +20,7 @@ from evaluators.forward import configure
 from evaluators.latency import block_kinds, latency_input, layer_kinds
 from search import space
 from search.caching import with_store
-from search.config import RunConfig, adopt_stored_dtype, check_compatible
+from search.config import RunConfig, adopt_stored, check_compatible
 from search.errors import SearchError, redact
 from search.evaluator import Evaluator
 from search.failures import check_window
@@ -66,7 +66,7 @@ def run(config: RunConfig) -> optuna.Study:
         storage = open_storage(url)
         if name in study_names(storage):
             study = optuna.load_study(study_name=name, storage=storage)
-            config = adopt_stored_dtype(config, study)
+            config = adopt_stored(config, study)
             check_compatible(study, config)
             seeded = is_seeded(study)
             if seeded and completed(study) >= min(config.trials, _target(study, config)):
@@ -148,6 +148,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         config.seq_len,
         config.fit_tokens,
         config.data_seed,
+        config.confirmation_tokens,
     )
     if config.eval_dataset:
         if config.eval_dataset == config.dataset:
@@ -170,6 +171,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         max_run=budget.max_layers(),
         sensitivity_tokens=config.sensitivity_tokens,
         fitness=config.fitness,
+        confirm_margin=config.confirm_margin,
     )
     return loaded, evaluator, budget
 

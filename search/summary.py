@@ -74,6 +74,7 @@ def trial_details(study: optuna.Study, number: int) -> dict:
         "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
         "finished": t.datetime_complete.isoformat(timespec="seconds") if t.datetime_complete else None,
         "eval_s": r.eval_s,
+        **({"confirm_s": r.confirm_s} if r.confirm_s is not None else {}),
         "ppl_from": r.ppl_from,
     }
     if r.rejected is not None:  # stopped part-way: what condemned it, and on how much data

@@ -59,7 +59,7 @@ def method(args: argparse.Namespace) -> None:
 
     fields = RunConfig.__dataclass_fields__
     config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "storage"})
-    config = replace(config, heal=HEALED_METHODS.get(args.method, config.heal))
+    config = replace(config, heal=HEALED_METHODS.get(args.method, config.heal), confirm_tokens=0)
     if args.method in BLOCK_METHODS:
         config = replace(config, granularity="sublayer")  # latency shapes and healing statistics by block
     loaded, evaluator, _ = prepare(config)

@@ -36,6 +36,24 @@ def test_data_seeds_draw_calibration_windows_and_never_move_the_held_out_split(c
         make_splits(tiny_tokenizer(), str(corpus), 64 * 10_000, 128, 64, data_seed=1)
 
 
+def test_confirmation_windows_follow_every_other_split_and_change_none(corpus):
+    def rows(windows):
+        return {tuple(w.tolist()) for w in windows}
+
+    for seed in (0, 1):
+        plain = make_splits(tiny_tokenizer(), str(corpus), 256, 128, 64, fit_tokens=256, data_seed=seed)
+        more = make_splits(tiny_tokenizer(), str(corpus), 256, 128, 64, 256, seed, confirm_tokens=640)
+        for split in ("calib", "test", "fit"):
+            assert torch.equal(more.windows(split), plain.windows(split))  # adding them moves nothing
+        assert more.more.shape == (6, 64) and plain.more is None  # 640 tokens: 4 calibration windows and 6 more
+        assert not rows(more.more) & (rows(more.calib) | rows(more.test) | rows(more.fit))
+        assert more.scored == ("calib", "test", "more") and more.fingerprint() == plain.fingerprint()
+    with pytest.raises(SearchError, match="adds no window to --calib-tokens 256"):
+        make_splits(tiny_tokenizer(), str(corpus), 256, 128, 64, confirm_tokens=300)
+    with pytest.raises(SearchError, match="fewer than the .* --confirm-tokens 6400000"):
+        make_splits(tiny_tokenizer(), str(corpus), 256, 128, 64, confirm_tokens=6_400_000)
+
+
 def test_folder_of_text_files(tmp_path):
     write_corpus(tmp_path / "a.txt", lines=50, seed=1)
     write_corpus(tmp_path / "b.txt", lines=50, seed=2)

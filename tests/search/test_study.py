@@ -35,7 +35,7 @@ def snapshot(study):
 
 
 def check_schema(report: dict) -> None:
-    assert set(report) == {"study", "model", "budget", "baseline", "front"}
+    assert set(report) - {"confirmation"} == {"study", "model", "budget", "baseline", "front"}
     assert isinstance(report["study"], str) and isinstance(report["model"], str)
     assert isinstance(report["budget"], float)
     base = report["baseline"]
@@ -44,7 +44,7 @@ def check_schema(report: dict) -> None:
     assert all(isinstance(base[k], float) for k in ("calib_ppl", "test_ppl", "latency_ms"))
     assert report["front"]
     for point in report["front"]:
-        assert set(point) == {
+        assert set(point) - {"confirmed_ppl_ratio"} == {
             "trial",
             "removed_layers",
             "layers",
@@ -58,6 +58,7 @@ def check_schema(report: dict) -> None:
         assert all(
             isinstance(point[k], float) for k in ("params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
         )
+        assert ("confirmed_ppl_ratio" in point) == ("confirmation" in report)
         assert point["layers"] == base["layers"] - len(point["removed_layers"])
 
 
