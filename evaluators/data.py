@@ -202,7 +202,8 @@ def _seeded_splits(
     tokenizer, spec: str | None, counts: tuple[int, int, int, int], seq_len: int, data_seed: int, flags: str
 ) -> Splits:
     n_calib, n_test, n_fit, n_more = counts
-    ids = _token_ids(tokenizer, spec, max(POOL_WINDOWS, sum(counts)) * seq_len)
+    # The pool read does not depend on the confirmation windows, so adding them never moves the others.
+    ids = _token_ids(tokenizer, spec, max(POOL_WINDOWS, n_calib + n_test + n_fit) * seq_len)
     n_all = len(ids) // seq_len
     pool = [i for i in range(n_all) if not n_calib <= i < n_calib + n_test]
     drawn_count = n_calib + n_fit + n_more

@@ -51,11 +51,17 @@ class RunConfig:
     # search/confirmation.py: near-front candidates ranked on this many calibration tokens (0: off). None: the
     # default for a new study (DEFAULT_FACTOR x calib_tokens), the stored value when resuming one.
     confirm_tokens: int | None = None
-    confirm_margin: float = DEFAULT_MARGIN  # nats per token: how near the best a candidate must come to be confirmed
+    confirm_margin: float | None = None  # nats per token to the best, to be confirmed; None: as confirm_tokens
 
     @property
     def confirmation_tokens(self) -> int:
-        return default_tokens(self.calib_tokens) if self.confirm_tokens is None else self.confirm_tokens
+        if self.confirm_tokens is not None:
+            return self.confirm_tokens
+        return default_tokens(max(1, self.calib_tokens // self.seq_len) * self.seq_len)  # whole windows
+
+    @property
+    def confirmation_margin(self) -> float:
+        return DEFAULT_MARGIN if self.confirm_margin is None else self.confirm_margin
 
     @property
     def fit_tokens(self) -> int:
@@ -90,7 +96,7 @@ class RunConfig:
             data_seed=self.data_seed,
             fitness=self.fitness,
             confirm_tokens=self.confirmation_tokens,
-            confirm_margin=self.confirm_margin if self.confirmation_tokens else None,
+            confirm_margin=self.confirmation_margin if self.confirmation_tokens else None,
         )
 
     def model_spec(self) -> str | None:
@@ -127,6 +133,6 @@ def adopt_stored(config: RunConfig, study: optuna.Study) -> RunConfig:
         config = replace(config, dtype=stored.dtype)
     if config.confirm_tokens is None:
         config = replace(config, confirm_tokens=stored.confirm_tokens)
-        if stored.confirm_margin is not None:
-            config = replace(config, confirm_margin=stored.confirm_margin)
+    if config.confirm_margin is None and stored.confirm_margin is not None:
+        config = replace(config, confirm_margin=stored.confirm_margin)
     return config

@@ -27,7 +27,7 @@ import torch
 from evaluators.healing import DEFAULT_RIDGE, collect_fit_stats, fold_permanently, run_pairs
 from evaluators.perplexity import perplexity
 from search.errors import SearchError, first_line
-from search.front import front_report
+from search.front import front_report, ranked_ratio
 from search.healing import HEALINGS, check_healable
 from search.model.loading import load_model
 from search.model.numerics import DTYPES, apply_numerics
@@ -60,14 +60,21 @@ def _knee(front: list[dict]) -> dict:
     """The point closest to the ideal corner after scaling both objectives to [0, 1] over the front
     (L1 distance)."""
 
-    def scaled(key: str, point: dict) -> float:
-        low, high = min(p[key] for p in front), max(p[key] for p in front)
-        return 0.0 if high == low else (point[key] - low) / (high - low)
+    def scaled(value, point: dict) -> float:
+        low, high = min(value(p) for p in front), max(value(p) for p in front)
+        return 0.0 if high == low else (value(point) - low) / (high - low)
 
-    return min(front, key=lambda p: (scaled("ppl_ratio", p) + scaled("latency_ratio", p), p["ppl_ratio"]))
+    def latency(p: dict) -> float:
+        return p["latency_ratio"]
+
+    return min(front, key=lambda p: (scaled(ranked_ratio, p) + scaled(latency, p), ranked_ratio(p)))
 
 
-PICKS.add("best-ppl", lambda front: min(front, key=lambda p: p["ppl_ratio"]), "lowest calibration perplexity ratio")
+PICKS.add(
+    "best-ppl",
+    lambda front: min(front, key=ranked_ratio),
+    "lowest calibration perplexity ratio (the confirmed one where the study confirms)",
+)
 PICKS.add("fastest", lambda front: min(front, key=lambda p: p["latency_ratio"]), "lowest latency ratio")
 
 

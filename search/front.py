@@ -31,6 +31,11 @@ OPTIONAL_FIELDS = (
 LIST_FIELDS = ("removed_layers", *BLOCK_FIELDS)
 
 
+def ranked_ratio(point: dict) -> float:
+    """The calibration ratio a front point is ranked by: the confirmed one where the study confirms."""
+    return point.get("confirmed_ppl_ratio", point["ppl_ratio"])
+
+
 def _fields(report: dict) -> tuple[str, ...]:
     """The columns: the fixed ones (with the block lists in a sub-layer study), then each optional one
     some point carries."""
@@ -70,7 +75,7 @@ def front_report(study: optuna.Study) -> dict:
                 **{key: getattr(measured, key) for key in OPTIONAL_FIELDS if getattr(measured, key) is not None},
             }
         )
-    front.sort(key=lambda p: (p["params_reduction"], p["ppl_ratio"]) if sublayer else (-p["layers"], p["ppl_ratio"]))
+    front.sort(key=lambda p: (p["params_reduction"], ranked_ratio(p)) if sublayer else (-p["layers"], ranked_ratio(p)))
     baseline = {k: v for k, v in asdict(record.baseline).items() if k != "eval_ppl" or v is not None}
     report = {
         "study": study.study_name,

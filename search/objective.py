@@ -130,8 +130,13 @@ def make_objective(
         start, hits = time.perf_counter(), evaluator.hits
         latency = shape_latency(study, evaluator, removed)  # first: it decides what can still win
         measured = study.get_trials(deepcopy=False, states=COMPLETE)
-        # On the calibration tokens, the figure this candidate is about to get (a confirmed objective has more).
-        calib = {t.number: calib_value(t, evaluator.fitness) for t in measured}
+        # On the calibration tokens, the figure this candidate is about to get. Confirming: a set also
+        # condemns only by its confirmed figure where that is worse (never rejected against a figure
+        # that more tokens took back).
+        calib = {
+            t.number: max(calib_value(t, evaluator.fitness), t.values[0]) if evaluator.confirms else t.values[0]
+            for t in measured
+        }
         # A set is dominated once its fitness provably exceeds that of a finished set at least as fast.
         ceiling = min((calib[t.number] for t in measured if t.values[1] <= latency.ratio), default=None)
         if ceiling is not None and evaluator.block_kinds is not None:

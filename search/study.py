@@ -171,7 +171,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         max_run=budget.max_layers(),
         sensitivity_tokens=config.sensitivity_tokens,
         fitness=config.fitness,
-        confirm_margin=config.confirm_margin,
+        confirm_margin=config.confirmation_margin,
     )
     return loaded, evaluator, budget
 

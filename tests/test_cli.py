@@ -22,6 +22,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 TINY_EVALUATION = (
     *("--calib-tokens", "256", "--test-tokens", "128", "--sensitivity-tokens", "128", "--seq-len", "32"),
     *("--latency-tokens", "16", "--latency-repeats", "1", "--dtype", "float32"),
+    *("--confirm-tokens", "0"),  # tests/search/test_confirmation.py and the real-model test confirm
 )
 
 

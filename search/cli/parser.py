@@ -248,17 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         metavar="N",
         help="rank a candidate that comes within --confirm-margin of the best set at least as fast by its "
-        "fitness on N calibration tokens (the calibration windows and more after them, disjoint from held-out "
-        "and healing windows); 0 turns confirmation off (default: 4 x --calib-tokens for a new study, what "
+        "fitness on N calibration tokens (the calibration windows and more, taken after the held-out and "
+        "healing windows); 0 turns confirmation off (default: 4 x --calib-tokens for a new study, what "
         "the study used when resuming one)",
     )
     what.add_argument(
         "--confirm-margin",
         type=_positive_float,
-        default=d.confirm_margin,
         metavar="NATS",
         help="how near (in nats per token: 0.02 is a 2%% perplexity ratio) a candidate must come to the best "
-        f"set at least as fast to be confirmed; further above it, it is rejected (default: {d.confirm_margin})",
+        f"set at least as fast to be confirmed; further above it, it is rejected (default: {d.confirmation_margin}"
+        " for a new study, what the study used when resuming one)",
     )
     study = run.add_argument_group("study")
     study.add_argument(

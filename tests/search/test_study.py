@@ -26,6 +26,7 @@ def tiny_config(tmp_path, model_dir, corpus, **overrides) -> RunConfig:
         latency_tokens=16,
         latency_repeats=1,
         dtype="float32",
+        confirm_tokens=0,  # tiny models' ratios lie far apart; tests/search/test_confirmation.py opts in
     )
     return RunConfig(**{**settings, **overrides})
 
