@@ -5,10 +5,10 @@ held-out data orders such pairs the other way about as often as not (docs/benchm
 fitness"). So a candidate whose fitness comes within `margin` of the best set at least as fast
 (the best of its size among them) is measured again on the calibration windows plus `more` of
 them, and the study ranks it by that figure: the trial's objective is the confirmed one. A
-candidate further than `margin` above such a set is rejected, as a dominated one is rejected
-early (a set beyond the noise of a faster one cannot enter the front), so every finished trial
-of a confirming study carries a figure on the same tokens, and fronts never compare figures of
-different token counts.
+candidate further than `margin` above such a set is rejected: a judgement, not the proof plain
+early rejection is (a set beyond the noise of a faster one is taken to stay behind it), so every
+finished trial of a confirming study carries a figure on the same tokens, and fronts never
+compare figures of different token counts.
 
 The margin is in nats per token, the unit both fitnesses share: a perplexity ratio's logarithm is a
 difference of mean NLLs, and a KL divergence is one too. 0.02 is a 2 % perplexity ratio.

@@ -22,7 +22,6 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 TINY_EVALUATION = (
     *("--calib-tokens", "256", "--test-tokens", "128", "--sensitivity-tokens", "128", "--seq-len", "32"),
     *("--latency-tokens", "16", "--latency-repeats", "1", "--dtype", "float32"),
-    *("--confirm-tokens", "0"),  # tests/search/test_confirmation.py and the real-model test confirm
 )
 
 
@@ -40,6 +39,7 @@ def tiny_run_args(model_dir, corpus, store, *extra):
         "--study",
         "tiny",
         *TINY_EVALUATION,
+        *("--confirm-tokens", "0"),  # tests/search/test_confirmation.py and the real-model test confirm
         *extra,
     )
 
