@@ -109,8 +109,9 @@ def nll_and_kl(reference: DenseReference) -> Callable[[nn.Module, torch.Tensor, 
         kl = torch.zeros((), dtype=torch.float64, device=inputs.device)
         seen = 0
         for logq in logp_chunks(model, inputs):
-            nll -= logq.gather(-1, targets[seen : seen + len(logq), None]).double().sum()
-            kl += coarse_kl(reference, index, seen, logq)
+            # logq is on the LM head's device, which --device-map may put elsewhere than the inputs
+            nll -= logq.gather(-1, targets[seen : seen + len(logq), None].to(logq.device)).double().sum().to(nll.device)
+            kl += coarse_kl(reference, index, seen, logq).to(kl.device)
             seen += len(logq)
         return nll.item(), seen, kl.item()
 

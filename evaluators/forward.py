@@ -96,7 +96,9 @@ def numerics(model: nn.Module):
 def logits_nll(logits: torch.Tensor, inputs: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL of `inputs[:, 1:]` from full logits (the plain path), and the target count."""
     logits, targets = logits[:, :-1], inputs[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).to(logits.device), reduction="sum"
+    )
     return nll.item(), targets.numel()
 
 
@@ -107,8 +109,9 @@ def head_nll(head: nn.Module, hidden: torch.Tensor, inputs: torch.Tensor) -> tup
     rows = HEAD_ROWS.get(hidden.device.type, 1024)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(0, len(targets), rows):
-        logits = head(hidden[start : start + rows]).float()
-        total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum").double()
+        logits = head(hidden[start : start + rows]).float()  # on the head's device (--device-map: maybe not hidden's)
+        chunk = F.cross_entropy(logits, targets[start : start + rows].to(logits.device), reduction="sum")
+        total += chunk.double().to(total.device)
     return total.item(), targets.numel()
 
 

@@ -191,7 +191,7 @@ def _tokens(states: torch.Tensor) -> torch.Tensor:
 
 def _product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """Σ over a batch's tokens of leftᵀ right: float32 (or the model's float64) products, float64 sums."""
-    return (_tokens(left).T @ _tokens(right)).double()
+    return (_tokens(left).T @ _tokens(right.to(left.device))).double()  # on left's device (--device-map)
 
 
 def _add(sums: dict, key: Any, value: torch.Tensor) -> None:
@@ -293,7 +293,7 @@ def collect_fit_stats(
         if x - 1 in outputs:
             after[x - 1] = state
         for p in targets.get(x, ()):
-            _add(stats.cross, (p, x), _product(outputs[p], state - after[p]))
+            _add(stats.cross, (p, x), _product(outputs[p], state - after[p].to(state.device)))
         if x >= top:
             raise _Stop
 
@@ -470,7 +470,7 @@ def solve(mm: torch.Tensor, my: torch.Tensor, ridge: float) -> torch.Tensor:
 
 def _healed_state(out: torch.Tensor, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The stream after a kept block with that block's output mapped by (I + delta): out + M·delta."""
-    return out + (m.to(out.dtype) @ delta.to(out.dtype))
+    return out + (m.to(out.dtype) @ delta.to(out.device, out.dtype))
 
 
 def fit_healing(
@@ -515,7 +515,7 @@ def fit_healing(
             if capture is None:
                 capture = stats.captures[key] = _capture(model, stats, removal, end + 1, state, block)
             stats.captures.move_to_end(key)
-            maps[block] = solve(capture.gram, _cross(stats, capture, target, device), ridge)
+            maps[block] = solve(capture.gram, _cross(stats, capture, target, capture.gram.device), ridge)
             state = partial(_state, capture.scratch, "out", "m", maps[block], device, residual)
         end = last
     while len(stats.captures) > CAPTURES:  # after the fit: a capture in use is never closed under it

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from search.model.placement import devices_of
 from search.model.removal import KINDS, Removal
 from search.model.surgery import block_param_counts, layer_param_counts, removal_applied
 
@@ -117,19 +118,20 @@ def reachable_shapes(
     return found
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(devices: list[torch.device]) -> None:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
 def time_forward(model: nn.Module, input_ids: torch.Tensor) -> float:
-    """Wall-clock milliseconds of one full forward pass (synchronised on GPU)."""
-    device = input_ids.device
-    _sync(device)
+    """Wall-clock milliseconds of one full forward pass (synchronised on every GPU the model uses)."""
+    devices = list(dict.fromkeys([input_ids.device, *devices_of(model)]))
+    _sync(devices)
     start = time.perf_counter()
     model(input_ids=input_ids, use_cache=False)
-    _sync(device)
+    _sync(devices)
     return (time.perf_counter() - start) * 1000
 
 

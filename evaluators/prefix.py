@@ -29,6 +29,7 @@ from torch import nn
 
 from evaluators.forward import batch_nll, prepare
 from evaluators.perplexity import from_batches, nll_batches, window_batches
+from search.model.placement import devices_of, layer_device
 from search.model.removal import Removal
 from search.model.surgery import decoder_layers, removal_applied
 
@@ -161,7 +162,9 @@ def build_prefix_cache(
     tokens = windows.shape[0] * (windows.shape[1] + (1 if bos_id is not None else 0))
     config: Any = model.config  # a transformers PretrainedConfig (nn.Module has no config)
     per_boundary = tokens * config.hidden_size * param.element_size()
-    budget = max_bytes if max_bytes is not None else int(available_bytes(param.device) * MEMORY_FRACTION)
+    # Over several devices (--device-map) the boundaries spread as the layers do: every device's memory counts.
+    available = sum(available_bytes(device) for device in devices_of(model))
+    budget = max_bytes if max_bytes is not None else int(available * MEMORY_FRACTION)
     # The first kept layer's input is the embedding output: nothing to save by storing it.
     candidates = kept[1:]
     fit = budget // per_boundary if per_boundary else 0
@@ -191,7 +194,8 @@ def build_prefix_cache(
                 # Indexed by batch, not appended: a batch run again (compiled layers falling back to
                 # eager part-way, evaluators/forward.py) overwrites its own entry.
                 del cache.states[boundary][len(cache.base_nll) :]
-                cache.states[boundary].append(hidden.detach().clone())
+                # On the layer's own device (--device-map): where the candidate starting here computes.
+                cache.states[boundary].append(hidden.detach().to(layer_device(module, hidden.device), copy=True))
 
             handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))
         try:

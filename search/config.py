@@ -30,6 +30,7 @@ class RunConfig:
     batch_size: int = 4
     dtype: str = "auto"  # measured per machine (search/model/numerics.py); a study keeps what it resolved to
     device: str = "cpu"
+    device_map: str | None = None  # spread the decoder stack over devices (search/model/placement.py)
     compile: bool = False  # torch.compile the decoder layers for perplexity passes (evaluators/forward.py)
     latency_tokens: int = 128
     latency_repeats: int = 30

@@ -34,29 +34,29 @@ _SAFE_WEIGHTS = ("*.safetensors", "*.safetensors.index.json")
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def check_device(device: str) -> None:
+def check_device(device: str, flag: str = "--device") -> None:
     """Refuse a device this torch build cannot use, naming the ones it can."""
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise SearchError(f"--device {device!r} is not a torch device name (e.g. cpu, cuda, cuda:1)") from None
+        raise SearchError(f"{flag} {device!r} is not a torch device name (e.g. cpu, cuda, cuda:1)") from None
     if parsed.type == "cpu":
         return
     usable = available_devices()
     backend = getattr(torch, parsed.type, None)
     if parsed.type == "cuda" and torch.version.cuda is None:
         raise SearchError(
-            f"--device {device}: this torch build ({torch.__version__}) has no CUDA; usable here: {', '.join(usable)}. "
+            f"{flag} {device}: this torch build ({torch.__version__}) has no CUDA; usable here: {', '.join(usable)}. "
             "For a GPU, install a CUDA build of torch 2.13 (pip's CUDA wheel), or pass --device cpu"
         )
     if backend is None or not backend.is_available():
         raise SearchError(
-            f"--device {device}: torch {torch.__version__} sees no {parsed.type} device here (no driver, or none "
+            f"{flag} {device}: torch {torch.__version__} sees no {parsed.type} device here (no driver, or none "
             f"visible to this process); usable here: {', '.join(usable)}"
         )
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if parsed.index is not None and parsed.index >= count:
-        raise SearchError(f"--device {device}: only {count} {parsed.type} device(s) here; usable: {', '.join(usable)}")
+        raise SearchError(f"{flag} {device}: only {count} {parsed.type} device(s) here; usable: {', '.join(usable)}")
 
 
 def available_devices() -> list[str]:

@@ -136,7 +136,7 @@ def check_space(config: RunConfig) -> None:
 
 def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
     """Model, windows and parameter accounting: everything an evaluation needs, no store yet."""
-    loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code)
+    loaded = load_model(config.model, config.dtype, config.device, config.trust_remote_code, config.device_map)
     model = configure(loaded.model, compile=config.compile)
     check_window(model.config, config.seq_len, bos_to_prepend(loaded.tokenizer) is not None, config.latency_tokens)
     check_healable(model, config.heal, blocks=config.granularity == "sublayer")

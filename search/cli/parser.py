@@ -153,6 +153,13 @@ def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentG
     )
     compute.add_argument("--device", default=d.device, help=f"torch device, e.g. cpu or cuda (default: {d.device})")
     compute.add_argument(
+        "--device-map",
+        default=d.device_map,
+        metavar="auto|DEV,DEV,...",
+        help="spread the decoder layers over several devices in contiguous runs (auto: every CUDA device; or a "
+        "list such as cuda:0,cuda:1); replaces --device. Default: one device",
+    )
+    compute.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=d.compile,

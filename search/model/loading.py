@@ -28,6 +28,7 @@ from search.failures import check_device, check_safe_weights
 from search.model.numerics import AUTO, DTYPES, apply_numerics
 from search.model.numerics import choose as choose_dtype
 from search.model.packaged import packaged_file
+from search.model.placement import dispatch, parse_device_map
 from search.model.sublayer_export import load_sublayer_export, sublayer_marker
 
 log = logging.getLogger("search")
@@ -125,9 +126,14 @@ def _convert_gguf(path: Path, target: Path) -> None:
 
 
 def load_model(
-    spec: str | None, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+    spec: str | None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load weights (safetensors or GGUF only; no pickles) in `dtype` on `device`.
+    """Load weights (safetensors or GGUF only; no pickles) in `dtype` on `device`, or spread over the
+    devices of `device_map` (search/model/placement.py).
 
     Loading straight into `dtype` (rather than casting afterwards) keeps buffers such as rotary
     frequencies in the precision the model defines, exactly as a user's `from_pretrained` will.
@@ -137,6 +143,7 @@ def load_model(
     if dtype not in DTYPES and dtype != AUTO:
         raise SearchError(f"--dtype {dtype!r} is not one of {', '.join([AUTO, *DTYPES])}")
     check_device(device)
+    devices = parse_device_map(device_map) if device_map is not None else None
     requested, dtype = dtype, ("float32" if dtype == AUTO else dtype)
     path = default_model_path() if spec is None else Path(spec).expanduser()
     fingerprint = None
@@ -165,10 +172,16 @@ def load_model(
         raise SearchError(f"cannot load --model {spec}: {reason}") from None
     if fingerprint is None:  # a hub id: the resolved commit names the weights
         fingerprint = f"hub:{spec}@{getattr(model.config, '_commit_hash', None) or 'unknown'}"
-    model.to(torch.device(device)).eval()
+    if devices is None:
+        model.to(torch.device(device)).eval()
+    else:
+        model = dispatch(model.eval(), devices)
     if requested == AUTO:
         dtype, reason = choose_dtype(model.device, getattr(model.config, "hidden_size", 1024))
         log.info("--dtype auto: %s (%s)", dtype, reason)
+        if DTYPES[dtype] != torch.float32:  # loaded in float32: round the weights, keep the buffers' precision
+            for param in model.parameters():
+                param.data = param.data.to(DTYPES[dtype])
     apply_numerics(model, dtype)
     return LoadedModel(model, tokenizer, model_name(spec), str(spec or path), fingerprint, dtype)
 

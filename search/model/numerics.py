@@ -37,33 +37,60 @@ REPEATS = 5
 
 def _time_product(a: torch.Tensor, b: torch.Tensor, autocast: bool) -> float:
     with torch.inference_mode(), torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=autocast):
+        _sync(a.device)
         start = time.perf_counter()
         for _ in range(2):
             a @ b
-        if a.device.type == "cuda":
-            torch.cuda.synchronize(a.device)
+        _sync(a.device)
         return time.perf_counter() - start
 
 
-def bf16_speedup(device: str | torch.device = "cpu", width: int = 1024, tokens: int = 256) -> float:
-    """float32 time over bf16-autocast time for a [tokens, width] x [width, 4*width] product (median)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def product_seconds(device: str | torch.device = "cpu", width: int = 1024, tokens: int = 256) -> dict[str, float]:
+    """Median seconds of a [tokens, width] x [width, 4*width] product per numerics, interleaved: float32,
+    bf16 autocast on float32 weights, and (on a GPU) bfloat16 weights."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(tokens, width, generator=generator).to(device)
     b = torch.randn(width, 4 * width, generator=generator).to(device)
-    _time_product(a, b, False), _time_product(a, b, True)  # warm-up: kernels, caches, clocks
-    fp32, bf16 = [], []
-    for _ in range(REPEATS):  # interleaved, so a slow moment hits both alike
-        fp32.append(_time_product(a, b, False))
-        bf16.append(_time_product(a, b, True))
-    return statistics.median(fp32) / statistics.median(bf16)
+    variants = {"float32": (a, b, False), CANDIDATE: (a, b, True)}
+    if device.type == "cuda":
+        variants["bfloat16"] = (a.bfloat16(), b.bfloat16(), False)
+    for args in variants.values():  # warm-up: kernels, caches, clocks
+        _time_product(*args)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(REPEATS):  # interleaved, so a slow moment hits all alike
+        for name, args in variants.items():
+            times[name].append(_time_product(*args))
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def bf16_speedup(device: str | torch.device = "cpu", width: int = 1024, tokens: int = 256) -> float:
+    """float32 time over bf16-autocast time for a [tokens, width] x [width, 4*width] product (median)."""
+    seconds = product_seconds(device, width, tokens)
+    return seconds["float32"] / seconds[CANDIDATE]
+
+
+def decide(seconds: dict[str, float]) -> str:
+    """float32 unless reduced precision is clearly faster (MIN_SPEEDUP); bfloat16 weights only where
+    they are clearly faster than autocast too (a GPU, where autocast casts every weight on every product)."""
+    fp32, mixed, bf16 = seconds["float32"], seconds[CANDIDATE], seconds.get("bfloat16")
+    if bf16 is not None and fp32 / bf16 >= MIN_SPEEDUP and mixed / bf16 >= MIN_SPEEDUP:
+        return "bfloat16"
+    return CANDIDATE if fp32 / mixed >= MIN_SPEEDUP else "float32"
 
 
 def choose(device: str | torch.device = "cpu", width: int = 1024) -> tuple[str, str]:
-    """The dtype `auto` resolves to on `device`, and why (for the log)."""
-    speedup = bf16_speedup(device, width)
-    reason = f"bf16 matrix products measured {speedup:.2f}x the speed of float32 on this {torch.device(device).type}"
-    return (CANDIDATE if speedup >= MIN_SPEEDUP else "float32"), reason
+    """The dtype `auto` resolves to on `device`, and why (for the log). A GPU gets products big enough to
+    time (a CPU's 256 tokens take microseconds there) and also weighs bfloat16 weights."""
+    device = torch.device(device)
+    seconds = product_seconds(device, width, tokens=4096 if device.type == "cuda" else 256)
+    speeds = ", ".join(f"{name} {seconds['float32'] / s:.2f}x" for name, s in seconds.items() if name != "float32")
+    return decide(seconds), f"matrix products measured against float32 on this {device.type}: {speeds}"
 
 
 def apply_numerics(model: torch.nn.Module, dtype: str) -> torch.nn.Module:

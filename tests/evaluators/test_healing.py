@@ -186,7 +186,10 @@ def test_streamed_progressive_fit_equals_the_fit_on_held_activations(family, seq
                 expected = _reference_healing(model, windows, removal, 1e-3, sequential)
                 assert set(healing.maps) == set(expected)
                 for block, delta in expected.items():
-                    assert torch.allclose(healing.maps[block], delta, rtol=1e-7, atol=1e-9 * delta.abs().max().item())
+                    # The solve amplifies float64 rounding by its conditioning: up to 5e-9 of the largest
+                    # entry on an AMD EPYC without AVX512 (BLAS sums in another order); a wrong fit is off by far more.
+                    scale = delta.abs().max().item()
+                    assert torch.allclose(healing.maps[block], delta, rtol=1e-6, atol=1e-7 * scale)
             if sequential and not blocks:
                 assert len(stats.captures) == 5  # one per distinct (runs before, block): the last two sets ran nothing
         finally:

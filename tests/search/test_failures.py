@@ -106,6 +106,12 @@ def test_cuda_requested_without_cuda_names_usable_devices(tmp_path, tiny_model_d
     assert not (tmp_path / "s.db").exists()
     with pytest.raises(SearchError, match="not a torch device name"):
         check_device("gpu0")
+    result = cli(*tiny_run_args(tiny_model_dir, corpus, tmp_path / "s.db", "--device-map", "auto"), cwd=tmp_path)
+    assert_one_line_error(result, "--device-map auto", "this torch sees none")
+    two_gpus = tiny_run_args(tiny_model_dir, corpus, tmp_path / "s.db", "--device-map", "cuda:0,cuda:1")
+    result = cli(*two_gpus, cwd=tmp_path)
+    assert_one_line_error(result, "--device-map cuda:0", "CUDA build of torch")
+    assert not (tmp_path / "s.db").exists()
 
 
 def test_pickle_only_checkpoint_is_refused_with_a_conversion_command(tmp_path, tiny_model_dir, corpus):

@@ -221,6 +221,81 @@ def test_two_workers_share_a_sqlite_study(tmp_path, tiny_model_dir, corpus):
     _check_shared_study(url, "tiny", 14)
 
 
+def _running_workers(url, study) -> dict[int, int]:
+    """pid -> number of the trial it is measuring, for every RUNNING trial that names its worker."""
+    running = {}
+    for t in trials(url, study):
+        worker = t.user_attrs.get("worker")
+        if t.state == TrialState.RUNNING and worker:
+            running[int(worker.split(":")[-2])] = t.number
+    return running
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_four_workers_two_killed_mid_trial_and_restarted(tmp_path, request, slow_model_dir, backend):
+    """Four workers on one study; two die by SIGKILL while measuring and start again. The study reaches
+    --trials, every completed trial survives, no set is measured twice and nothing stays RUNNING."""
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "big.txt", lines=1200)
+    study = f"four-{backend}"
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'four.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    target = 20
+    slow = ("--trials", str(target), "--calib-tokens", "8192", "--seq-len", "256", "--study", study)
+    workers = [worker(slow_model_dir, corpus, url, *slow) for _ in range(4)]
+    try:
+        deadline, running = time.time() + 300, {}
+        while time.time() < deadline:
+            time.sleep(0.2)
+            try:
+                states = [t.state for t in trials(url, study)]
+                running = _running_workers(url, study)
+            except Exception:
+                continue  # store or study not created yet
+            alive = {p.pid for p in workers if p.poll() is None}
+            if states.count(TrialState.COMPLETE) >= 4 and len(set(running) & alive) >= 2:
+                break
+        else:
+            pytest.fail(f"never saw two workers measuring: {[p.poll() for p in workers]}")
+        victims = [p for p in workers if p.pid in running][:2]
+        for proc in victims:
+            os.kill(proc.pid, signal.SIGKILL)
+        for proc in victims:
+            proc.wait(timeout=60)
+        killed_in = {running[p.pid] for p in victims}
+        before = completed_snapshot(url, study)
+        workers += [worker(slow_model_dir, corpus, url, *slow) for _ in victims]  # restarted
+        for proc in workers:
+            if proc in victims:
+                continue
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+
+    final = trials(url, study)
+    assert not [t for t in final if t.state == TrialState.RUNNING]
+    after = completed_snapshot(url, study)
+    assert {n: after[n] for n in before} == before  # every trial completed before the kills, untouched
+    done = [t for t in final if t.state == TrialState.COMPLETE]
+    assert target <= len(done) <= target + 3  # the other workers may finish the trial each was running
+    measured = [removal_set(t) for t in done if "duplicate_of" not in t.user_attrs]
+    assert len(measured) == len(set(measured))  # no removal set measured twice
+    # A trial killed mid-way is failed (unless it finished in the instant before the signal landed),
+    # and its set, if decided, runs once more, unless the others reached --trials first.
+    lost = [t for t in final if t.number in killed_in and t.number not in before]
+    assert all(t.state == TrialState.FAIL for t in lost)
+    for t in lost:
+        decided = t.system_attrs.get("fixed_params") or (t.params if len(t.params) == 6 else None)
+        retried = [r.params for r in done if r.system_attrs.get("failed_trial") == t.number]
+        assert retried in ([], [decided]) if decided else retried == []
+
+
 def test_studies_and_front_work_on_postgresql(postgres_url, tiny_model_dir, corpus, tmp_path):
     args = list(tiny_run_args(tiny_model_dir, corpus, "unused", "--trials", "3", "--study", "pg-front"))
     args[args.index("--storage") + 1] = postgres_url

@@ -9,6 +9,7 @@ from search.model.removal import Removal
 from search.records import COMPLETE
 from search.sampler import removal_set
 from search.study import RunConfig, completed, run
+from tests.search.model.test_numerics import measured
 
 
 def tiny_config(tmp_path, model_dir, corpus, **overrides) -> RunConfig:
@@ -190,12 +191,12 @@ def test_one_pass_criteria_drive_greedy_seeding(tmp_path, tiny_model_dir, corpus
 
 
 def test_auto_dtype_is_recorded_resolved_and_kept_on_resume(tmp_path, tiny_model_dir, corpus, monkeypatch):
-    monkeypatch.setattr(search.model.numerics, "bf16_speedup", lambda device, width: 2.0)  # a machine with bf16 units
+    monkeypatch.setattr(search.model.numerics, "product_seconds", measured(2.0))  # a machine with bf16 units
     study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=3, dtype="auto"))
     assert study.user_attrs["settings"]["dtype"] == "bf16-mixed"
     before = snapshot(study)
     # Resumed where bf16 is slow: auto keeps the study's numerics instead of refusing or mixing them.
-    monkeypatch.setattr(search.model.numerics, "bf16_speedup", lambda device, width: 0.3)
+    monkeypatch.setattr(search.model.numerics, "product_seconds", measured(0.3))
     study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=5, dtype="auto"))
     assert study.user_attrs["settings"]["dtype"] == "bf16-mixed"
     assert snapshot(study)[:3] == before and completed(study) == 5

@@ -5,8 +5,16 @@ import torch
 
 import search.model.numerics
 from search.model.loading import load_model
-from search.model.numerics import MIN_SPEEDUP, bf16_speedup, choose
+from search.model.numerics import MIN_SPEEDUP, bf16_speedup, choose, decide
 from tests.conftest import VOCAB
+
+
+def measured(speedup: float, bf16_weights: float | None = None):
+    """A stand-in for product_seconds: float32 takes 1 s, autocast 1/speedup, bfloat16 weights 1/bf16_weights."""
+    seconds = {"float32": 1.0, "bf16-mixed": 1.0 / speedup}
+    if bf16_weights is not None:
+        seconds["bfloat16"] = 1.0 / bf16_weights
+    return lambda device, width, tokens: seconds
 
 
 def test_speedup_is_a_measured_positive_ratio():
@@ -16,7 +24,7 @@ def test_speedup_is_a_measured_positive_ratio():
 
 @pytest.mark.parametrize("speedup, expected", [(0.27, "float32"), (1.1, "float32"), (2.2, "bf16-mixed")])
 def test_auto_takes_bf16_only_where_it_is_clearly_faster(monkeypatch, speedup, expected):
-    monkeypatch.setattr(search.model.numerics, "bf16_speedup", lambda device, width: speedup)
+    monkeypatch.setattr(search.model.numerics, "product_seconds", measured(speedup))
     dtype, reason = choose("cpu")
     assert dtype == expected
     assert f"{speedup:.2f}x" in reason
@@ -25,10 +33,29 @@ def test_auto_takes_bf16_only_where_it_is_clearly_faster(monkeypatch, speedup, e
 
 @pytest.mark.parametrize("speedup", [0.3, 2.0])
 def test_auto_loads_float32_weights_and_applies_what_it_chose(tiny_model_dir, monkeypatch, speedup):
-    monkeypatch.setattr(search.model.numerics, "bf16_speedup", lambda device, width: speedup)
+    monkeypatch.setattr(search.model.numerics, "product_seconds", measured(speedup))
     loaded = load_model(str(tiny_model_dir), "auto")
     assert loaded.dtype == ("bf16-mixed" if speedup >= MIN_SPEEDUP else "float32")
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     with torch.no_grad():
         logits = loaded.model(input_ids=torch.randint(3, VOCAB, (1, 8))).logits
     assert logits.dtype == (torch.bfloat16 if loaded.dtype == "bf16-mixed" else torch.float32)
+
+
+@pytest.mark.parametrize(
+    "autocast, weights, expected",
+    [(3.0, 3.2, "bf16-mixed"), (3.0, 8.0, "bfloat16"), (1.1, 1.2, "float32"), (1.1, 2.0, "bfloat16")],
+)
+def test_a_gpu_weighs_bfloat16_weights_too(autocast, weights, expected):
+    # bfloat16 weights round the model, so they must beat autocast clearly, not just float32.
+    assert decide(measured(autocast, weights)(None, None, None)) == expected
+
+
+def test_auto_choosing_bfloat16_rounds_the_weights_and_keeps_the_buffers(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(search.model.numerics, "product_seconds", measured(3.0, 8.0))
+    loaded = load_model(str(tiny_model_dir), "auto")
+    assert loaded.dtype == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in loaded.model.parameters())
+    assert loaded.model.model.rotary_emb.inv_freq.dtype == torch.float32  # as from_pretrained(dtype=bfloat16)
+    reference = load_model(str(tiny_model_dir), "bfloat16").model
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.parameters(), reference.parameters()))
