@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.healing import collect_fit_stats, fit_healing, healed, run_pairs  # noqa: E402
 from evaluators.perplexity import from_batches  # noqa: E402
 from evaluators.prefix import build_prefix_cache  # noqa: E402
+from search.config import RunConfig  # noqa: E402
 from search.model.numerics import DTYPES, apply_numerics  # noqa: E402
 from search.model.removal import Removal  # noqa: E402
 from search.model.surgery import layer_param_counts  # noqa: E402
-from search.study import RunConfig  # noqa: E402
 
 # The published configs' shapes (config.json of each hub repository), the fields cost depends on.
 SHAPES = {

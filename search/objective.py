@@ -65,6 +65,20 @@ def on_a_front(trial: optuna.Trial, values: Sequence[float], reduction: float) -
     )
 
 
+def rejection_ceiling(
+    finished: Sequence[tuple[float, float, float]], latency: float, reduction: float, sublayer: bool
+) -> float | None:
+    """The fitness above which a candidate of this `latency` and parameter `reduction` is provably off
+    the fronts the study keeps, from the finished sets' (fitness, latency ratio, params reduction);
+    None: it cannot be rejected. Whole layers: beaten by a set at least as fast. Sub-layer: latency and
+    parameters part ways, so it must also be beaten by a set at least as small (removing as much)."""
+    ceiling = min((value for value, lat, _ in finished if lat <= latency), default=None)
+    if ceiling is None or not sublayer:
+        return ceiling
+    smaller = [value for value, _, removed in finished if removed >= reduction]
+    return max(ceiling, min(smaller)) if smaller else None
+
+
 def claim(trial: optuna.Trial, removal: Removal, lock: Lock, **record: object) -> optuna.trial.FrozenTrial | None:
     """Decide which trial measures `removal`: None when this one does, else a finished trial of the same set.
 
@@ -137,12 +151,8 @@ def make_objective(
             t.number: max(calib_value(t, evaluator.fitness), t.values[0]) if evaluator.confirms else t.values[0]
             for t in measured
         }
-        # A set is dominated once its fitness provably exceeds that of a finished set at least as fast.
-        ceiling = min((calib[t.number] for t in measured if t.values[1] <= latency.ratio), default=None)
-        if ceiling is not None and evaluator.block_kinds is not None:
-            # Sub-layer: latency and parameters part ways, so it must also be beaten by a set at least as small.
-            smaller = [calib[t.number] for t in measured if (TrialRecord.of(t).params_reduction or 0.0) >= reduction]
-            ceiling = max(ceiling, min(smaller)) if smaller else None
+        finished = [(calib[t.number], t.values[1], TrialRecord.of(t).params_reduction or 0.0) for t in measured]
+        ceiling = rejection_ceiling(finished, latency.ratio, reduction, evaluator.block_kinds is not None)
         if ceiling is not None and evaluator.confirms:  # within the noise of the best: measured again, not rejected
             ceiling = loosened(ceiling, evaluator.confirm_margin, evaluator.fitness)
         front_ceiling = ceiling

@@ -79,3 +79,20 @@ def test_a_set_whose_measuring_worker_died_is_claimed_again(tmp_path):
     lock = lambda: exclusive(url, "claim:test", announce=False)  # noqa: E731
     assert objective.claim(alive, Removal.of([4]), lock) is None  # claimed again at once, no waiting on the dead
     assert TrialRecord.of(study.trials[alive.number]).removed_layers == (4,)
+
+
+def test_early_rejection_needs_a_faster_set_and_in_sublayer_studies_a_smaller_one_too():
+    # (fitness, latency ratio, params reduction) of the finished sets
+    fast = (1.10, 0.90, 0.05)  # fast and good, but removes little
+    big = (1.30, 0.95, 0.10)  # removes as much as the candidate
+    finished = [fast, big]
+    # Whole layers: the best set at least as fast decides (latency goes with parameters there).
+    assert objective.rejection_ceiling(finished, 0.92, 0.10, sublayer=False) == 1.10
+    # Sub-layer: the candidate may be the best of its size, so only the worse of the two bounds rejects.
+    assert objective.rejection_ceiling(finished, 0.92, 0.10, sublayer=True) == 1.30
+    # Faster than every finished set: nothing at least as fast, never rejected.
+    assert objective.rejection_ceiling(finished, 0.80, 0.10, sublayer=False) is None
+    # Removing more than any finished set: in a sub-layer study nothing at least as small, never rejected.
+    assert objective.rejection_ceiling(finished, 0.99, 0.20, sublayer=True) is None
+    assert objective.rejection_ceiling(finished, 0.99, 0.20, sublayer=False) == 1.10
+    assert objective.rejection_ceiling([], 0.99, 0.20, sublayer=True) is None

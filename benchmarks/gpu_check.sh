@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 27 as one script of about 8 minutes on one GPU (written for the device
+# tool's H200, whose python3 has a CUDA torch, transformers and accelerate but not optuna). Not yet
+# run: no GPU has been lent to this issue so far.
+#
+# Here, once (the wheels the study needs, for that machine's Python 3.12):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     optuna sqlalchemy alembic mako colorlog greenlet
+# Then through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)
+#
+# 1. benchmarks/scale.py on the GPU: every shape (Llama-3.1-8B whole: 32 GB in bfloat16), $OUT/scale_cuda.json
+# 2. --device-map cuda:0,cpu: a model split between the GPU and the CPU measures what one device does
+#    (perplexity, prefix cache, healing), so the moves between devices are real ones
+# 3. a whole study on the GPU (--device cuda, --dtype auto, --heal linear) on a random SmolLM2-shaped
+#    model and a synthetic corpus (the embedded model's wheel is too big to carry), $OUT/study.txt
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD || exit 1
+else
+    export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+
+timeout 300 python3 benchmarks/scale.py --device cuda --dtype bfloat16 --tokens 4096 --heal-tokens 8192 --json \
+    > "$OUT/scale_cuda.json" 2> "$OUT/scale_cuda.log" || echo "scale.py failed: see scale_cuda.log"
+
+timeout 60 python3 - <<'EOF' 2>&1 | tee "$OUT/device_map.txt"
+import math, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from evaluators.healing import all_pairs, collect_fit_stats, fit_healing, healed
+from evaluators.perplexity import perplexity
+from evaluators.prefix import build_prefix_cache
+from search.model.placement import dispatch, layer_device
+from search.model.removal import Removal
+from search.model.surgery import decoder_layers, removal_applied
+
+config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+torch.manual_seed(0)
+plain = LlamaForCausalLM(config).double().eval()
+spread = LlamaForCausalLM(config).double().eval()
+spread.load_state_dict(plain.state_dict())
+spread = dispatch(spread, ["cuda:0", "cpu"])
+print("layer devices:", [str(layer_device(l, torch.device("cpu"))) for l in decoder_layers(spread)])
+windows, fit = torch.randint(0, 512, (6, 32)), torch.randint(0, 512, (8, 32))
+one, two = perplexity(plain, windows, None, 2), perplexity(spread, windows, None, 2)
+print("perplexity", one, two, math.isclose(one, two, rel_tol=1e-9))
+caches = [build_prefix_cache(m, windows, None, 2) for m in (plain, spread)]
+for b, states in caches[1].states.items():
+    assert all(s.device == layer_device(decoder_layers(spread)[b], s.device) for s in states), b
+for removal in (Removal.of([2]), Removal.of([1, 4]), Removal.of(attention=[3], mlp=[1])):
+    a, b = (c.perplexity(removal) for c in caches)
+    print("prefix", removal.describe(), a, b, math.isclose(a, b, rel_tol=1e-9))
+for removal in (Removal.of([3, 4]), Removal.of([2, 3])):
+    figures = []
+    for model in (plain, spread):
+        stats = collect_fit_stats(model, fit, None, 4, all_pairs(6, 2, True), blocks=True)
+        with healed(model, fit_healing(model, stats, removal)), removal_applied(model, removal):
+            figures.append(perplexity(model, windows, None, 2))
+        stats.close()
+    print("healed", removal.describe(), *figures, math.isclose(*figures, rel_tol=1e-7))
+EOF
+
+timeout 240 python3 - <<'EOF' 2>&1 | tail -40 | tee "$OUT/study.txt"
+import random, subprocess, sys, tempfile, time
+from pathlib import Path
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+root = Path(tempfile.mkdtemp())
+words = [f"w{i}" for i in range(2000)]
+vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+tok.pre_tokenizer = pre_tokenizers.Whitespace()
+fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+config = LlamaConfig(vocab_size=len(vocab), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+LlamaForCausalLM(config).save_pretrained(root / "model")
+fast.save_pretrained(root / "model")
+rng = random.Random(0)
+(root / "corpus.txt").write_text("\n".join(" ".join(rng.choices(words, k=60)) for _ in range(3000)))
+started = time.time()
+done = subprocess.run([sys.executable, "-m", "search", "run", "--model", str(root / "model"), "--dataset",
+                       str(root / "corpus.txt"), "--budget", "12%", "--heal", "linear", "--device", "cuda",
+                       "--storage", f"sqlite:///{root / 'study.db'}", "--trials", "24"],
+                      capture_output=True, text=True)
+print("rc", done.returncode, "wall", round(time.time() - started, 1), "s")
+print(done.stdout[-3000:])
+print(done.stderr[-3000:])
+EOF
+ls -la "$OUT"
