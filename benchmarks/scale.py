@@ -13,9 +13,9 @@ depend on the weights' values, so random weights time what the real model would.
 Per shape, each in a process of its own (so peak memory is the shape's own), in --dtype:
 - `full_s`: one perplexity pass of the unpruned model over --tokens calibration tokens (what
   building the prefix cache costs; a held-out measurement costs the same per token);
-- `eval_s`: one candidate's calibration evaluation from the prefix cache, the middle layer removed
+- `eval_s`: (median of 3) one candidate's calibration evaluation from the prefix cache, the middle layer removed
   (what a trial costs: it runs the layers after its first removed one, and the LM head);
-- `healed_s`: the same candidate healed (`--heal linear`): the fit of its run's map from sums
+- `healed_s`: (median of 3) the same candidate healed (`--heal linear`): the fit of its run's map from sums
   collected once, plus the healed pass; `collect_s`: that one-off collection over --heal-tokens;
 - `peak_gb`: peak resident memory (RSS) of the process, or CUDA's max allocated on a GPU;
 - `projected_default_s`: the default command (`run --budget 12%`, 4096 calibration, 8192 held-out
@@ -31,10 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,9 @@ SHAPES = {
         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
     ),
 }  # fmt: skip
+
+
+REPEATS = 3  # evaluations timed per shape (the median is reported)
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ def measure(name: str, device: str, dtype: str, tokens: int, heal_tokens: int, s
     build_prefix_cache(model, windows[:1, :64], None, 1).perplexity(Removal.of([0]))  # warm-up: probe, allocator
     cache, full_s = timed(lambda: build_prefix_cache(model, windows, None, batch))
     middle = Removal.of([kept // 2])
-    _, eval_s = timed(lambda: cache.perplexity(middle))
+    eval_s = statistics.median(timed(lambda: cache.perplexity(middle))[1] for _ in range(REPEATS))
     stats, collect_s = timed(lambda: collect_fit_stats(model, fit_windows, None, batch, run_pairs(middle)))
 
     def healed_eval():
@@ -169,7 +173,7 @@ def measure(name: str, device: str, dtype: str, tokens: int, heal_tokens: int, s
         with healed(model, healing):
             return from_batches(cache.nll_batches(middle, healing.first_changed))
 
-    _, healed_s = timed(healed_eval)
+    healed_s = statistics.median(timed(healed_eval)[1] for _ in range(REPEATS))
     stats.close()
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -206,16 +210,46 @@ def measure(name: str, device: str, dtype: str, tokens: int, heal_tokens: int, s
     }
 
 
+RUN_AND_REPORT = """
+import resource, runpy, sys
+sys.argv = ["search", *sys.argv[1:]]
+try:
+    runpy.run_module("search", run_name="__main__")
+finally:
+    print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def end_to_end(model: str | None, heal: str, device: str) -> dict:
+    """The default command on a real model, in a process of its own: wall seconds and peak RSS."""
+    with tempfile.TemporaryDirectory() as store:
+        command = [sys.executable, "-c", RUN_AND_REPORT, "run", "--budget", "12%", "--heal", heal]
+        command += ["--device", device, "--storage", f"sqlite:///{store}/study.db"]
+        command += ["--model", model] if model else []
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        wall = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"model": model or "SmolLM2-135M-Instruct (embedded)", "heal": heal, "error": done.stderr.strip()[-300:]}
+    peak = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("peak_kb"))
+    dtype = next(
+        (line.split("--dtype auto: ")[1].split()[0] for line in done.stderr.splitlines() if "--dtype auto: " in line),
+        None,
+    )
+    return {
+        "model": model or "SmolLM2-135M-Instruct (embedded)",
+        "heal": heal,
+        "dtype": dtype,
+        "wall_s": wall,
+        "peak_gb": peak / 2**20,
+        "front": done.stdout.strip().splitlines()[-6:],
+    }
+
+
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {cpu}"
+    from search.evaluations import device_label  # the CPU's model name, as the evaluation cache keys it
+
+    return f"{os.cpu_count()}-core {device_label(torch.device('cpu')).split(':', 1)[1]}"
 
 
 def render(results: dict) -> str:
@@ -238,6 +272,19 @@ def render(results: dict) -> str:
     spread = results.get("us_per_gflop_spread")
     if spread is not None:
         lines += ["", f"us/GFLOP across shapes: max/min = {spread:.2f}"]
+    if results.get("real"):
+        lines += [
+            "",
+            "| model (default command, `--budget 12%`) | --heal | dtype | wall | peak memory (GB) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["real"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['heal']} | | refused: {r['error'].splitlines()[-1]} | |")
+            else:
+                lines.append(
+                    f"| {r['model']} | {r['heal']} | {r['dtype']} | {r['wall_s'] / 60:.1f} min | {r['peak_gb']:.2f} |"
+                )
     return "\n".join(lines)
 
 
@@ -252,6 +299,14 @@ def main() -> None:
     parser.add_argument("--max-gb", type=float, default=None, help="memory for one shape (default: 60%% of RAM)")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--render", metavar="FILE", help="print the table from a --json result")
+    parser.add_argument(
+        "--real",
+        nargs="*",
+        metavar="MODEL",
+        help="also the default command end to end on real models (no MODEL: the embedded SmolLM2-135M), "
+        "unhealed and --heal linear; a .gguf path takes Gemma-3-270M (docs/benchmarks.md)",
+    )
+    parser.add_argument("--skip-shapes", action="store_true", help="only the --real runs")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one shape in this process
     args = parser.parse_args()
     if args.render:
@@ -268,7 +323,7 @@ def main() -> None:
         return
     rows = []
     started = time.perf_counter()
-    for name in args.shapes:
+    for name in [] if args.skip_shapes else args.shapes:
         command = [sys.executable, __file__, "--one", name, "--device", args.device, "--dtype", args.dtype]
         command += ["--tokens", str(args.tokens), "--heal-tokens", str(args.heal_tokens)]
         command += ["--seq-len", str(args.seq_len), "--max-gb", str(args.max_gb)]
@@ -278,6 +333,12 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         if not args.json:
             print(f"{name}: {rows[-1]['eval_s']:.2f} s per evaluation", file=sys.stderr)
+    real = []
+    for model in [None] if args.real == [] else args.real or []:
+        for heal in ("none", "linear"):
+            real.append(end_to_end(model, heal, args.device))
+            if not args.json:
+                print(f"{real[-1]['model']} --heal {heal}: {real[-1].get('wall_s', 0):.0f} s", file=sys.stderr)
     speeds = [r["us_per_gflop"] for r in rows]
     results = {
         "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
@@ -290,6 +351,7 @@ def main() -> None:
         "heal_tokens": args.heal_tokens,
         "seq_len": args.seq_len,
         "rows": rows,
+        "real": real,
         "us_per_gflop_spread": max(speeds) / min(speeds) if speeds else None,
         "wall_s": time.perf_counter() - started,
     }
