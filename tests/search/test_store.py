@@ -243,7 +243,7 @@ def test_four_workers_two_killed_mid_trial_and_restarted(tmp_path, request, slow
         url = f"sqlite:///{tmp_path / 'four.db'}"
     else:
         url = request.getfixturevalue("postgres_url")
-    target = 20
+    target = 14
     slow = ("--trials", str(target), "--calib-tokens", "8192", "--seq-len", "256", "--study", study)
     workers = [worker(slow_model_dir, corpus, url, *slow) for _ in range(4)]
     try:
