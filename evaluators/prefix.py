@@ -162,8 +162,10 @@ def build_prefix_cache(
     tokens = windows.shape[0] * (windows.shape[1] + (1 if bos_id is not None else 0))
     config: Any = model.config  # a transformers PretrainedConfig (nn.Module has no config)
     per_boundary = tokens * config.hidden_size * param.element_size()
-    # Over several devices (--device-map) the boundaries spread as the layers do: every device's memory counts.
-    available = sum(available_bytes(device) for device in devices_of(model))
+    # Over several devices (--device-map) the boundaries spread as the layers do, so each device holds
+    # its share: the tightest device per share bounds the whole (one device: its own free memory).
+    devices = devices_of(model)
+    available = len(devices) * min(available_bytes(device) for device in devices)
     budget = max_bytes if max_bytes is not None else int(available * MEMORY_FRACTION)
     # The first kept layer's input is the embedding output: nothing to save by storing it.
     candidates = kept[1:]
