@@ -87,7 +87,6 @@ def dispatch(model: nn.Module, devices: list[str]) -> nn.Module:
         module = model.get_submodule(name)
         module.to(torch.device(device))
         add_hook_to_module(module, AlignDevicesHook(execution_device=torch.device(device), skip_keys=skip))
-    setattr(model, "search_devices", list(devices))  # not a tensor or module: nn.Module's stubs refuse it
     return model
 
 

@@ -89,8 +89,10 @@ def test_a_dispatched_model_measures_what_one_device_does(family):
         stat.close()
 
 
-@pytest.mark.parametrize("heal", ["none", "linear"])
-def test_a_study_over_a_device_map_finds_what_one_device_finds(tmp_path, tiny_model_dir, corpus, heal, monkeypatch):
+@pytest.mark.parametrize("heal, dtype", [("none", "float32"), ("linear", "float32"), ("none", "bf16-mixed")])
+def test_a_study_over_a_device_map_finds_what_one_device_finds(
+    tmp_path, tiny_model_dir, corpus, heal, dtype, monkeypatch
+):
     import search.model.loading as loading
     from search.records import COMPLETE, TrialRecord
     from search.study import run
@@ -100,6 +102,7 @@ def test_a_study_over_a_device_map_finds_what_one_device_finds(tmp_path, tiny_mo
         # Each its own store: a shared one would answer the second study from the first's evaluations.
         storage = f"sqlite:///{tmp_path / name}.db"
         config = tiny_config(tmp_path, tiny_model_dir, corpus, trials=4, heal=heal, heal_tokens=512, storage=storage)
+        config = replace(config, dtype=dtype)
         study = run(replace(config, **overrides))
         finished = study.get_trials(states=COMPLETE)
         stages = [TrialRecord.of(t) for t in finished if "greedy" in str(t.user_attrs.get("proposed_by"))]
