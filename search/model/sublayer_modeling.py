@@ -14,12 +14,14 @@ simply absent, as in a stock checkpoint with fewer layers):
 
 A removed block's modules are never built, hold no weights and compute nothing: the layer adds only
 its kept branch to the residual stream. A layer without attention holds no KV-cache entry: its
-cache slot is transformers' `DummyLayer`, which the mask and position code already skip when it
-sizes a cached step from "the first attention layer".
+cache slot is a transformers `DummyLayer`, which the mask code already skips when it sizes a cached
+step from "the first attention layer"; the slot answers the cache's length question (asked of layer 0
+whatever it is, since transformers 5.25) with that first attention layer's count.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -142,11 +144,31 @@ def _decoder_layer(stock: type, name: str) -> type:
     return chosen
 
 
+@functools.cache
+def _no_attention_slot() -> type:
+    """The cache slot of a layer without attention, made once (transformers is imported only when a model is built)."""
+    from transformers.cache_utils import DummyLayer
+
+    class NoAttentionSlot(DummyLayer):  # type: ignore[misc]
+        """Holds nothing; the tokens the cache has seen are the first attention layer's (none: 0)."""
+
+        def __init__(self, cache: Any) -> None:
+            super().__init__()
+            self.cache = cache
+
+        def get_seq_length(self) -> int:
+            kept = (slot for slot in self.cache.layers if not isinstance(slot, DummyLayer))
+            first = next(kept, None)
+            return 0 if first is None else first.get_seq_length()
+
+    return NoAttentionSlot
+
+
 def _without_attention_slots(cache: Any, config: Any) -> None:
-    """Turn the cache slots of layers without attention into `DummyLayer`s (nothing ever writes them).
+    """Turn the cache slots of layers without attention into empty slots (nothing ever writes them).
 
     Any cache a caller hands in is built for every layer (from the config, or grown as layers write);
-    a cached step is sized from the first attention layer, which an empty slot would pretend to be.
+    a cached step is sized from the first attention layer, which an empty `DynamicLayer` would pretend to be.
     """
     from transformers.cache_utils import DummyLayer
 
@@ -159,7 +181,7 @@ def _without_attention_slots(cache: Any, config: Any) -> None:
             slots.append(cache.layer_class_to_replicate())
     for index in config.removed_attention or []:
         if index < len(slots) and not isinstance(slots[index], DummyLayer):
-            slots[index] = DummyLayer()
+            slots[index] = _no_attention_slot()(cache)
 
 
 def _family(model_type: str) -> dict[str, type]:

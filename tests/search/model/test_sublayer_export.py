@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DummyLayer
 
 import search.model.sublayer_modeling as sublayer_modeling
 from search.errors import SearchError
@@ -109,7 +110,8 @@ def test_an_export_generates_the_same_with_and_without_its_kv_cache(family, tmp_
     with torch.no_grad():
         cache = exported(input_ids=ids, use_cache=True).cache
     slots = getattr(cache, "self_attention_cache", cache).layers
-    assert [type(slot).__name__ == "DummyLayer" for slot in slots] == [i in STACK.attention for i in range(5)]
+    assert [isinstance(slot, DummyLayer) for slot in slots] == [i in STACK.attention for i in range(5)]
+    assert 0 in STACK.attention and cache.get_seq_length() == ids.shape[1]  # layer 0 answers for the attention layers
     assert all(slot.keys is not None for i, slot in enumerate(slots) if i not in STACK.attention)
 
 
