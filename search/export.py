@@ -31,6 +31,7 @@ from search.front import front_report, ranked_ratio
 from search.healing import HEALINGS, check_healable
 from search.model.loading import load_model
 from search.model.numerics import DTYPES, apply_numerics
+from search.model.placement import dispatch, parse_device_map
 from search.model.removal import Removal
 from search.model.sublayer_export import (
     check_sublayer_exportable,
@@ -154,11 +155,12 @@ def prune_trial(
     out: Path | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> Pruned:
     """Reload the study's model in float32, fold its healing as the study fitted it, remove the layers
     and skip the point's lone attention and MLP blocks for good, as the study measured them (what
     `write_model` writes in the sub-layer format). `out`: where it will be written, checked before the
-    work (None: kept in memory)."""
+    work (None: kept in memory). `device_map`: spread over several devices, as `run --device-map`."""
     trial = finished_trial(study, number)
     record, measured = StudyRecord.read(study), TrialRecord.of(trial)
     n_layers, removed = record.baseline.layers, list(measured.removed_layers)
@@ -166,7 +168,7 @@ def prune_trial(
     lone = measured.removal.remap({old: new for new, old in enumerate(kept)})  # its blocks on the pruned stack
     if out is not None:
         check_out(Path(out))
-    loaded = load_model(record.model_spec, "float32", device, trust_remote_code)
+    loaded = load_model(record.model_spec, "float32", device, trust_remote_code, device_map)
     if record.model_fingerprint not in ("", loaded.fingerprint):
         raise SearchError("the model found now differs from the one this study measured (fingerprint mismatch)")
     model = loaded.model
@@ -209,13 +211,18 @@ def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
 
 
 def export_trial(
-    study: optuna.Study, number: int, out: Path, device: str = "cpu", trust_remote_code: bool = False
+    study: optuna.Study,
+    number: int,
+    out: Path,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> ExportReport:
-    pruned = prune_trial(study, number, out, device, trust_remote_code)
+    pruned = prune_trial(study, number, out, device, trust_remote_code, device_map)
     write_model(pruned.model, pruned.tokenizer, Path(out), pruning_record(study, pruned))
     trial, expected = pruned.trial, expected_test_ppl(pruned.record, pruned.trial)
     del pruned
-    return verify(Path(out), study, trial, device, expected)
+    return verify(Path(out), study, trial, device, expected, device_map=device_map)
 
 
 def _heal(model, tokenizer, record: StudyRecord, removal: Removal) -> dict | None:
@@ -283,6 +290,7 @@ def verify(
     device: str = "cpu",
     expected: float | None = None,
     dtype: str | None = None,
+    device_map: str | None = None,
 ) -> ExportReport:
     """Reload `out` as a user would (stock transformers; a sub-layer export with `trust_remote_code`, so
     its own modeling file) and check it reproduces `expected` held-out perplexity (measured in `dtype`,
@@ -293,6 +301,7 @@ def verify(
     the exported files hold, so it tests the cache's wiring (layer renumbering, per-layer lists,
     the slots of layers without attention), not the rounding of a mixed-precision study. The
     perplexity check runs in the study's numerics, because it must reproduce the trial's held-out figure.
+    `device_map`: the reloaded model is spread over these devices (search/model/placement.py) for both.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -303,8 +312,14 @@ def verify(
     tokenizer = AutoTokenizer.from_pretrained(out, **how)
     splits = record.splits(tokenizer)
 
-    model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **how)
-    model = model.to(device).eval()
+    devices = parse_device_map(device_map) if device_map is not None else None
+    if devices is not None:
+        device = devices[0]  # where the inputs go; the hooks move them on
+
+    def placed(model: Any) -> Any:
+        return model.to(device).eval() if devices is None else dispatch(model.eval(), devices)
+
+    model: Any = placed(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **how))
     params = total_param_count(model)
     divergence: float | None
     kv_error = None
@@ -314,8 +329,7 @@ def verify(
         divergence, kv_error = None, f"{type(exc).__name__}: {first_line(exc)}"
 
     if DTYPES[dtype] != torch.float32:  # half-precision weights: load them as the study did
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype], **how)
-        model = model.to(device).eval()
+        model = placed(AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype], **how))
     apply_numerics(model, dtype)  # the held-out figure was measured with these numerics
     reloaded = perplexity(model, splits.test, splits.bos_id)
     return ExportReport(

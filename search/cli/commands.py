@@ -129,7 +129,7 @@ def export(args: argparse.Namespace) -> None:
         accuracy = _accuracy_settings(args)
         prepared = prepare_tasks(accuracy)
     logging.getLogger("search").info("exporting trial %d of study %r to %s", number, study.study_name, args.out)
-    report = export_trial(study, number, args.out, args.device, args.trust_remote_code)
+    report = export_trial(study, number, args.out, args.device, args.trust_remote_code, args.device_map)
     expected = (
         "nothing (this trial was never on the front, so no held-out figure was stored: check skipped)"
         if report.expected_test_ppl is None

@@ -394,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     _stored_study_flags(export)
     export.add_argument("--device", default="cpu", help="device for the verification pass (default: cpu)")
     export.add_argument(
+        "--device-map",
+        metavar="auto|DEV,DEV,...",
+        help="prune, heal and verify with the model spread over several devices, as `run --device-map` "
+        "(replaces --device; default: one device)",
+    )
+    export.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"
     )
     _accuracy_flags(export, "also measure accuracy on these tasks (as `evaluate`) and write it into pruning.json")

@@ -149,7 +149,7 @@ def _no_attention_slot() -> type:
     """The cache slot of a layer without attention, made once (transformers is imported only when a model is built)."""
     from transformers.cache_utils import DummyLayer
 
-    class NoAttentionSlot(DummyLayer):  # type: ignore[misc]
+    class NoAttentionSlot(DummyLayer):
         """Holds nothing; the tokens the cache has seen are the first attention layer's (none: 0)."""
 
         def __init__(self, cache: Any) -> None:

@@ -61,7 +61,12 @@ def register(architecture: Architecture) -> Architecture:
 
 
 def architecture_of(model: nn.Module) -> Architecture:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    """The family of `model`; an export reloaded through its own sub-layer modeling file is its stock family's."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    marker = getattr(config, "sublayer_export", None)
+    if model_type not in REGISTRY and isinstance(marker, dict):
+        model_type = marker.get("base_model_type", model_type)
     if model_type not in REGISTRY:
         supported = ", ".join(sorted(REGISTRY))
         raise SearchError(

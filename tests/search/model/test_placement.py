@@ -115,3 +115,52 @@ def test_a_study_over_a_device_map_finds_what_one_device_finds(
     assert len(one) == 2 and spread_base == pytest.approx(base, rel=1e-6)
     assert [r for r, _ in spread] == [r for r, _ in one]
     assert [v for _, v in spread] == pytest.approx([v for _, v in one], rel=1e-5)
+
+
+def test_an_export_over_a_device_map_writes_and_verifies_what_one_device_does(
+    tmp_path, tiny_model_dir, corpus, capsys, monkeypatch
+):
+    """Pruning, healing folds, the sub-layer format and the reloaded model's checks (held-out perplexity,
+    KV cache) on a dispatched model: the files are the one-device export's, and both verify."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import search.export
+    import search.model.loading as loading
+    from search.cli import main
+    from search.export import export_trial
+    from search.records import COMPLETE, TrialRecord
+    from search.study import run
+    from tests.search.test_study import tiny_config
+
+    config = tiny_config(
+        tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=6, heal="linear", heal_tokens=512
+    )
+    study = run(config)
+    measured = [t for t in study.get_trials(states=COMPLETE) if "test_ppl_ratio" in t.user_attrs]
+    trial = max(measured, key=lambda t: (not TrialRecord.of(t).removal.whole_layers_only, t.values[0]))
+    assert not TrialRecord.of(trial).removal.whole_layers_only  # the sub-layer format, its own modeling file
+
+    one = export_trial(study, trial.number, tmp_path / "one")
+    placed = []
+
+    def counted(model, devices):
+        placed.append(devices)
+        return dispatch(model, devices)
+
+    for module in (loading, search.export):  # the pruned model and the reloaded one
+        monkeypatch.setattr(module, "dispatch", counted)
+    storage = f"sqlite:///{tmp_path / 'store.db'}"
+    out = tmp_path / "spread"
+    argv = ["export", "--study", "tiny", "--storage", storage, "--trial", str(trial.number), "--out", str(out)]
+    code = main([*argv, "--device-map", "cpu,cpu"])
+    spread = json.loads(capsys.readouterr().out)
+    assert code == 0 and spread["ok"] and spread["kv_cache_match"] and spread["trust_remote_code"]
+    assert placed == [["cpu", "cpu"]] * 2  # the pruned model, and the reloaded one (float32: loaded once)
+    assert one.ok and spread["params"] == one.params
+    assert spread["measured_test_ppl"] == pytest.approx(one.measured_test_ppl, rel=1e-6)
+    mine, theirs = load_file(tmp_path / "one" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert mine.keys() == theirs.keys()
+    for name, tensor in mine.items():
+        torch.testing.assert_close(theirs[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
