@@ -99,11 +99,14 @@ def coarse_kl(reference: DenseReference, batch: int, start: int, logq: torch.Ten
     return kl.double().sum()
 
 
-def nll_and_kl(reference: DenseReference) -> Callable[[nn.Module, torch.Tensor, int], tuple[float, int, float]]:
+def nll_and_kl(
+    reference: DenseReference,
+) -> Callable[[nn.Module, torch.Tensor, int], tuple[torch.Tensor, int, torch.Tensor]]:
     """A prefix-cache measure (evaluators/prefix.py): one batch's (summed NLL, targets, summed KL), both
-    from the same log-probabilities, so a KL evaluation also gives the perplexity every report shows."""
+    from the same log-probabilities, so a KL evaluation also gives the perplexity every report shows.
+    The sums stay 0-d tensors on the device (read by `on_host`)."""
 
-    def measure(model: nn.Module, inputs: torch.Tensor, index: int) -> tuple[float, int, float]:
+    def measure(model: nn.Module, inputs: torch.Tensor, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         targets = inputs[:, 1:].reshape(-1)
         nll = torch.zeros((), dtype=torch.float64, device=inputs.device)
         kl = torch.zeros((), dtype=torch.float64, device=inputs.device)
@@ -113,7 +116,7 @@ def nll_and_kl(reference: DenseReference) -> Callable[[nn.Module, torch.Tensor, 
             nll -= logq.gather(-1, targets[seen : seen + len(logq), None].to(logq.device)).double().sum().to(nll.device)
             kl += coarse_kl(reference, index, seen, logq).to(kl.device)
             seen += len(logq)
-        return nll.item(), seen, kl.item()
+        return nll, seen, kl
 
     return measure
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from torch import nn
 from torch._dynamo.exc import TorchDynamoException
 
 from search.errors import first_line
-from search.model.numerics import mixed_precision
+from search.model.numerics import autocast, mixed_precision
 from search.model.surgery import decoder_layers
 
 log = logging.getLogger("search")
@@ -86,23 +87,20 @@ def prepare(model: nn.Module) -> None:
 
 def numerics(model: nn.Module):
     """The autocast context the model's evaluation runs under (none for a single dtype)."""
-    dtype = mixed_precision(model)
-    if dtype is None:
-        return nullcontext()
-    device = cast(torch.device, model.device)  # a transformers model's device (nn.Module has none)
-    return torch.autocast(device.type, dtype=dtype)
+    return autocast(model)
 
 
-def logits_nll(logits: torch.Tensor, inputs: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of `inputs[:, 1:]` from full logits (the plain path), and the target count."""
+def logits_nll(logits: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL of `inputs[:, 1:]` from full logits (the plain path), and the target count.
+    The sum stays a 0-d tensor on the logits' device: reading it is `on_host`'s (one sync, when it must)."""
     logits, targets = logits[:, :-1], inputs[:, 1:]
     nll = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).to(logits.device), reduction="sum"
     )
-    return nll.item(), targets.numel()
+    return nll, targets.numel()
 
 
-def head_nll(head: nn.Module, hidden: torch.Tensor, inputs: torch.Tensor) -> tuple[float, int]:
+def head_nll(head: nn.Module, hidden: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The same NLL from the final hidden states, a chunk of rows of logits at a time."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = inputs[:, 1:].reshape(-1)
@@ -112,17 +110,38 @@ def head_nll(head: nn.Module, hidden: torch.Tensor, inputs: torch.Tensor) -> tup
         logits = head(hidden[start : start + rows]).float()  # on the head's device (--device-map: maybe not hidden's)
         chunk = F.cross_entropy(logits, targets[start : start + rows].to(logits.device), reduction="sum")
         total += chunk.double().to(total.device)
-    return total.item(), targets.numel()
+    return total, targets.numel()
 
 
-def _fused_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
+def on_host(batches: Iterable[tuple], device: torch.device | str) -> Iterator[tuple]:
+    """Each batch's figures as Python numbers (0-d tensors read with `.item()`, the rest as they are).
+
+    On CUDA one batch late: the next batch is queued before this one's sum is read, so the host's
+    wait never leaves the GPU idle between batches (at worst one batch runs past an early rejection).
+    A CPU computes as it is called, so there each batch's figures come at once.
+    """
+    pending: deque[tuple] = deque()
+    lag = 1 if torch.device(device).type == "cuda" else 0
+    for figures in batches:
+        pending.append(figures)
+        if len(pending) > lag:
+            yield _read(pending.popleft())
+    while pending:
+        yield _read(pending.popleft())
+
+
+def _read(figures: tuple) -> tuple:
+    return tuple(value.item() if isinstance(value, torch.Tensor) else value for value in figures)
+
+
+def _fused_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
     causal_lm: Any = model  # a transformers model: base_model and the output embeddings are not on nn.Module
     with numerics(model):
         hidden = causal_lm.base_model(input_ids=inputs, use_cache=False).last_hidden_state
         return head_nll(causal_lm.get_output_embeddings(), hidden, inputs)
 
 
-def _plain_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
+def _plain_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
     with numerics(model):
         return logits_nll(model(input_ids=inputs, use_cache=False).logits, inputs)
 
@@ -140,11 +159,11 @@ def _probe_fused_head(model: nn.Module) -> bool:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, config.vocab_size, (2, 16), generator=generator).to(causal_lm.device)
     try:
-        fused = _fused_nll(model, inputs)[0]
+        fused = _fused_nll(model, inputs)[0].item()
     except (TypeError, AttributeError, ValueError) as exc:  # a base model without `last_hidden_state`, ...
         log.debug("fused LM head unavailable for %s: %s", type(model).__name__, exc)
         return False
-    plain = _plain_nll(model, inputs)[0]
+    plain = _plain_nll(model, inputs)[0].item()
     exact = mixed_precision(model) is None and head.weight.dtype == torch.float32
     tolerance = 1e-4 if exact else 1e-3  # reduced precision rounds the two paths' products differently
     return math.isclose(fused, plain, rel_tol=tolerance)
@@ -172,8 +191,8 @@ def _compiled(model: nn.Module) -> Iterator[None]:
                 layer.forward = forward
 
 
-def batch_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of one batch of `inputs[:, 1:]`, and how many targets that is."""
+def batch_nll(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL of one batch of `inputs[:, 1:]` (a 0-d tensor, not read yet), and how many targets."""
     prepare(model)
     evaluation = settings(model)
     run = _fused_nll if evaluation.fused_head else _plain_nll

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from evaluators.forward import batch_nll, prepare
+from evaluators.forward import batch_nll, on_host, prepare
 
 
 def window_batches(
@@ -37,8 +37,8 @@ def nll_batches(
     """(summed NLL, target count) per batch of a plain full forward pass."""
     prepare(model)
     device = next(model.parameters()).device
-    for inputs in window_batches(windows, bos_id, batch_size, device):
-        yield batch_nll(model, inputs)
+    batches = window_batches(windows, bos_id, batch_size, device)
+    yield from on_host((batch_nll(model, inputs) for inputs in batches), device)
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, bos_id: int | None = None, batch_size: int = 4) -> float:

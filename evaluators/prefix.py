@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evaluators.forward import batch_nll, prepare
+from evaluators.forward import batch_nll, on_host, prepare
 from evaluators.perplexity import from_batches, nll_batches, window_batches
 from search.model.placement import devices_of, layer_device
 from search.model.removal import Removal
@@ -98,8 +98,8 @@ class PrefixCache:
                 prepare(self.model)
                 device = next(self.model.parameters()).device
                 with torch.inference_mode():
-                    for index, inputs in enumerate(window_batches(self.windows, self.bos_id, self.batch_size, device)):
-                        yield measure(self.model, inputs, index)
+                    batches = enumerate(window_batches(self.windows, self.bos_id, self.batch_size, device))
+                    yield from on_host((measure(self.model, inputs, index) for index, inputs in batches), device)
             return
         states = self.states[start]
         current: list[torch.Tensor] = []
@@ -117,9 +117,13 @@ class PrefixCache:
             handle = decoder_layers(self.model)[0].register_forward_pre_hook(feed, with_kwargs=True)
             try:
                 device = next(self.model.parameters()).device
-                for index, inputs in enumerate(window_batches(self.windows, self.bos_id, self.batch_size, device)):
-                    current[:] = [states[index]]
-                    yield batch_nll(self.model, inputs) if measure is None else measure(self.model, inputs, index)
+
+                def figures(index: int, inputs: torch.Tensor) -> tuple:
+                    current[:] = [states[index]]  # read by `feed` while this batch's forward is queued
+                    return batch_nll(self.model, inputs) if measure is None else measure(self.model, inputs, index)
+
+                batches = enumerate(window_batches(self.windows, self.bos_id, self.batch_size, device))
+                yield from on_host((figures(index, inputs) for index, inputs in batches), device)
             finally:
                 handle.remove()
 
@@ -202,7 +206,8 @@ def build_prefix_cache(
             handles.append(layers[index].register_forward_pre_hook(keep, with_kwargs=True))
         try:
             for inputs in window_batches(windows, bos_id, batch_size, param.device):
-                cache.base_nll.append(batch_nll(model, inputs))
+                nll, count = batch_nll(model, inputs)
+                cache.base_nll.append((nll.item(), count))
         finally:
             for handle in handles:
                 handle.remove()

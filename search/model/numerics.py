@@ -12,9 +12,9 @@ records the resolved dtype, and resuming with `auto` keeps it.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import cast
 
 import torch
 
@@ -101,11 +101,28 @@ def apply_numerics(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     """
     setattr(model, "search_autocast", AUTOCAST.get(dtype))  # not a tensor or module: nn.Module's stubs refuse it
     if dtype in AUTOCAST:
-        device = cast(torch.device, model.device)  # a transformers model's device (nn.Module has none)
-        model.forward = torch.autocast(device_type=device.type, dtype=AUTOCAST[dtype])(model.forward)
+        forward = model.forward
+        for device_type in device_types(model):
+            forward = torch.autocast(device_type=device_type, dtype=AUTOCAST[dtype])(forward)
+        model.forward = forward
     return model
 
 
 def mixed_precision(model: torch.nn.Module) -> torch.dtype | None:
     """The autocast dtype `apply_numerics` gave this model (None: it runs in its weights' dtype)."""
     return getattr(model, "search_autocast", None)
+
+
+def autocast(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The autocast the model's evaluation runs under (none for a single dtype): one per device type it
+    computes on, since autocast is per type (`--device-map cuda:0,cpu` needs the CPU's too)."""
+    dtype = mixed_precision(model)
+    stack = contextlib.ExitStack()
+    for device_type in device_types(model) if dtype is not None else []:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype))
+    return stack
+
+
+def device_types(model: torch.nn.Module) -> list[str]:
+    """The device types of the model's weights, sorted (one for a model on one device)."""
+    return sorted({param.device.type for param in model.parameters()})

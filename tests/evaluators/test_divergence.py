@@ -30,7 +30,7 @@ def _mean_kl(model, removal: Removal, windows, bos_id, reference: DenseReference
     measure = nll_and_kl(reference)
     with removal_applied(model, removal), torch.inference_mode():
         batches = [measure(model, inputs, i) for i, inputs in enumerate(window_batches(windows, bos_id, 4, "cpu"))]
-    return sum(kl for _, _, kl in batches) / sum(n for _, n, _ in batches)
+    return sum(kl.item() for _, _, kl in batches) / sum(n for _, n, _ in batches)  # sums left on the device
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.exc import TorchDynamoException
 
 from evaluators import forward
-from evaluators.forward import configure, head_nll, logits_nll, settings
+from evaluators.forward import configure, head_nll, logits_nll, on_host, settings
 from evaluators.perplexity import perplexity
 from evaluators.prefix import build_prefix_cache
 from search.model.numerics import apply_numerics
@@ -33,7 +33,7 @@ def test_chunked_head_nll_equals_full_logits(family):
     fused, count = head_nll(model.get_output_embeddings(), hidden, inputs)
     plain, plain_count = logits_nll(logits, inputs)
     assert count == plain_count == 300
-    assert math.isclose(fused, plain, rel_tol=1e-6)
+    assert math.isclose(fused.item(), plain.item(), rel_tol=1e-6)  # sums left on the device, unread
 
 
 def test_plain_models_take_the_fused_head(family):
@@ -58,7 +58,7 @@ def test_a_model_that_post_processes_logits_keeps_its_own_path():
     value = perplexity(model, windows)
     assert settings(model).fused_head is False
     with torch.inference_mode():
-        expected = math.exp(logits_nll(model(input_ids=windows).logits, windows)[0] / (4 * 23))
+        expected = math.exp(logits_nll(model(input_ids=windows).logits, windows)[0].item() / (4 * 23))
     assert math.isclose(value, expected, rel_tol=1e-6)
 
 
@@ -142,3 +142,24 @@ def test_a_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     assert all(len(states) == 2 for states in cache.states.values())  # the re-run batch is stored once
     assert cache.base_ppl == eager and cache.perplexity(Removal.of([1, 4])) == eager_pruned
     assert all("forward" not in vars(layer) for layer in decoder_layers(model))
+
+
+@pytest.mark.parametrize("device, ahead", [("cpu", 0), ("cuda", 1)])
+def test_batch_sums_are_read_one_batch_late_only_on_cuda(device, ahead):
+    """On CUDA the next batch is queued before a sum is read (no idle GPU per batch); a CPU reads at once,
+    so an early rejection there runs no batch past it."""
+    made = []
+
+    def batches():
+        for index in range(4):
+            made.append(index)
+            yield torch.tensor(float(index), dtype=torch.float64), 10
+
+    seen = []
+    for value, count in on_host(batches(), device):
+        assert isinstance(value, float) and count == 10
+        seen.append(value)
+        assert len(made) == min(4, len(seen) + ahead)  # how many batches were launched by now
+        if value == 1.0:
+            break  # a rejection after the second batch
+    assert seen == [0.0, 1.0] and made == list(range(2 + ahead))

@@ -32,7 +32,7 @@ def full_pass_kl(evaluator, removal: Removal) -> float:
     measure, windows = nll_and_kl(evaluator.reference()), evaluator.splits.calib
     with removal_applied(evaluator.model, removal), torch.inference_mode():
         batches = [measure(evaluator.model, x, i) for i, x in enumerate(window_batches(windows, None, 2, "cpu"))]
-    return sum(kl for _, _, kl in batches) / sum(n for _, n, _ in batches)
+    return sum(kl.item() for _, _, kl in batches) / sum(n for _, n, _ in batches)  # sums left on the device
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
