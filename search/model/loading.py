@@ -137,14 +137,14 @@ def load_model(
 
     Loading straight into `dtype` (rather than casting afterwards) keeps buffers such as rotary
     frequencies in the precision the model defines, exactly as a user's `from_pretrained` will.
-    `auto` loads float32 weights (both of its outcomes use them) and then measures which numerics
-    are faster here (search/model/numerics.py).
+    `auto` measures which numerics are faster here (search/model/numerics.py) before the weights
+    load, from the config's width: a model it runs in bfloat16 never exists in float32 first
+    (an 8B one would need 32 GB for that).
     """
     if dtype not in DTYPES and dtype != AUTO:
         raise SearchError(f"--dtype {dtype!r} is not one of {', '.join([AUTO, *DTYPES])}")
     check_device(device)
     devices = parse_device_map(device_map) if device_map is not None else None
-    requested, dtype = dtype, ("float32" if dtype == AUTO else dtype)
     path = default_model_path() if spec is None else Path(spec).expanduser()
     fingerprint = None
     source: Path | str | None  # a local directory (converted GGUF included), else the hub id
@@ -163,6 +163,9 @@ def load_model(
         raise SearchError(f"--model {spec}: no such file or directory")
     else:
         source = spec
+    if dtype == AUTO:
+        dtype, reason = choose_dtype(devices[0] if devices else device, _width(str(source)))
+        log.info("--dtype auto: %s (%s)", dtype, reason)
     try:
         model, tokenizer = _from_pretrained(str(source), trust_remote_code, use_safetensors=True, dtype=DTYPES[dtype])
     except SearchError:
@@ -176,14 +179,20 @@ def load_model(
         model.to(torch.device(device)).eval()
     else:
         model = dispatch(model.eval(), devices)
-    if requested == AUTO:
-        dtype, reason = choose_dtype(model.device, getattr(model.config, "hidden_size", 1024))
-        log.info("--dtype auto: %s (%s)", dtype, reason)
-        if DTYPES[dtype] != torch.float32:  # loaded in float32: round the weights, keep the buffers' precision
-            for param in model.parameters():
-                param.data = param.data.to(DTYPES[dtype])
     apply_numerics(model, dtype)
     return LoadedModel(model, tokenizer, model_name(spec), str(spec or path), fingerprint, dtype)
+
+
+def _width(source: str) -> int:
+    """The model's hidden size from its config, unloaded (1024 where none says: loading reports what is wrong)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source)
+    except (OSError, ValueError):
+        return 1024
+    text = config.get("text_config") or {}
+    return int(config.get("hidden_size") or config.get("n_embd") or text.get("hidden_size") or 1024)
 
 
 def _directory_fingerprint(path: Path) -> str:

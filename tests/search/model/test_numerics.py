@@ -51,10 +51,20 @@ def test_a_gpu_weighs_bfloat16_weights_too(autocast, weights, expected):
     assert decide(measured(autocast, weights)(None, None, None)) == expected
 
 
-def test_auto_choosing_bfloat16_rounds_the_weights_and_keeps_the_buffers(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(search.model.numerics, "product_seconds", measured(3.0, 8.0))
+def test_auto_choosing_bfloat16_loads_bfloat16_weights_and_keeps_the_buffers(tiny_model_dir, monkeypatch):
+    """Decided from the config before loading: the model never exists in float32 (an 8B one: 32 GB)."""
+    import search.model.loading as loading
+
+    widths, loads = [], []
+    timing = measured(3.0, 8.0)
+    monkeypatch.setattr(
+        search.model.numerics, "product_seconds", lambda d, w, tokens: widths.append(w) or timing(d, w, tokens)
+    )
+    real = loading._from_pretrained
+    monkeypatch.setattr(loading, "_from_pretrained", lambda *a, **kw: loads.append(kw["dtype"]) or real(*a, **kw))
     loaded = load_model(str(tiny_model_dir), "auto")
-    assert loaded.dtype == "bfloat16"
+    assert loaded.dtype == "bfloat16" and loads == [torch.bfloat16]
+    assert widths == [loaded.model.config.hidden_size]
     assert all(p.dtype == torch.bfloat16 for p in loaded.model.parameters())
     assert loaded.model.model.rotary_emb.inv_freq.dtype == torch.float32  # as from_pretrained(dtype=bfloat16)
     reference = load_model(str(tiny_model_dir), "bfloat16").model
