@@ -20,7 +20,9 @@ from evaluators.data import windows_fingerprint
 from evaluators.divergence import DEFAULT_TOP_K, Divergence
 from search.evaluations import EvalCache, device_label
 from search.evaluator import Evaluator, Fitness, capped_fitness, capped_ratio
+from search.model.placement import layer_device
 from search.model.removal import Removal
+from search.model.surgery import decoder_layers
 
 
 @dataclass
@@ -126,7 +128,7 @@ def with_store(
     evaluator: Evaluator, storage: optuna.storages.RDBStorage, model_fingerprint: str, dtype: str
 ) -> CachingEvaluator:
     """Wrap `evaluator` in the store's evaluation cache, keyed by model, windows and numerics."""
-    numerics = f"{dtype}@{device_label(cast(torch.device, evaluator.model.device))}/b{evaluator.batch_size}"
+    numerics = f"{dtype}@{placement_label(evaluator.model)}/b{evaluator.batch_size}"
     splits = evaluator.splits
     healed = f"{numerics}/{heal_key(evaluator)}"
 
@@ -148,6 +150,17 @@ def with_store(
 def kl_key(split: str) -> str:
     """The evaluation cache of a split's mean KL ("kl" alone: calibration's, as stores first named it)."""
     return "kl" if split == "calib" else f"kl:{split}"
+
+
+def placement_label(model: torch.nn.Module) -> str:
+    """Where the model computes, as the evaluation cache keys it: the device kind and model (one GPU and
+    several of the same kind compute alike); a stack split across kinds (`--device-map cuda:0,cpu`)
+    adds a short hash of which layers run on which, since each kind rounds in its own way."""
+    first = cast(torch.device, getattr(model, "device", torch.device("cpu")))
+    per_layer = [device_label(layer_device(layer, first)) for layer in decoder_layers(model)]
+    if len(set(per_layer)) <= 1:
+        return device_label(first)
+    return f"{per_layer[0]}+{hashlib.sha256(','.join(per_layer).encode()).hexdigest()[:8]}"
 
 
 def heal_key(evaluator: Evaluator) -> str:

@@ -164,3 +164,19 @@ def test_an_export_over_a_device_map_writes_and_verifies_what_one_device_does(
     assert mine.keys() == theirs.keys()
     for name, tensor in mine.items():
         torch.testing.assert_close(theirs[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_evaluation_cache_keys_a_stack_split_across_device_kinds_apart():
+    """One device and identical devices compute alike (one key); a split across kinds rounds differently."""
+    from search.caching import placement_label
+    from search.evaluations import device_label
+
+    model = tiny_model("llama")
+    one = placement_label(model)
+    assert one == device_label(torch.device("cpu"))
+    assert placement_label(dispatch(tiny_model("llama"), ["cpu", "cpu"])) == one
+    decoder_layers(model)[-1].to("meta")  # a stand-in for a second kind of device (cuda:0,cpu)
+    split = placement_label(model)
+    assert split.startswith(one + "+") and split != one and len(split) <= len(one) + 9
+    decoder_layers(model)[-2].to("meta")
+    assert placement_label(model) not in (one, split)  # which layers run where is part of the key
