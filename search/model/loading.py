@@ -163,9 +163,9 @@ def load_model(
         raise SearchError(f"--model {spec}: no such file or directory")
     else:
         source = spec
+    chosen = None
     if dtype == AUTO:
-        dtype, reason = choose_dtype(devices[0] if devices else device, _width(str(source)))
-        log.info("--dtype auto: %s (%s)", dtype, reason)
+        dtype, chosen = choose_dtype(devices[0] if devices else device, _width(str(source)))
     try:
         model, tokenizer = _from_pretrained(str(source), trust_remote_code, use_safetensors=True, dtype=DTYPES[dtype])
     except SearchError:
@@ -173,6 +173,8 @@ def load_model(
     except (OSError, ValueError) as exc:
         reason = first_line(exc)
         raise SearchError(f"cannot load --model {spec}: {reason}") from None
+    if chosen is not None:  # said once the model has loaded: a model that cannot load gets its error alone
+        log.info("--dtype auto: %s (%s)", dtype, chosen)
     if fingerprint is None:  # a hub id: the resolved commit names the weights
         fingerprint = f"hub:{spec}@{getattr(model.config, '_commit_hash', None) or 'unknown'}"
     if devices is None:
