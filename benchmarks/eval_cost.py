@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
     parser.add_argument("--sensitivity-tokens", type=int, default=d.sensitivity_tokens)
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size or 4)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--dtype", default=d.dtype, help=f"the default configuration's dtype (default: {d.dtype})")
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=d.compile, help="the default's compiled layers"

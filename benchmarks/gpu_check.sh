@@ -116,17 +116,24 @@ LlamaForCausalLM(config).save_pretrained(root / "model")
 fast.save_pretrained(root / "model")
 rng = random.Random(0)
 (root / "corpus.txt").write_text("\n".join(" ".join(rng.choices(words, k=60)) for _ in range(3000)))
+def run(command, timeout):
+    """The command's result; past its timeout, what it had printed (TimeoutExpired keeps it)."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        text = lambda part: part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+        return subprocess.CompletedProcess(command, "timeout", text(exc.stdout), text(exc.stderr))
+
 started = time.time()
-done = subprocess.run([sys.executable, "-m", "search", "run", "--model", str(root / "model"), "--dataset",
+done = run([sys.executable, "-m", "search", "run", "--model", str(root / "model"), "--dataset",
                        str(root / "corpus.txt"), "--budget", "12%", "--heal", "linear", "--device", "cuda",
-                       "--storage", f"sqlite:///{root / 'study.db'}", "--trials", "24"],
-                      capture_output=True, text=True, timeout=150)
+                       "--storage", f"sqlite:///{root / 'study.db'}", "--trials", "24"], timeout=150)
 print("rc", done.returncode, "wall", round(time.time() - started, 1), "s")
 print(done.stdout[-3000:])
 print(done.stderr[-3000:])
-export = subprocess.run([sys.executable, "-m", "search", "export", "--storage", f"sqlite:///{root / 'study.db'}",
-                         "--pick", "knee", "--out", str(root / "out"), "--device-map", "cuda:0,cpu"],
-                        capture_output=True, text=True, timeout=max(10, 195 - (time.time() - started)))
+export = run([sys.executable, "-m", "search", "export", "--storage", f"sqlite:///{root / 'study.db'}",
+              "--pick", "knee", "--out", str(root / "out"), "--device-map", "cuda:0,cpu"],
+             timeout=max(10, 195 - (time.time() - started)))
 print("export --device-map cuda:0,cpu: rc", export.returncode)
 print(export.stdout[-1500:])
 print(export.stderr[-1500:])

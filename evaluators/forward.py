@@ -43,7 +43,6 @@ from search.model.surgery import decoder_layers
 log = logging.getLogger("search")
 
 HEAD_ROWS = {"cpu": 128, "cuda": 2048}  # rows of logits per chunk: cache-sized on a CPU, big on a GPU
-GPU_BATCH_TOKENS = 8192  # a GPU's default forward pass (batch_windows)
 # Config fields with which a family's forward changes logits after the LM head: never fused.
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -112,15 +111,6 @@ def head_nll(head: nn.Module, hidden: torch.Tensor, inputs: torch.Tensor) -> tup
         chunk = F.cross_entropy(logits, targets[start : start + rows].to(logits.device), reduction="sum")
         total += chunk.double().to(total.device)
     return total, targets.numel()
-
-
-def batch_windows(device: torch.device | str, seq_len: int) -> int:
-    """Windows per forward pass when `--batch-size` is not given: 4 on a CPU, where every figure of this
-    project was measured; on a GPU as many as make GPU_BATCH_TOKENS tokens, since a small model's batch
-    of 2048 tokens leaves a GPU waiting on kernel launches (benchmarks/gpu_check.sh times both)."""
-    if torch.device(device).type != "cuda":
-        return 4
-    return max(4, GPU_BATCH_TOKENS // seq_len)
 
 
 def on_host(batches: Iterable[tuple], device: torch.device | str) -> Iterator[tuple]:

@@ -18,9 +18,12 @@ from evaluators.forward import batch_nll, on_host, prepare
 def window_batches(
     windows: torch.Tensor, bos_id: int | None, batch_size: int, device: torch.device
 ) -> Iterator[torch.Tensor]:
-    """Model inputs, batch by batch: with `bos_id`, BOS is prepended as context (never a target)."""
+    """Model inputs, batch by batch: with `bos_id`, BOS is prepended as context (never a target).
+    The token ids go to the device in one copy up front: a copy from pageable host memory waits for
+    the device, which per batch would undo `on_host`'s one-batch lag."""
+    windows = windows.to(device)
     for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size].to(device)
+        batch = windows[start : start + batch_size]
         if bos_id is not None:
             batch = torch.cat([torch.full((len(batch), 1), bos_id, device=device), batch], dim=1)
         yield batch

@@ -27,7 +27,7 @@ class RunConfig:
     test_tokens: int = 8192
     sensitivity_tokens: int = 2048
     seq_len: int = 512
-    batch_size: int | None = None  # windows per forward pass; None: the device's (evaluators/forward.py)
+    batch_size: int = 4
     dtype: str = "auto"  # measured per machine (search/model/numerics.py); a study keeps what it resolved to
     device: str = "cpu"
     device_map: str | None = None  # spread the decoder stack over devices (search/model/placement.py)

@@ -16,7 +16,7 @@ import optuna
 import torch
 
 from evaluators.data import bos_to_prepend, eval_windows, make_splits
-from evaluators.forward import batch_windows, configure
+from evaluators.forward import configure
 from evaluators.latency import block_kinds, latency_input, layer_kinds
 from search import space
 from search.caching import with_store
@@ -161,7 +161,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         model,
         splits,
         latency_input(splits.calib, config.latency_tokens, cast(torch.device, model.device)),
-        batch_size=config.batch_size or batch_windows(cast(torch.device, model.device), config.seq_len),
+        batch_size=config.batch_size,
         latency_repeats=config.latency_repeats,
         layer_kinds=layer_kinds(model),
         block_kinds=block_kinds(model) if blocks is not None else None,

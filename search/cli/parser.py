@@ -82,7 +82,6 @@ def _stored_study_flags(parser: argparse.ArgumentParser) -> None:
 
 def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentGroup:
     """Model, data and compute flags: shared by `run` and `method`, which evaluate the same way."""
-    from evaluators.forward import GPU_BATCH_TOKENS
     from search.model.numerics import AUTO, DTYPES
 
     what = parser.add_argument_group("what to prune")
@@ -142,7 +141,7 @@ def _evaluation_flags(parser: argparse.ArgumentParser, d) -> argparse._ArgumentG
         "--batch-size",
         type=_positive_int,
         default=d.batch_size,
-        help=f"windows per forward pass (default: 4 on a CPU; on a GPU as many as make {GPU_BATCH_TOKENS} tokens)",
+        help=f"windows per forward pass (default: {d.batch_size})",
     )
     compute = parser.add_argument_group("compute")
     compute.add_argument(
@@ -398,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device-map",
         metavar="auto|DEV,DEV,...",
         help="prune, heal and verify with the model spread over several devices, as `run --device-map` "
-        "(replaces --device; default: one device)",
+        "(replaces --device for those; --tasks still runs on --device; default: one device)",
     )
     export.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)"

@@ -194,7 +194,8 @@ def _width(source: str) -> int:
     except (OSError, ValueError):
         return 1024
     text = config.get("text_config") or {}
-    return int(config.get("hidden_size") or config.get("n_embd") or text.get("hidden_size") or 1024)
+    width = config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or text.get("hidden_size")
+    return int(width or 1024)
 
 
 def _directory_fingerprint(path: Path) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -113,14 +114,15 @@ def mixed_precision(model: torch.nn.Module) -> torch.dtype | None:
     return getattr(model, "search_autocast", None)
 
 
-def autocast(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def autocast(model: torch.nn.Module) -> Iterator[None]:
     """The autocast the model's evaluation runs under (none for a single dtype): one per device type it
     computes on, since autocast is per type (`--device-map cuda:0,cpu` needs the CPU's too)."""
     dtype = mixed_precision(model)
-    stack = contextlib.ExitStack()
-    for device_type in device_types(model) if dtype is not None else []:
-        stack.enter_context(torch.autocast(device_type, dtype=dtype))
-    return stack
+    with contextlib.ExitStack() as stack:
+        for device_type in device_types(model) if dtype is not None else []:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
+        yield
 
 
 def device_types(model: torch.nn.Module) -> list[str]:

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.exc import TorchDynamoException
 
 from evaluators import forward
-from evaluators.forward import GPU_BATCH_TOKENS, batch_windows, configure, head_nll, logits_nll, on_host, settings
+from evaluators.forward import configure, head_nll, logits_nll, on_host, settings
 from evaluators.perplexity import perplexity
 from evaluators.prefix import build_prefix_cache
 from search.model.numerics import apply_numerics
@@ -163,9 +163,3 @@ def test_batch_sums_are_read_one_batch_late_only_on_cuda(device, ahead):
         if value == 1.0:
             break  # a rejection after the second batch
     assert seen == [0.0, 1.0] and made == list(range(2 + ahead))
-
-
-def test_default_batches_are_four_windows_on_a_cpu_and_a_gpu_sized_pass_on_cuda():
-    assert [batch_windows("cpu", n) for n in (128, 512, 2048)] == [4, 4, 4]  # every CPU figure's batch
-    expected = [GPU_BATCH_TOKENS // 512, GPU_BATCH_TOKENS // 1024, 4]  # never fewer than a CPU's
-    assert [batch_windows("cuda", n) for n in (512, 1024, 4096)] == expected
