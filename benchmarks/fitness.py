@@ -3,6 +3,7 @@
     python benchmarks/fitness.py --stores sqlite:///a.db,sqlite:///b.db --json > benchmarks/results/fitness.json
     python benchmarks/fitness.py --random 40 --json        # random sets of 1-4 layers instead of a study's
     python benchmarks/fitness.py --render benchmarks/results/fitness.json
+    python benchmarks/fitness.py --heal linear --stores sqlite:///h.db --per-size 4 --json   # healed candidates
 
 The candidates are every removal set the given stores' studies measured (what a search actually
 has to rank), or random sets. Each is measured in one process on the default model and corpus:
@@ -11,6 +12,13 @@ split) and held-out windows 32..47 (8192 tokens, disjoint from both). Per candid
 the calibration windows gives its perplexity ratio and its KL divergence from the unpruned model
 (coarsened to the unpruned model's top k tokens, evaluators/divergence.py) for several k, and the
 full KL over the first 4096 tokens, which measures what keeping only k tokens loses.
+
+With `--heal linear` each candidate is healed as a `--heal linear` study heals it and measured through
+that study's own evaluator and windows: the 4096-token figures on its calibration split, the
+16384-token ones on those windows plus confirmation's 12288 (`--confirm-tokens 16384`: the figure a
+confirming study ranks by), KL over the top 64 tokens as `--fitness kl` keeps, and the held-out
+ratio on its held-out split. `--per-size N` keeps, of each size, the N sets with the lowest
+calibration perplexity ratio the stores recorded: the close calls a study has to decide.
 
 Agreement is Kendall's tau between a fitness and the held-out ratio over pairs of sets of the same
 size (a search only ever compares those: the budget fixes the size), pooled over sizes: 1 when the
@@ -50,13 +58,48 @@ SHORT, LONG = 8, 32  # calibration windows of 512: 4096 and 16384 tokens
 CLOSE = 0.02  # a close call: two sets whose perplexity ratios on the default 4096 tokens are this near
 
 
-def stored_sets(urls: list[str]) -> list[Removal]:
-    found: set[Removal] = set()
+def stored_sets(urls: list[str], per_size: int | None = None) -> list[Removal]:
+    """Every set the stores' studies finished; with `per_size`, only that many of each size, those with
+    the lowest recorded calibration perplexity ratio."""
+    found: dict[Removal, float] = {}
     for url in urls:
         for summary in optuna.get_all_study_summaries(url):
             study = optuna.load_study(study_name=summary.study_name, storage=url)
-            found |= {TrialRecord.of(t).removal for t in study.get_trials(deepcopy=False, states=COMPLETE)}
-    return sorted((r for r in found if r), key=lambda r: (len(r.layers), r.key))
+            for trial in study.get_trials(deepcopy=False, states=COMPLETE):
+                record = TrialRecord.of(trial)
+                if record.removal and record.ppl_ratio is not None:
+                    found[record.removal] = min(found.get(record.removal, math.inf), record.ppl_ratio)
+    ranked = sorted(found, key=lambda r: (len(r.layers), found[r], r.key))
+    if per_size is not None:
+        kept: dict[int, int] = {}
+        for removal in list(ranked):
+            kept[len(removal.layers)] = kept.get(len(removal.layers), 0) + 1
+            if kept[len(removal.layers)] > per_size:
+                ranked.remove(removal)
+    return sorted(ranked, key=lambda r: (len(r.layers), r.key))
+
+
+def healed_rows(sets: list[Removal], dtype: str, model: str | None) -> tuple[list[dict], str]:
+    """Each set healed and measured as a `--heal linear --fitness kl --confirm-tokens 16384` study does."""
+    from search.confirmation import confirmed_fitness
+    from search.evaluator import Fitness
+    from search.study import RunConfig, prepare
+
+    config = RunConfig(model=model, heal="linear", fitness="kl", dtype=dtype, confirm_tokens=LONG * 512)
+    loaded, evaluator, _ = prepare(config)
+    evaluator.baseline()
+    rows = []
+    for number, removal in enumerate(sets, 1):
+        calib = evaluator.kl(removal)
+        ratio = calib.ppl / evaluator.base_ppl["calib"]
+        confirmed = confirmed_fitness(evaluator, removal, Fitness(calib.kl, ratio))
+        row = {"removal": removal.key, "size": len(removal.layers), "heal": "linear"}
+        row["test_ppl_ratio"] = evaluator.ppl(removal, "test") / evaluator.base_ppl["test"]
+        row |= {"ppl_4096": ratio, "kl64_4096": calib.kl}
+        row |= {"ppl_16384": confirmed.ppl_ratio, "kl64_16384": confirmed.value}
+        rows.append(row)
+        print(f"{number}/{len(sets)} {removal.key}: held-out {row['test_ppl_ratio']:.4f}", file=sys.stderr, flush=True)
+    return rows, loaded.dtype
 
 
 def random_sets(n_layers: int, count: int, seed: int = 0) -> list[Removal]:
@@ -178,9 +221,10 @@ def render(results: dict) -> str:
     for t in results["agreement"]:
         close = "-" if t["close_right"] is None else f"{t['close_right']:.0%} of {t['close_pairs']}"
         lines.append(f"| {t['fitness']} | {t['tau']:.3f} | {t['pairs']} | {t['discordant']} | {close} |")
-    lines += ["", "| k | KL kept of the full KL (4096 tokens, mean over sets) | bytes per token |", "|---|---|---|"]
-    for k, share in results["top_k_share"].items():
-        lines.append(f"| {k} | {share:.4f} | {int(k) * 8 + 4} |")
+    if results.get("top_k_share"):
+        lines += ["", "| k | KL kept of the full KL (4096 tokens, mean over sets) | bytes per token |", "|---|---|---|"]
+        for k, share in results["top_k_share"].items():
+            lines.append(f"| {k} | {share:.4f} | {int(k) * 8 + 4} |")
     lines += [
         "",
         "| fitness | --confirm-margin | sizes picked wrong (held-out) | summed held-out excess | sets confirmed |",
@@ -201,6 +245,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stores", help="comma-separated store URLs whose studies' sets are the candidates")
     parser.add_argument("--random", type=int, default=0, help="this many random sets of 1-4 layers instead")
+    parser.add_argument("--per-size", type=int, help="of each size, only the N sets the stores rank best")
+    parser.add_argument("--heal", choices=["none", "linear"], default="none", help="measure the candidates healed")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -211,12 +257,26 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
+    if args.heal == "linear":
+        if not args.stores:
+            raise SystemExit("--heal linear measures a study's candidates: give --stores")
+        rows, dtype = healed_rows(stored_sets(args.stores.split(","), args.per_size), args.dtype, args.model)
+        keys = ["ppl_4096", "kl64_4096", "ppl_16384", "kl64_16384"]
+        results = {
+            "dtype": dtype,
+            "heal": "linear",
+            "seconds": time.perf_counter() - started,
+            "agreement": [tau(rows, key) for key in keys],
+            "rows": rows,
+        }
+        print(json.dumps(results, indent=2) if args.json else render(results))
+        return
     loaded = load_model(args.model, args.dtype, "cpu")
     model, batch_size = loaded.model, 4
     splits = make_splits(loaded.tokenizer, None, LONG * 512, 8192, 512)
     bos_id = splits.bos_id
     n_layers = model.config.num_hidden_layers
-    sets = stored_sets(args.stores.split(",")) if args.stores else random_sets(n_layers, args.random)
+    sets = stored_sets(args.stores.split(","), args.per_size) if args.stores else random_sets(n_layers, args.random)
     with torch.inference_mode():
         dense = Dense(model, splits.calib, bos_id, batch_size)
         base_test = sum(

@@ -46,6 +46,7 @@ from search.records import StudyRecord, TrialRecord, counts_towards_trials  # no
 from search.store import open_storage, sqlite_path  # noqa: E402
 from search.study import RunConfig, prepare, run  # noqa: E402
 
+EMBEDDED, EMBEDDED_CORPUS = "SmolLM2-135M-Instruct (embedded)", "Lee corpus (embedded)"
 METHODS = (("staged_greedy", "none"), ("replaceme", "linear"), ("greedy_then_healed", "linear"))
 
 
@@ -105,6 +106,31 @@ def method_rows(cached: CachingEvaluator, ks: list[int], sensitivity_tokens: int
     return rows
 
 
+def ranked(point: dict) -> float:
+    """A front point's fitness as its study ranks it: KL or perplexity ratio, confirmed where it was."""
+    for key in ("confirmed_kl", "kl", "confirmed_ppl_ratio"):
+        if key in point:
+            return point[key]
+    return point["ppl_ratio"]
+
+
+def saved_methods(path: str, expected: dict, ks: list[int]) -> tuple[list[dict], list]:
+    """The methods' rows of a saved result, refused unless it measured the same model, corpus, numerics
+    and windows (the same baseline perplexities): those rows do not depend on the search's settings."""
+    saved = json.loads(Path(path).read_text())
+    for key, value in expected.items():
+        same = (
+            all(abs(saved[key].get(s, 0) - v) <= 1e-6 * v for s, v in value.items())
+            if key == "baseline_ppl"
+            else saved.get(key) == value
+        )
+        if not same:
+            raise SystemExit(f"--methods-from {path}: its {key} is {saved.get(key)!r}, this run's {value!r}")
+    rows = [r for r in saved["rows"] if r["method"] != "search" and r["k"] in ks]
+    cost = saved.get("healed_eval_cost")
+    return rows, cost if isinstance(cost, list) else []
+
+
 def search_rows(config: RunConfig, ks: list[int], say) -> tuple[list[dict], dict]:
     """The study's front point per k, and what the study cost (with --confirm-tokens: what confirming did)."""
     started = time.perf_counter()
@@ -119,16 +145,17 @@ def search_rows(config: RunConfig, ks: list[int], say) -> tuple[list[dict], dict
         points = [p for p in front_report(study)["front"] if len(p["removed_layers"]) == k]
         if not points:
             continue
-        best = min(points, key=lambda p: p.get("confirmed_ppl_ratio", p["ppl_ratio"]))  # what the study ranks
+        best = min(points, key=ranked)  # what the study ranks
         rows.append(
             {
                 "k": k,
                 "method": "search",
                 "heal": config.heal,
                 "confirm_tokens": config.confirmation_tokens,
+                "fitness": config.objective_fitness,
                 "removed_layers": best["removed_layers"],
                 "calib_ppl_ratio": best["ppl_ratio"],
-                **({"confirmed_ppl_ratio": best["confirmed_ppl_ratio"]} if "confirmed_ppl_ratio" in best else {}),
+                **{key: best[key] for key in ("confirmed_ppl_ratio", "kl", "confirmed_kl") if key in best},
                 "test_ppl_ratio": best["test_ppl_ratio"],
                 "eval_ppl_ratio": best.get("eval_ppl_ratio"),
                 "evaluations": evaluations,
@@ -193,6 +220,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--storage", help="SQLAlchemy URL (default: a fresh SQLite file)")
     parser.add_argument("--no-search", action="store_true", help="the methods only")
+    parser.add_argument(
+        "--methods-from",
+        metavar="JSON",
+        help="the methods' rows from a saved result of the same model, corpus, dtype and windows instead of "
+        "measuring them again (they do not depend on the search's settings): the searches only",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--render", metavar="JSON", help="print the markdown table of a saved result")
     args = parser.parse_args()
@@ -221,12 +254,24 @@ def main() -> None:
     loaded, evaluator, _ = prepare(config)
     cached = with_store(evaluator, open_storage(storage), loaded.fingerprint, loaded.dtype)
     base = cached.baseline()
-    rows = method_rows(cached, args.layers, config.sensitivity_tokens, say)
-    by_runs: dict[int, list[int]] = {}  # one greedy-then-healed pick per number of removed runs
-    for row in rows:
-        if row["method"] == "greedy_then_healed":
-            by_runs.setdefault(len(runs(row["removed_layers"])), row["removed_layers"])
-    cost = [eval_cost(cached, tuple(removed)) for _, removed in sorted(by_runs.items())]
+    if args.methods_from:
+        expected = {
+            "model": config.model or EMBEDDED,
+            "dataset": config.dataset or EMBEDDED_CORPUS,
+            "eval_dataset": config.eval_dataset,
+            "dtype": loaded.dtype,
+            "heal_tokens": config.heal_tokens,
+            "calib_tokens": config.calib_tokens,
+            "baseline_ppl": base,
+        }
+        rows, cost = saved_methods(args.methods_from, expected, args.layers)
+    else:
+        rows = method_rows(cached, args.layers, config.sensitivity_tokens, say)
+        by_runs: dict[int, list[int]] = {}  # one greedy-then-healed pick per number of removed runs
+        for row in rows:
+            if row["method"] == "greedy_then_healed":
+                by_runs.setdefault(len(runs(row["removed_layers"])), row["removed_layers"])
+        cost = [eval_cost(cached, tuple(removed)) for _, removed in sorted(by_runs.items())]
     for c in cost:
         say(
             f"healed evaluation of {c['removed_layers']}: x{c['sequential']['ratio']:.2f} sequential, "
@@ -244,13 +289,13 @@ def main() -> None:
             own = f"sqlite:///{path.with_name(f'{path.stem}-confirm{confirm}.db')}"
             shutil.copy(path, own.removeprefix("sqlite:///"))
         study_config = replace(config, dtype=dtype, storage=own, confirm_tokens=confirm)
-        found, cost = search_rows(study_config, args.layers, say)
+        found, spent = search_rows(study_config, args.layers, say)
         rows += found
-        searches.append(cost)
+        searches.append(spent)
     result = {
-        "model": config.model or "SmolLM2-135M-Instruct (embedded)",
+        "model": config.model or EMBEDDED,
         "budget": config.budget,
-        "dataset": config.dataset or "Lee corpus (embedded)",
+        "dataset": config.dataset or EMBEDDED_CORPUS,
         "eval_dataset": config.eval_dataset,
         "dtype": dtype,
         "heal_tokens": config.heal_tokens,
@@ -259,6 +304,7 @@ def main() -> None:
         "trials": config.trials,
         "baseline_ppl": base,
         "healed_eval_cost": cost,
+        **({"methods_from": args.methods_from} if args.methods_from else {}),
         "rows": rows,
         "wall_s": time.perf_counter() - started,
     }

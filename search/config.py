@@ -48,7 +48,9 @@ class RunConfig:
     eval_tokens: int = 8192
     granularity: str = "layer"  # search/space.py: remove whole layers, or attention and MLP blocks ("sublayer")
     data_seed: int = 0  # which windows form the calibration split (evaluators/data.py); held-out never moves
-    fitness: str = "ppl"  # the objective on calibration: perplexity ratio, or "kl" (evaluators/divergence.py)
+    # The objective on calibration: perplexity ratio, or "kl" (evaluators/divergence.py). None: the default
+    # for a new study (kl when healing, ppl otherwise: objective_fitness), the stored value when resuming one.
+    fitness: str | None = None
     # search/confirmation.py: near-front candidates ranked on this many calibration tokens (0: off). None: the
     # default for a new study (DEFAULT_FACTOR x calib_tokens), the stored value when resuming one.
     confirm_tokens: int | None = None
@@ -59,6 +61,14 @@ class RunConfig:
         if self.confirm_tokens is not None:
             return self.confirm_tokens
         return default_tokens(max(1, self.calib_tokens // self.seq_len) * self.seq_len)  # whole windows
+
+    @property
+    def objective_fitness(self) -> str:
+        """Healed candidates are ranked by KL: on them the calibration perplexity ratio orders sets against
+        the held-out one, KL with it; unhealed, the two tie and ppl stays (docs/benchmarks.md, "The fitness")."""
+        if self.fitness is not None:
+            return self.fitness
+        return "kl" if self.heal != "none" else "ppl"
 
     @property
     def confirmation_margin(self) -> float:
@@ -95,7 +105,7 @@ class RunConfig:
             eval_tokens=self.eval_tokens if self.eval_dataset else None,
             granularity=self.granularity,
             data_seed=self.data_seed,
-            fitness=self.fitness,
+            fitness=self.objective_fitness,
             confirm_tokens=self.confirmation_tokens,
             confirm_margin=self.confirmation_margin if self.confirmation_tokens else None,
         )
@@ -126,7 +136,7 @@ def check_compatible(study: optuna.Study, config: RunConfig) -> None:
 def adopt_stored(config: RunConfig, study: optuna.Study) -> RunConfig:
     """A resumed study keeps what a default resolved to when it was created: `--dtype auto` the dtype it
     was measured in, whatever this machine prefers; an unset --confirm-tokens its confirmation (none for
-    a study older than confirmation), whatever today's default."""
+    a study older than confirmation) and an unset --fitness its fitness, whatever today's defaults."""
     stored = read_settings(study)
     if stored is None:
         return config
@@ -134,6 +144,8 @@ def adopt_stored(config: RunConfig, study: optuna.Study) -> RunConfig:
         config = replace(config, dtype=stored.dtype)
     if config.confirm_tokens is None:
         config = replace(config, confirm_tokens=stored.confirm_tokens)
+    if config.fitness is None:  # a store older than --fitness reads as ppl
+        config = replace(config, fitness=stored.fitness)
     if config.confirm_margin is None and stored.confirm_margin is not None:
         config = replace(config, confirm_margin=stored.confirm_margin)
     return config

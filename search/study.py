@@ -170,7 +170,7 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         sequential=config.heal_fit == "sequential",
         max_run=budget.max_layers(),
         sensitivity_tokens=config.sensitivity_tokens,
-        fitness=config.fitness,
+        fitness=config.objective_fitness,
         confirm_margin=config.confirmation_margin,
     )
     return loaded, evaluator, budget

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.fitness,
         help="what trials minimise on the calibration tokens: the perplexity ratio to the unpruned model, or "
         "(kl) the mean KL divergence from its next-token distributions; every point still reports perplexity "
-        f"ratios (default: {d.fitness})",
+        "ratios (default: kl with --heal, ppl without; a resumed study keeps its own)",
     )
     what.add_argument(
         "--confirm-tokens",

@@ -38,8 +38,8 @@ CONFIRMED = 3  # candidates per healed greedy stage measured with the study's fi
 def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig) -> tuple[list[Stage], Seeds, int]:
     """Staged greedy removal and the one-pass methods' picks. Unhealed, greedy ranks by `--criterion`
     on the first `--sensitivity-tokens` calibration tokens. Healed, the path is scored on healed
-    models on the same tokens (healing changes which layers are safe to remove: it favours runs); a
-    one-pass `--criterion` adds its own unhealed path as seeds. Also returns the forward passes over the
+    models on the same tokens (healing changes which layers are safe to remove: it favours runs), and
+    the unhealed `--criterion` path adds its sets as seeds. Also returns the forward passes over the
     sensitivity tokens spent besides the greedy path's own (a sub-layer study's whole-layer path and
     block similarity)."""
     windows, store = evaluator.sensitivity(config.sensitivity_tokens)
@@ -61,9 +61,13 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
     others: Seeds = []
     if healing:
         stages = staged_greedy(healed_scores(evaluator, most), budget, shortlist=SHORTLIST)
-        if criterion.one_pass:
-            unhealed = staged_greedy(score, budget)
-            others += [(stage.removed, f"greedy stage {n} ({config.criterion})") for n, stage in enumerate(unhealed, 1)]
+        # The unhealed path seeds too: greedy-then-healed's sets. Healed greedy can walk past one of them
+        # (a set safe to remove unhealed may heal better than the healed path's own next step), and a
+        # study that never measures them can lose to that baseline (docs/benchmarks.md, "Healing").
+        unhealed = staged_greedy(score, budget, shortlist=None if criterion.one_pass else SHORTLIST)
+        others += [(stage.removed, f"greedy stage {n} ({config.criterion})") for n, stage in enumerate(unhealed, 1)]
+        if not criterion.one_pass:
+            extra += 1 + sum(criterion.passes(len(s.scores)) for s in unhealed)
     else:
         stages = staged_greedy(score, budget, shortlist=None if criterion.one_pass else SHORTLIST)
     for n, stage in enumerate(stages, 1):
@@ -84,7 +88,7 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
         layer_score = healed_scores(evaluator, layers) if healing else scorer("layer greedy", layers)
         layered, layer_stages = layer_seeds(layer_score, budget)
         others = [*layered, *attention_drop_seeds(similar, budget), *others]
-        extra = 1 + sum(criterion.passes(len(s.scores)) for s in layer_stages)
+        extra += 1 + sum(criterion.passes(len(s.scores)) for s in layer_stages)
     return stages, others, extra
 
 

@@ -15,7 +15,7 @@ from search.front import front_report
 from search.model.numerics import apply_numerics
 from search.model.removal import Removal
 from search.model.surgery import removal_applied
-from search.records import COMPLETE, TrialRecord, calib_ppl_ratio
+from search.records import COMPLETE, StudyRecord, TrialRecord, calib_ppl_ratio
 from search.store import open_storage
 from search.study import run
 from tests.search.test_evaluator import tiny_evaluator
@@ -104,3 +104,21 @@ def test_the_unpruned_reference_is_taken_before_any_removal():
     again = kl_evaluator()
     again.calib_fitness(Removal())  # reference built by an empty set's evaluation
     assert math.isclose(again.calib_fitness(Removal.of([2])).value, first, rel_tol=1e-6)
+
+
+def test_a_healed_study_defaults_to_kl_and_a_resumed_one_keeps_its_own_fitness(tmp_path, tiny_model_dir, corpus):
+    config = tiny_config(tmp_path, tiny_model_dir, corpus, trials=4, heal="linear", heal_tokens=512)
+    assert config.fitness is None and replace(config, heal="none").objective_fitness == "ppl"
+    study = run(config)
+    assert StudyRecord.read(study).settings.fitness == "kl"
+    done = study.get_trials(states=COMPLETE)
+    assert done and all(t.values[0] == TrialRecord.of(t).kl for t in done)
+    # Healed with ppl, as every healed study was before kl became its default: resumed with --fitness unset,
+    # it keeps ranking by the perplexity ratio (a changed default never changes what stored numbers mean).
+    older = replace(config, study="older", fitness="ppl")
+    run(older)
+    resumed = run(replace(older, fitness=None, trials=6))
+    assert StudyRecord.read(resumed).settings.fitness == "ppl"
+    done = resumed.get_trials(states=COMPLETE)
+    assert len([t for t in done if TrialRecord.of(t).duplicate_of is None]) > 0
+    assert all(t.values[0] == calib_ppl_ratio(t) and TrialRecord.of(t).kl is None for t in done)

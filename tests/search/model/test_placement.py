@@ -112,7 +112,7 @@ def test_a_study_over_a_device_map_finds_what_one_device_finds(
     monkeypatch.setattr(loading, "dispatch", lambda model, devices: placed.append(devices) or dispatch(model, devices))
     (base, one), (spread_base, spread) = greedy("one"), greedy("spread", device_map="cpu,cpu")
     assert placed == [["cpu", "cpu"]]  # the second study, and only it, ran dispatched
-    assert len(one) == 2 and spread_base == pytest.approx(base, rel=1e-6)
+    assert len(one) >= 2 and spread_base == pytest.approx(base, rel=1e-6)
     assert [r for r, _ in spread] == [r for r, _ in one]
     assert [v for _, v in spread] == pytest.approx([v for _, v in one], rel=1e-5)
 
