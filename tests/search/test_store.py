@@ -10,6 +10,7 @@ import time
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 from search.errors import redact
@@ -65,7 +66,13 @@ def worker(model_dir, corpus, url, *extra, program=("-m", "search")) -> subproce
 
 
 def trials(url, study="tiny"):
-    return optuna.load_study(study_name=study, storage=url).get_trials()
+    """Read with a throwaway engine: tests poll this several times a second, and a pooled engine per call
+    holds a server connection until it is garbage-collected (PostgreSQL refuses clients past 100)."""
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+    try:
+        return optuna.load_study(study_name=study, storage=storage).get_trials()
+    finally:
+        storage.engine.dispose()
 
 
 def completed_snapshot(url, study="tiny"):
@@ -192,7 +199,7 @@ def test_kill_before_the_trial_names_its_worker_then_resume(tmp_path, tiny_model
 
 
 def _check_shared_study(url, study, target):
-    final = optuna.load_study(study_name=study, storage=url).get_trials()
+    final = trials(url, study)
     assert not [t for t in final if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     done = [t for t in final if t.state == TrialState.COMPLETE]
     assert target <= len(done) <= target + 1  # a second worker may finish the trial it was running
