@@ -87,15 +87,17 @@ class Shape:
     head_params: int  # the LM head's (computed per token even when tied to the embedding)
 
 
-def build(name: str, layers: int | None = None):
+def build(name: str, layers: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Built where it runs, in its dtype: an 8B model initialised on the host in float32 takes 32 GB and
+    minutes before it reaches a GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(SHAPES[name])
     if layers is not None:
         fields["num_hidden_layers"] = layers
     config = AutoConfig.for_model(fields.pop("model_type"), **fields, max_position_embeddings=4096)
-    with torch.device("cpu"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def shape_of(name: str) -> Shape:
@@ -142,7 +144,7 @@ def measure(name: str, device: str, dtype: str, tokens: int, heal_tokens: int, s
     weights = DTYPES[dtype]
     kept = layers_that_fit(shape, max_gb, torch.tensor([], dtype=weights).element_size())
     started = time.perf_counter()
-    model = build(name, kept).to(device=device, dtype=weights).eval()
+    model = build(name, kept, device, weights).eval()
     apply_numerics(model, dtype)
     build_s = time.perf_counter() - started
     generator = torch.Generator().manual_seed(0)
@@ -162,7 +164,9 @@ def measure(name: str, device: str, dtype: str, tokens: int, heal_tokens: int, s
             torch.cuda.synchronize()
         return value, time.perf_counter() - start
 
-    build_prefix_cache(model, windows[:1, :64], None, 1).perplexity(Removal.of([0]))  # warm-up: probe, allocator
+    # Warm-up at the measured shapes (probe, allocator, the kernels' first launches): a GPU's first pass
+    # over a batch shape costs several times the next one.
+    build_prefix_cache(model, windows[:batch], None, batch).perplexity(Removal.of([0]))
     cache, full_s = timed(lambda: build_prefix_cache(model, windows, None, batch))
     middle = Removal.of([kept // 2])
     eval_s = statistics.median(timed(lambda: cache.perplexity(middle))[1] for _ in range(REPEATS))
@@ -246,10 +250,11 @@ def end_to_end(model: str | None, heal: str, device: str) -> dict:
     }
 
 
-def machine() -> str:
+def machine(device: str) -> str:
     from search.evaluations import device_label  # the CPU's model name, as the evaluation cache keys it
 
-    return f"{os.cpu_count()}-core {device_label(torch.device('cpu')).split(':', 1)[1]}"
+    host = f"{os.cpu_count()}-core {device_label(torch.device('cpu')).split(':', 1)[1]}"
+    return f"{torch.cuda.get_device_name(device)} on a {host}" if device.startswith("cuda") else host
 
 
 def render(results: dict) -> str:
@@ -265,6 +270,7 @@ def render(results: dict) -> str:
         built = f"{r['layers_built']} of {r['layers']}"
         projected = r["projected_default_s"]
         when = f"{projected / 3600:.1f} h" if projected >= 3600 else f"{projected / 60:.0f} min"
+        when = f"{projected:.0f} s" if projected < 120 else when
         lines.append(
             f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {built} | {r['full_s']:.2f} | {r['eval_s']:.2f} "
             f"| {r['healed_s']:.2f} | {r['collect_s']:.2f} | {r['us_per_gflop']:.0f} | {r['peak_gb']:.1f} | {when} |"
@@ -331,8 +337,7 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"{name}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        if not args.json:
-            print(f"{name}: {rows[-1]['eval_s']:.2f} s per evaluation", file=sys.stderr)
+        print(f"{name}: {rows[-1]['eval_s']:.2f} s per evaluation  {json.dumps(rows[-1])}", file=sys.stderr)
     real = []
     for model in [None] if args.real == [] else args.real or []:
         for heal in ("none", "linear"):
@@ -342,7 +347,7 @@ def main() -> None:
     speeds = [r["us_per_gflop"] for r in rows]
     results = {
         "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": machine(args.device),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "device": args.device,

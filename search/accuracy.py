@@ -32,7 +32,7 @@ from search.errors import SearchError
 from search.export import finished_trial, prune_trial
 from search.front import front_report, retained
 from search.model.loading import cache_dir, load_model
-from search.model.numerics import apply_numerics, mixed_precision
+from search.model.numerics import STOCK_KERNELS, apply_numerics, mixed_precision
 from search.model.removal import Removal
 from search.records import StudyRecord, TrialRecord, read_accuracy, removal_key, write_accuracy
 from search.registry import Registry
@@ -298,7 +298,7 @@ def evaluate_directory(
     tokenizer = AutoTokenizer.from_pretrained(out, **kwargs)
     built = study_tasks(manager, tasks, tokenizer, record, early)
     numerics = accuracy_numerics(record.settings.dtype)
-    model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kwargs, **STOCK_KERNELS)
     model = model.to(device).eval()
     apply_numerics(model, numerics)
     results = run_tasks(model, tokenizer, built, settings.limit, settings.batch_size, numerics)

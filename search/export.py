@@ -30,7 +30,7 @@ from search.errors import SearchError, first_line
 from search.front import front_report, ranked_ratio
 from search.healing import HEALINGS, check_healable
 from search.model.loading import load_model
-from search.model.numerics import DTYPES, apply_numerics
+from search.model.numerics import DTYPES, STOCK_KERNELS, apply_numerics
 from search.model.placement import dispatch, parse_device_map
 from search.model.removal import Removal
 from search.model.sublayer_export import (
@@ -319,7 +319,7 @@ def verify(
     def placed(model: Any) -> Any:
         return model.to(device).eval() if devices is None else dispatch(model.eval(), devices)
 
-    model: Any = placed(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **how))
+    model: Any = placed(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **how, **STOCK_KERNELS))
     params = total_param_count(model)
     divergence: float | None
     kv_error = None
@@ -329,7 +329,7 @@ def verify(
         divergence, kv_error = None, f"{type(exc).__name__}: {first_line(exc)}"
 
     if DTYPES[dtype] != torch.float32:  # half-precision weights: load them as the study did
-        model = placed(AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype], **how))
+        model = placed(AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype], **how, **STOCK_KERNELS))
     apply_numerics(model, dtype)  # the held-out figure was measured with these numerics
     reloaded = perplexity(model, splits.test, splits.bos_id)
     return ExportReport(

@@ -25,7 +25,7 @@ from torch import nn
 
 from search.errors import SearchError, first_line
 from search.failures import check_device, check_safe_weights
-from search.model.numerics import AUTO, DTYPES, apply_numerics
+from search.model.numerics import AUTO, DTYPES, STOCK_KERNELS, apply_numerics
 from search.model.numerics import choose as choose_dtype
 from search.model.packaged import packaged_file
 from search.model.placement import dispatch, parse_device_map
@@ -84,7 +84,9 @@ def _from_pretrained(source: str, trust_remote_code: bool, dtype: torch.dtype = 
         model = load_sublayer_export(Path(source), dtype=dtype, **kwargs)
         return model, AutoTokenizer.from_pretrained(source, config=model.config, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs, **STOCK_KERNELS
+    )
     return model, tokenizer
 
 

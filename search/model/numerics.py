@@ -31,6 +31,11 @@ DTYPES.add("bfloat16", torch.bfloat16, "bfloat16 weights")
 DTYPES.add("float32", torch.float32, "exact")
 DTYPES.add("float16", torch.float16, "float16 weights (GPU)")
 AUTOCAST = {"bf16-mixed": torch.bfloat16}
+# Every `from_pretrained` of a model passes this. With the `kernels` package installed, transformers swaps
+# some functions (rotary embeddings on CUDA) for kernels it fetches from the hub, at load and again on each
+# train()/eval() switch: code downloaded at run time, an error offline (LoRA's train() on a GPU), and
+# arithmetic other than the one the study measured. The stock PyTorch code runs instead.
+STOCK_KERNELS = {"use_kernels": False}
 CANDIDATE = "bf16-mixed"
 MIN_SPEEDUP = 1.3  # below this, float32's exactness is worth more than the time saved
 REPEATS = 5

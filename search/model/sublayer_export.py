@@ -28,6 +28,7 @@ from torch import nn
 from search.errors import SearchError
 from search.model import sublayer_modeling
 from search.model.architectures import architecture_of
+from search.model.numerics import STOCK_KERNELS
 from search.model.removal import Removal
 from search.model.sublayer_modeling import FAMILIES, FORMAT, MARKER, class_names
 from search.model.surgery import SkippedAttention, SkippedMLP, decoder_layers, remove_layers, skip_blocks
@@ -132,7 +133,9 @@ def load_sublayer_export(directory: Path, **kwargs: Any) -> nn.Module:
     stock = {key: value for key, value in stored.items() if key not in _FORMAT_KEYS}
     config = AutoConfig.for_model(marker["base_model_type"], **stock)
     with _quiet_transformers():  # the removed blocks' weights are missing by design; checked below instead
-        loaded: Any = AutoModelForCausalLM.from_pretrained(directory, config=config, output_loading_info=True, **kwargs)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            directory, config=config, output_loading_info=True, **kwargs, **STOCK_KERNELS
+        )
     model, info = loaded
     skip_blocks(model, stored.get("removed_attention") or [], stored.get("removed_mlp") or [])
     kept = set(model.state_dict())

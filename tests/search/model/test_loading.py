@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from evaluators.perplexity import perplexity
@@ -16,3 +17,13 @@ def test_bf16_mixed_keeps_float32_weights_and_computes_in_bfloat16(tiny_model_di
         assert mixed(input_ids=windows).logits.dtype == torch.bfloat16  # matrix products under autocast
         assert exact(input_ids=windows).logits.dtype == torch.float32
     assert math.isclose(perplexity(mixed, windows), perplexity(exact, windows), rel_tol=0.02)
+
+
+def test_models_load_with_stock_kernels(tiny_model_dir):
+    """With `kernels` installed, transformers would swap in kernels fetched from the hub (on CUDA, again
+    at each train()/eval() switch: LoRA's train() failed offline on a GPU). Every load of ours keeps them off."""
+    pytest.importorskip("kernels")
+    loaded = load_model(str(tiny_model_dir), "float32").model
+    loaded.train()
+    loaded.eval()
+    assert not loaded.use_kernels
