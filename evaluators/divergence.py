@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluators.forward import HEAD_ROWS, numerics, prepare, settings
+from evaluators.forward import HEAD_ROWS, at_least_float32, numerics, prepare, settings
 from evaluators.perplexity import Rejected, window_batches
 
 DEFAULT_TOP_K = 64
@@ -55,8 +55,9 @@ def _log_rest(top: torch.Tensor) -> torch.Tensor:
 
 
 def logp_chunks(model: nn.Module, inputs: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Next-token log-probabilities [rows, V] (float32) for the targets `inputs[:, 1:]`, a chunk of
-    rows at a time: through the fused LM head where the model allows it (evaluators/forward.py)."""
+    """Next-token log-probabilities [rows, V] (float32; a float64 model's float64) for the targets
+    `inputs[:, 1:]`, a chunk of rows at a time: through the fused LM head where the model allows it
+    (evaluators/forward.py)."""
     prepare(model)
     causal_lm: Any = model
     with numerics(model):
@@ -66,10 +67,10 @@ def logp_chunks(model: nn.Module, inputs: torch.Tensor) -> Iterator[torch.Tensor
             head = causal_lm.get_output_embeddings()
             rows = HEAD_ROWS.get(hidden.device.type, 1024)
             for start in range(0, len(hidden), rows):
-                yield F.log_softmax(head(hidden[start : start + rows]).float(), dim=-1)
+                yield F.log_softmax(at_least_float32(head(hidden[start : start + rows])), dim=-1)
         else:
             logits = model(input_ids=inputs, use_cache=False).logits[:, :-1]
-            yield F.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+            yield F.log_softmax(at_least_float32(logits.reshape(-1, logits.shape[-1])), dim=-1)
 
 
 @torch.inference_mode()

@@ -95,7 +95,7 @@ def logits_nll(logits: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor
     The sum stays a 0-d tensor on the logits' device: reading it is `on_host`'s (one sync, when it must)."""
     logits, targets = logits[:, :-1], inputs[:, 1:]
     nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).to(logits.device), reduction="sum"
+        at_least_float32(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1).to(logits.device), reduction="sum"
     )
     return nll, targets.numel()
 
@@ -107,10 +107,17 @@ def head_nll(head: nn.Module, hidden: torch.Tensor, inputs: torch.Tensor) -> tup
     rows = HEAD_ROWS.get(hidden.device.type, 1024)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(0, len(targets), rows):
-        logits = head(hidden[start : start + rows]).float()  # on the head's device (--device-map: maybe not hidden's)
+        logits = at_least_float32(head(hidden[start : start + rows]))  # on the head's device (maybe not hidden's)
         chunk = F.cross_entropy(logits, targets[start : start + rows].to(logits.device), reduction="sum")
         total += chunk.double().to(total.device)
     return total, targets.numel()
+
+
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are summed in float32; a float64 model's stay float64: a float32 sum of a
+    batch's NLLs carries a 1e-7 relative rounding (one ulp of ~400 nats is 3e-5), which made two
+    placements of one float64 model differ by that much wherever their last bits did."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def on_host(batches: Iterable[tuple], device: torch.device | str) -> Iterator[tuple]:

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.exc import TorchDynamoException
 
 from evaluators import forward
@@ -34,6 +35,19 @@ def test_chunked_head_nll_equals_full_logits(family):
     plain, plain_count = logits_nll(logits, inputs)
     assert count == plain_count == 300
     assert math.isclose(fused.item(), plain.item(), rel_tol=1e-6)  # sums left on the device, unread
+
+
+def test_a_float64_model_is_measured_in_float64(family):
+    """Not through a float32 head: one ulp of a float32 batch sum is 1e-7 of it, so devices (or
+    placements) whose last bits differ would differ by that much (seen on a GPU split with the CPU)."""
+    model = tiny_model(family).double()
+    windows = torch.randint(0, VOCAB, (4, 40))
+    with torch.inference_mode():
+        logits = model(input_ids=windows).logits[:, :-1]
+    exact = F.cross_entropy(logits.reshape(-1, VOCAB), windows[:, 1:].reshape(-1), reduction="sum").item()
+    expected = math.exp(exact / windows[:, 1:].numel())
+    assert math.isclose(perplexity(model, windows), expected, rel_tol=1e-12)  # the fused head
+    assert math.isclose(plain_perplexity(model, windows), expected, rel_tol=1e-12)
 
 
 def test_plain_models_take_the_fused_head(family):
