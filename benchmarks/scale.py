@@ -233,8 +233,9 @@ def end_to_end(model: str | None, heal: str, device: str) -> dict:
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         wall = time.perf_counter() - started
-    if done.returncode != 0:
-        return {"model": model or "SmolLM2-135M-Instruct (embedded)", "heal": heal, "error": done.stderr.strip()[-300:]}
+    if done.returncode != 0:  # the command's own one-line error (the peak_kb line comes after it)
+        said = [line for line in done.stderr.splitlines() if line.startswith("error:")] or [done.stderr.strip()[-300:]]
+        return {"model": model or "SmolLM2-135M-Instruct (embedded)", "heal": heal, "error": said[-1]}
     peak = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("peak_kb"))
     dtype = next(
         (line.split("--dtype auto: ")[1].split()[0] for line in done.stderr.splitlines() if "--dtype auto: " in line),
