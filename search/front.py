@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 import optuna
+from optuna.trial import TrialState
 
 from evaluators.accuracy import TaskResult
 from search.errors import SearchError
@@ -56,6 +57,9 @@ def front_report(study: optuna.Study) -> dict:
     seen: set[Removal] = set()
     front = []
     sublayer = record.settings.granularity != "layer"
+    if sublayer:  # latency and parameters part ways: the best set of each size is a point too
+        numbers = {t.number for t in best}
+        best += [t for t in smallest_front(study, record.settings.budget) if t.number not in numbers]
     for trial in sorted(best, key=lambda t: t.number):
         measured = TrialRecord.of(trial)
         if measured.removal in seen:  # a duplicate proposal answered from the store
@@ -95,6 +99,29 @@ def front_report(study: optuna.Study) -> dict:
         report["confirmation"] = confirmation_summary(study)
     add_accuracy(study, report)
     return report
+
+
+def smallest_front(study: optuna.Study, budget: float) -> list[optuna.trial.FrozenTrial]:
+    """The finished, feasible trials no other beats on both the fitness and the parameters removed.
+
+    In a sub-layer study an attention block is cheap in parameters and dear in time, so a faster set
+    often dominates the best set of a parameter reduction on (fitness, latency); a user who prunes for
+    memory still wants that set. The objective measures held-out for this front too (search/objective.py).
+    """
+    done = [
+        (t, TrialRecord.of(t).params_reduction or 0.0)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.values
+    ]
+    feasible = [(t, removed) for t, removed in done if removed <= budget + 1e-12]
+    return [
+        t
+        for t, removed in feasible
+        if not any(
+            o.values[0] <= t.values[0] and other >= removed and (o.values[0] < t.values[0] or other > removed)
+            for o, other in feasible
+        )
+    ]
 
 
 def confirmation_summary(study: optuna.Study) -> dict:

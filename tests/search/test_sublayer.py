@@ -194,11 +194,14 @@ def test_a_sublayer_study_searches_blocks(tmp_path, tiny_model_dir, corpus):
     assert format_csv(report).startswith("trial,removed_layers,removed_attention,removed_mlp,layers")
     # The best set of each parameter reduction carries a held-out figure, whether or not a faster one dominates it.
     measured = [t for t in done if TrialRecord.of(t).duplicate_of is None]
+    shown = {Removal.from_json(p).key for p in report["front"]}
+    assert {TrialRecord.of(t).removal.key for t in study.best_trials} <= shown
     for t in measured:
         reduction = TrialRecord.of(t).params_reduction
         beaten = [o for o in measured if o.values[0] < t.values[0] and TrialRecord.of(o).params_reduction >= reduction]
-        if not beaten:
+        if not beaten:  # and the front shows it, beside the (perplexity, latency) front
             assert TrialRecord.of(t).test_ppl_ratio is not None, t.number
+            assert TrialRecord.of(t).removal.key in shown, t.number
     # A set stopped early was proven worse than one at least as fast and than one at least as small.
     for stopped in [t for t in study.trials if TrialRecord.of(t).rejected]:
         record = TrialRecord.of(stopped)
