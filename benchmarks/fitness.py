@@ -4,6 +4,7 @@
     python benchmarks/fitness.py --random 40 --json        # random sets of 1-4 layers instead of a study's
     python benchmarks/fitness.py --render benchmarks/results/fitness.json
     python benchmarks/fitness.py --heal linear --stores sqlite:///h.db --per-size 4 --json   # healed candidates
+    python benchmarks/fitness.py --heal linear --sets '14;17' --confirm-tokens 32768 --json  # given sets
 
 The candidates are every removal set the given stores' studies measured (what a search actually
 has to rank), or random sets. Each is measured in one process on the default model and corpus:
@@ -79,13 +80,22 @@ def stored_sets(urls: list[str], per_size: int | None = None) -> list[Removal]:
     return sorted(ranked, key=lambda r: (len(r.layers), r.key))
 
 
-def healed_rows(sets: list[Removal], dtype: str, model: str | None) -> tuple[list[dict], str]:
-    """Each set healed and measured as a `--heal linear --fitness kl --confirm-tokens 16384` study does."""
+def healed_rows(
+    sets: list[Removal],
+    dtype: str,
+    model: str | None,
+    confirm_tokens: int = LONG * 512,
+    eval_dataset: str | None = None,
+) -> tuple[list[dict], str]:
+    """Each set healed and measured as a `--heal linear --fitness kl --confirm-tokens N` study does (the
+    `_16384` figures are on N tokens)."""
     from search.confirmation import confirmed_fitness
     from search.evaluator import Fitness
     from search.study import RunConfig, prepare
 
-    config = RunConfig(model=model, heal="linear", fitness="kl", dtype=dtype, confirm_tokens=LONG * 512)
+    config = RunConfig(
+        model=model, heal="linear", fitness="kl", dtype=dtype, confirm_tokens=confirm_tokens, eval_dataset=eval_dataset
+    )
     loaded, evaluator, _ = prepare(config)
     evaluator.baseline()
     rows = []
@@ -95,11 +105,17 @@ def healed_rows(sets: list[Removal], dtype: str, model: str | None) -> tuple[lis
         confirmed = confirmed_fitness(evaluator, removal, Fitness(calib.kl, ratio))
         row = {"removal": removal.key, "size": len(removal.layers), "heal": "linear"}
         row["test_ppl_ratio"] = evaluator.ppl(removal, "test") / evaluator.base_ppl["test"]
+        if "eval" in evaluator.splits.measured:  # --eval-dataset: the second domain, as a study reports it
+            row["eval_ppl_ratio"] = evaluator.ratio(removal, "eval")
         row |= {"ppl_4096": ratio, "kl64_4096": calib.kl}
         row |= {"ppl_16384": confirmed.ppl_ratio, "kl64_16384": confirmed.value}
         rows.append(row)
         print(f"{number}/{len(sets)} {removal.key}: held-out {row['test_ppl_ratio']:.4f}", file=sys.stderr, flush=True)
     return rows, loaded.dtype
+
+
+def given_sets(keys: str) -> list[Removal]:
+    return sorted({Removal.parse(key) for key in keys.split(";")}, key=lambda r: (len(r.layers), r.key))
 
 
 def random_sets(n_layers: int, count: int, seed: int = 0) -> list[Removal]:
@@ -246,7 +262,17 @@ def main() -> None:
     parser.add_argument("--stores", help="comma-separated store URLs whose studies' sets are the candidates")
     parser.add_argument("--random", type=int, default=0, help="this many random sets of 1-4 layers instead")
     parser.add_argument("--per-size", type=int, help="of each size, only the N sets the stores rank best")
+    parser.add_argument(
+        "--sets", help="semicolon-separated removal keys to measure (e.g. '14;17') instead of a store's"
+    )
     parser.add_argument("--heal", choices=["none", "linear"], default="none", help="measure the candidates healed")
+    parser.add_argument(
+        "--confirm-tokens",
+        type=int,
+        default=LONG * 512,
+        help="--heal linear: the calibration and confirmation tokens of the long figure (default: %(default)s)",
+    )
+    parser.add_argument("--eval-dataset", help="--heal linear: also the ratio on this second corpus (enwiki-sample)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -258,9 +284,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
     if args.heal == "linear":
-        if not args.stores:
-            raise SystemExit("--heal linear measures a study's candidates: give --stores")
-        rows, dtype = healed_rows(stored_sets(args.stores.split(","), args.per_size), args.dtype, args.model)
+        if not args.stores and not args.sets:
+            raise SystemExit("--heal linear measures a study's candidates or given sets: give --stores or --sets")
+        candidates = given_sets(args.sets) if args.sets else stored_sets(args.stores.split(","), args.per_size)
+        rows, dtype = healed_rows(candidates, args.dtype, args.model, args.confirm_tokens, args.eval_dataset)
         keys = ["ppl_4096", "kl64_4096", "ppl_16384", "kl64_16384"]
         results = {
             "dtype": dtype,
@@ -276,7 +303,12 @@ def main() -> None:
     splits = make_splits(loaded.tokenizer, None, LONG * 512, 8192, 512)
     bos_id = splits.bos_id
     n_layers = model.config.num_hidden_layers
-    sets = stored_sets(args.stores.split(","), args.per_size) if args.stores else random_sets(n_layers, args.random)
+    if args.sets:
+        sets = given_sets(args.sets)
+    elif args.stores:
+        sets = stored_sets(args.stores.split(","), args.per_size)
+    else:
+        sets = random_sets(n_layers, args.random)
     with torch.inference_mode():
         dense = Dense(model, splits.calib, bos_id, batch_size)
         base_test = sum(
