@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -47,6 +48,7 @@ from search.front import front_report  # noqa: E402
 from search.methods import choose, measure  # noqa: E402
 from search.model.numerics import apply_numerics  # noqa: E402
 from search.model.removal import Removal  # noqa: E402
+from search.model.surgery import removal_applied  # noqa: E402
 from search.records import StudyRecord, TrialRecord, counts_towards_trials  # noqa: E402
 from search.space import parse_budget  # noqa: E402
 from search.store import open_storage  # noqa: E402
@@ -127,8 +129,11 @@ def long_context(config: RunConfig, removals: list[Removal], tokens: int, repeat
 
 
 def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats: int, say) -> list[dict]:
-    """Each point exported, reloaded with its modeling file, and timed against the unpruned model:
-    warm-up, then `repeats` rounds alternating which goes first, medians."""
+    """Each point exported, reloaded with its modeling file, and timed round-robin against the unpruned
+    model and against the study's own pruned model (its blocks skipped in memory, as the study times a
+    shape), in one run: warm-up, then `repeats` rounds in an order rotated and reversed each round,
+    medians. The in-memory ratio measured beside the export's tells the machine's noise from a slower
+    export; the study's recorded ratio was timed earlier, in another run."""
     from transformers import AutoModelForCausalLM
 
     study = optuna.load_study(study_name=config.study, storage=config.storage)
@@ -141,14 +146,25 @@ def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats
         report = export_trial(study, point["trial"], out)
         exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
         apply_numerics(exported, loaded.dtype)
-        models = [loaded.model, exported]
-        for model in models:
-            time_forward(model, ids)
-        times: list[list[float]] = [[], []]
+        removal = Removal.parse(point["removal"])
+        variants = [
+            lambda: removal_applied(loaded.model, Removal()),
+            lambda: removal_applied(loaded.model, removal),
+            lambda: nullcontext(exported),
+        ]
+
+        def timed(index: int) -> float:
+            with variants[index]() as model:
+                return time_forward(model, ids)
+
+        times: list[list[float]] = [[], [], []]  # unpruned, pruned in memory, export
+        for index in range(3):
+            timed(index)
         for round_ in range(repeats):
-            for index in (0, 1) if round_ % 2 == 0 else (1, 0):
-                times[index].append(time_forward(models[index], ids))
-        ratio = statistics.median(times[1]) / statistics.median(times[0])
+            order = [(round_ + i) % 3 for i in range(3)]
+            for index in reversed(order) if round_ % 2 else order:
+                times[index].append(timed(index))
+        base, memory, export = (statistics.median(t) for t in times)
         rows.append(
             {
                 "removal": point["removal"],
@@ -156,12 +172,17 @@ def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats
                 "verified": report.ok,
                 "params": report.params,
                 "study_latency_ratio": point["latency_ratio"],
-                "export_latency_ratio": ratio,
-                "rel_diff": ratio / point["latency_ratio"] - 1,
+                "memory_latency_ratio": memory / base,
+                "export_latency_ratio": export / base,
+                "rel_diff": export / base / point["latency_ratio"] - 1,
+                "rel_diff_memory": export / memory - 1,
+                "repeats": repeats,
             }
         )
-        say(f"export of {point['removal']}: latency {ratio:.3f} (study {point['latency_ratio']:.3f})")
-        del exported
+        say(
+            f"export of {point['removal']}: latency {export / base:.3f} "
+            f"(in memory {memory / base:.3f}, study {point['latency_ratio']:.3f})"
+        )
     return rows
 
 
@@ -239,6 +260,17 @@ def benchmark(budget: float, heal: str, args, scratch: Path, say) -> dict:
     )
     layer_front, layer_about = study_points(layer, say)
     sub_front, sub_about = study_points(sub, say)
+    blocky = [p for p in sub_front if p.get("removed_attention") or p.get("removed_mlp")]
+    # Spread over the front (smallest, largest, between): small removals gain little time to measure.
+    chosen = sorted({round(i * (len(blocky) - 1) / max(1, args.exports - 1)) for i in range(args.exports)})
+    exported = [blocky[i] for i in chosen if blocky]
+    if args.exports_only:
+        return {
+            "budget": budget,
+            "heal": heal,
+            "latency_tokens": args.latency_tokens,
+            "exports": export_latency(sub, exported, scratch, args.latency_repeats, say),
+        }
     methods = method_points(sub, say)
     removals = {Removal.parse(p["removal"]) for p in [*layer_front, *sub_front, *methods]}
     long = long_context(sub, sorted(removals), args.long_tokens, args.long_repeats)
@@ -247,8 +279,7 @@ def benchmark(budget: float, heal: str, args, scratch: Path, say) -> dict:
         point.setdefault("long_latency_ratio", point["latency_ratio"])  # the study timed at the long context
     for row in methods:
         row["ppl_ratio"] = row["calib_ppl_ratio"]
-    blocky = [p for p in sub_front if p.get("removed_attention") or p.get("removed_mlp")]
-    exports = export_latency(sub, blocky[: args.exports], scratch, args.latency_repeats, say)
+    exports = export_latency(sub, exported, scratch, args.latency_repeats, say)
     return {
         "budget": budget,
         "heal": heal,
@@ -312,6 +343,11 @@ def main() -> None:
     parser.add_argument("--latency-repeats", type=int, default=30, help="timed rounds per shape at 128 tokens")
     parser.add_argument("--long-repeats", type=int, default=5, help="timed rounds per shape at --long-tokens")
     parser.add_argument("--exports", type=int, default=3, help="sub-layer front points exported and timed")
+    parser.add_argument(
+        "--exports-only",
+        action="store_true",
+        help="with --stores of finished studies: only export and time their front points (no methods, no long run)",
+    )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None)
     parser.add_argument("--dataset", default=None)
