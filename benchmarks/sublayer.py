@@ -346,8 +346,13 @@ def render(results: dict) -> str:
             f"sub-layer study {block['sublayer']['seconds']:.0f} s, {block['sublayer']['trials']} trials)\n"
         )
         short, long = block.get("latency_tokens", 128), results["long_tokens"]
-        lines.append(f"| method | removed | params | calib | held-out | wiki | latency {short} | latency {long} | KV |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        both = short != long  # a study timed at the long context has one latency column
+        lines.append(
+            f"| method | removed | params | calib | held-out | wiki | latency {short} | "
+            + (f"latency {long} | " if both else "")
+            + "KV |"
+        )
+        lines.append("|---|---|---|---|---|---|---|" + ("---|" if both else "") + "---|")
         points = [
             *(("whole-layer study", p) for p in block["whole_layer"]["front"]),
             *(("sub-layer study", p) for p in block["sublayer"]["front"]),
@@ -358,9 +363,53 @@ def render(results: dict) -> str:
             lines.append(
                 f"| {name} | `{p['removal']}` | {p['params_reduction']:.1%} | {calib:.4f} | {p['test_ppl_ratio']:.4f} "
                 f"| {p.get('eval_ppl_ratio') or float('nan'):.4f} | {p['latency_ratio']:.3f} | "
-                f"{p['long_latency_ratio']:.3f} | {p['long_kv_cache_ratio']:.3f} |"
+                + (f"{p['long_latency_ratio']:.3f} | " if both else "")
+                + f"{p['long_kv_cache_ratio']:.3f} |"
             )
+        lines.extend(_checks(block))
     return "\n".join(lines)
+
+
+def _tally(rows: list[dict]) -> str:
+    """How a list of `compare` rows came out: the covering point better (>= 1 % held-out), tied, worse."""
+    gains = [r["test_gain"] for r in rows if r["match"] is not None]
+    better = sum(g >= 0.01 for g in gains)
+    worse = sum(g < -0.005 for g in gains)
+    return f"{better} better by >= 1 %, {len(gains) - better - worse} within, {worse} worse by > 0.5 %" + (
+        f", {len(rows) - len(gains)} uncovered" if len(gains) < len(rows) else ""
+    )
+
+
+def _checks(block: dict) -> list[str]:
+    """The acceptance checks of a budget block, one line each."""
+    lines = [""]
+    for key, what in (
+        ("layer_front_vs_sublayer", "whole-layer front points against the sub-layer front"),
+        ("layer_front_vs_sublayer_trials", "whole-layer front points against the sub-layer study's trials"),
+        ("methods_vs_sublayer", "method points against the sub-layer front"),
+        ("methods_vs_sublayer_trials", "method points against the sub-layer study's trials"),
+    ):
+        if block.get(key):
+            lines.append(f"- {what}: {_tally(block[key])} (held-out)")
+    check = block.get("largest_whole_layers_vs_as_fast")
+    if check and check.get("in_sublayer_study"):
+        lines.append(
+            f"- largest whole-layer point `{check['whole_layers']}` (latency {check['latency_ratio']:.3f}, held-out "
+            f"{check['test_ppl_ratio']:.4f}): best sub-layer front point at least as fast `{check['best_as_fast']}` "
+            f"({check['best_latency_ratio']:.3f}, {check['best_test_ppl_ratio']:.4f}, "
+            f"{check['test_gain']:.1%} better)"
+        )
+    again = block.get("retimed")
+    if again:
+        cells = ", ".join(f"`{r['removal']}` {r['latency_ratio']:.3f}" for r in again["rows"])
+        lines.append(f"- retimed side by side ({again['repeats']} rounds): {cells}")
+    for e in block.get("exports", []):
+        lines.append(
+            f"- export of `{e['removal']}` (verified: {e['verified']}): latency {e['export_latency_ratio']:.3f}, "
+            f"in memory {e.get('memory_latency_ratio', float('nan')):.3f} beside it, "
+            f"study {e['study_latency_ratio']:.3f}"
+        )
+    return lines
 
 
 def main() -> None:
