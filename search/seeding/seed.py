@@ -7,6 +7,7 @@ resume, and a resumed run reads it back instead of measuring again.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import replace
 
@@ -92,6 +93,9 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
     return stages, others, extra
 
 
+LAYER_PATH = re.compile(r"layer greedy stage \d+")  # a reason layer_seeds gives a stage of its path
+
+
 def sublayer_seeds(stages: list[Stage], others: Seeds, budget: Budget, limit: int) -> Seeds:
     """A sub-layer study's seeds, the first `limit` distinct feasible ones in this order: the whole-layer
     greedy path, the block greedy path, then `others` (attention drop, the whole-layer path's
@@ -100,9 +104,11 @@ def sublayer_seeds(stages: list[Stage], others: Seeds, budget: Budget, limit: in
     Block greedy walks many small steps (one attention block is a fraction of a layer), so the
     whole-layer rule of seeding every stage's neighbours would fill a study with seeds; `limit`
     (half of `--trials`) leaves the rest to the sampler, whose moves split and join them."""
-    ordered = [seed for seed in others if seed[1].startswith("layer greedy stage")]
-    ordered += [(stage.removed, f"greedy stage {n}") for n, stage in enumerate(stages, 1)]
-    ordered += [seed for seed in others if not seed[1].startswith("layer greedy stage")]
+    # The path's own stages only: its neighbours ("layer greedy stage 2 less 17") come after the block
+    # path, or at 25 % the whole-layer path and its neighbours alone fill `limit`.
+    path = [seed for seed in others if LAYER_PATH.fullmatch(seed[1])]
+    ordered = [*path, *((stage.removed, f"greedy stage {n}") for n, stage in enumerate(stages, 1))]
+    ordered += [seed for seed in others if seed not in path]
     if stages:
         last = stages[-1].removed
         ordered += [(last - part, f"greedy stage {len(stages)} less {part}") for part in parts(last, budget)]

@@ -347,17 +347,21 @@ def test_sublayer_seeds_come_in_order_and_leave_half_the_trials_to_the_sampler()
         (Removal.of([6]), "layer greedy stage 1"),
         (Removal.of([0, 1, 2]), "far over budget"),
         (Removal.of([5]), "layer neighbour of greedy stage 1"),
+        (Removal.of([3]), "layer greedy stage 1 less 6"),  # as layer_seeds names a neighbour: not the path
+        (Removal.of([6, 7]), "layer greedy stage 2"),
     ]
     seeds = sublayer_seeds(stages, others, SUBLAYER, limit=6)
+    # The whole-layer path, then the block path, before any neighbour: at 25 % the whole-layer path
+    # and its neighbours alone once filled the limit and the block path was never seeded.
     assert [reason for _, reason in seeds] == [
         "layer greedy stage 1",
+        "layer greedy stage 2",
         "greedy stage 1",
         "greedy stage 2",
         "greedy stage 3",
         "attention drop top 1",
-        "layer neighbour of greedy stage 1",
     ]
     assert (
-        len(sublayer_seeds(stages, others, SUBLAYER, limit=40)) == 8
-    )  # + the last stage less a4 or a6 (less a5: stage 2)
+        len(sublayer_seeds(stages, others, SUBLAYER, limit=40)) == 10
+    )  # + both neighbours and the last stage less a5 or a6 (less a4: stage 2)
     assert len(sublayer_seeds(stages, others, SUBLAYER, limit=1)) == 3  # never fewer than the greedy path
