@@ -305,6 +305,18 @@ def benchmark(budget: float, heal: str, args, scratch: Path, say) -> dict:
             "retimed": retimed(sub, check, sub_front, 0.05, args.check_repeats),
             "exports": export_latency(sub, exported, scratch, args.check_repeats, say),
         }
+    if args.studies_only:
+        return {
+            "budget": budget,
+            "heal": heal,
+            "whole_layer": {"front": layer_front, **layer_about},
+            "sublayer": {"front": sub_front, **sub_about},
+            "methods": [],
+            "layer_front_vs_sublayer": compare(layer_front, sub_front, "ppl_ratio"),
+            "layer_front_vs_sublayer_trials": compare(layer_front, sub_about["measured"], "ppl_ratio"),
+            "largest_whole_layers_vs_as_fast": check,
+            "latency_tokens": args.latency_tokens,
+        }
     methods = method_points(sub, say)
     removals = {Removal.parse(p["removal"]) for p in [*layer_front, *sub_front, *methods]}
     long = long_context(sub, sorted(removals), args.long_tokens, args.long_repeats)
@@ -363,8 +375,8 @@ def render(results: dict) -> str:
             lines.append(
                 f"| {name} | `{p['removal']}` | {p['params_reduction']:.1%} | {calib:.4f} | {p['test_ppl_ratio']:.4f} "
                 f"| {p.get('eval_ppl_ratio') or float('nan'):.4f} | {p['latency_ratio']:.3f} | "
-                + (f"{p['long_latency_ratio']:.3f} | " if both else "")
-                + f"{p['long_kv_cache_ratio']:.3f} |"
+                + (f"{p.get('long_latency_ratio', float('nan')):.3f} | " if both else "")
+                + f"{p.get('long_kv_cache_ratio', p.get('kv_cache_ratio', float('nan'))):.3f} |"
             )
         lines.extend(_checks(block))
     return "\n".join(lines)
@@ -434,6 +446,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--check-repeats", type=int, default=15, help="timed rounds of the exports and the retimed check (default: 15)"
+    )
+    parser.add_argument(
+        "--studies-only",
+        action="store_true",
+        help="only the two studies and their fronts compared: no methods, long-context timings or exports",
     )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None)

@@ -7,9 +7,8 @@ resume, and a resumed run reads it back instead of measuring again.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import optuna
 from tqdm.auto import tqdm
@@ -36,13 +35,31 @@ SHORTLIST = 6  # candidates per greedy stage after the first, besides the curren
 CONFIRMED = 3  # candidates per healed greedy stage measured with the study's fit after the screen
 
 
-def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig) -> tuple[list[Stage], Seeds, int]:
+@dataclass(frozen=True)
+class LayerSeeds:
+    """What a whole-layer study with the same `--heal` seeds, for a sub-layer study to start from."""
+
+    path: Seeds  # its greedy path, stage by stage
+    rest: Seeds  # then the sets it seeds around the path: one-shot top k, one part short, neighbours
+
+
+@dataclass(frozen=True)
+class Seeding:
+    """Where a new study's first trials come from, before they are ordered and cut to the seed slots."""
+
+    stages: list[Stage]  # the greedy path over the budget's units (blocks in a sub-layer space)
+    others: Seeds  # other methods' picks: one-pass whole-layer criteria, attention drop, the unhealed path
+    passes: int  # forward passes over the sensitivity tokens besides the greedy path's own
+    layer: LayerSeeds = field(default_factory=lambda: LayerSeeds([], []))  # sub-layer studies only
+
+
+def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig) -> Seeding:
     """Staged greedy removal and the one-pass methods' picks. Unhealed, greedy ranks by `--criterion`
     on the first `--sensitivity-tokens` calibration tokens. Healed, the path is scored on healed
     models on the same tokens (healing changes which layers are safe to remove: it favours runs), and
-    the unhealed `--criterion` path adds its sets as seeds. Also returns the forward passes over the
-    sensitivity tokens spent besides the greedy path's own (a sub-layer study's whole-layer path and
-    block similarity)."""
+    the unhealed `--criterion` path adds its sets as seeds. A sub-layer study also walks the
+    whole-layer path (with its passes counted: it and block similarity are spent besides the block
+    path's own)."""
     windows, store = evaluator.sensitivity(config.sensitivity_tokens)
     scoring = Scoring(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size, store)
     criterion = CRITERIA[config.criterion]
@@ -82,52 +99,52 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
     picks += [(baselines.angular_block(found.angular[k], k), f"angular block of {k}") for k in found.angular]
     picks += [(baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in sizes]
     others += [(Removal.of(chosen), reason) for chosen, reason in picks]  # whole layers: in either space
-    if budget.block_params is not None:
-        similar = block_similarity(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size)
-        # the path a whole-layer study with the same --heal walks: healed when the study heals
-        layers = budget.max_layers()
-        layer_score = healed_scores(evaluator, layers) if healing else scorer("layer greedy", layers)
-        layered, layer_stages = layer_seeds(layer_score, budget)
-        others = [*layered, *attention_drop_seeds(similar, budget), *others]
-        extra += 1 + sum(criterion.passes(len(s.scores)) for s in layer_stages)
-    return stages, others, extra
+    if budget.block_params is None:
+        return Seeding(stages, others, extra)
+    similar = block_similarity(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size)
+    # the path a whole-layer study with the same --heal walks: healed when the study heals
+    layers = budget.max_layers()
+    layer_score = healed_scores(evaluator, layers) if healing else scorer("layer greedy", layers)
+    layered, layer_stages = layer_seeds(layer_score, budget)
+    extra += 1 + sum(criterion.passes(len(s.scores)) for s in layer_stages)
+    return Seeding(stages, [*attention_drop_seeds(similar, budget), *others], extra, layered)
 
 
-LAYER_PATH = re.compile(r"layer greedy stage \d+")  # a reason layer_seeds gives a stage of its path
+def sublayer_seeds(seeding: Seeding, budget: Budget, limit: int) -> Seeds:
+    """A sub-layer study's seeds, distinct and feasible, in this order: the whole-layer greedy path
+    and the block greedy path, both always whole; then, up to `limit` in all, the rest of what a
+    whole-layer study seeds (so the sub-layer study starts where one ends), `others` (attention drop,
+    the one-pass picks), and the last block stage less each of its parts.
 
-
-def sublayer_seeds(stages: list[Stage], others: Seeds, budget: Budget, limit: int) -> Seeds:
-    """A sub-layer study's seeds, the first `limit` distinct feasible ones in this order: the whole-layer
-    greedy path, the block greedy path, then `others` (attention drop, the whole-layer path's
-    neighbours, the one-pass picks), then the last block stage less each of its parts.
-
-    Block greedy walks many small steps (one attention block is a fraction of a layer), so the
-    whole-layer rule of seeding every stage's neighbours would fill a study with seeds; `limit`
-    (half of `--trials`) leaves the rest to the sampler, whose moves split and join them."""
-    # The path's own stages only: its neighbours ("layer greedy stage 2 less 17") come after the block
-    # path, or at 25 % the whole-layer path and its neighbours alone fill `limit`.
-    path = [seed for seed in others if LAYER_PATH.fullmatch(seed[1])]
-    ordered = [*path, *((stage.removed, f"greedy stage {n}") for n, stage in enumerate(stages, 1))]
-    ordered += [seed for seed in others if seed not in path]
+    Both paths are seeded whole because each is a method the study is measured against (the
+    whole-layer study stands on its path; block greedy is BlockPruner's rule), and cut to `limit` at
+    25 % the block path lost its two largest sets. Block greedy walks many small steps (one attention
+    block is a fraction of a layer), so the whole-layer rule of seeding every stage's neighbours would
+    fill a study with seeds; `limit` (half of `--trials`) leaves the rest to the sampler, whose moves
+    split and join them."""
+    stages = seeding.stages
+    paths = [*seeding.layer.path, *((stage.removed, f"greedy stage {n}") for n, stage in enumerate(stages, 1))]
+    ordered = [*paths, *seeding.layer.rest, *seeding.others]
     if stages:
         last = stages[-1].removed
         ordered += [(last - part, f"greedy stage {len(stages)} less {part}") for part in parts(last, budget)]
     seeds: dict[Removal, str] = {}
-    for removal, reason in ordered:
-        if len(seeds) >= max(limit, len(stages)):
+    for n, (removal, reason) in enumerate(ordered):
+        if n >= len(paths) and len(seeds) >= limit:
             break
         if removal not in seeds and budget.allows(removal):
             seeds[removal] = reason
     return list(seeds.items())
 
 
-def layer_seeds(score: ScoreFn, budget: Budget) -> tuple[Seeds, list[Stage]]:
+def layer_seeds(score: ScoreFn, budget: Budget) -> tuple[LayerSeeds, list[Stage]]:
     """A sub-layer study also starts from the whole-layer greedy path (and its sets one layer short and
     shifted), so it begins where a whole-layer study ends; returns those seeds and the path."""
     layers = replace(budget, block_params=None)
     stages = staged_greedy(score, layers, shortlist=SHORTLIST)
     seeds = [(removal, f"layer {reason}") for removal, reason in seed_sets(stages, layers, count=2 * len(stages))]
-    return seeds, stages
+    path = [(stage.removed, f"layer greedy stage {n}") for n, stage in enumerate(stages, 1)]
+    return LayerSeeds(path, [seed for seed in seeds if seed[0] not in {removal for removal, _ in path}]), stages
 
 
 def attention_drop_seeds(similar: dict[Removal, float], budget: Budget) -> Seeds:
@@ -220,12 +237,13 @@ def seed_study(
             budget.n_layers,
         )
     else:
-        stages, others, extra = greedy_seeds(evaluator, budget, config)
+        seeding = greedy_seeds(evaluator, budget, config)
+        stages, extra = seeding.stages, seeding.passes
         profile = stages[0].scores if stages else {}
         if budget.block_params is None:
-            seeds = seed_sets(stages, budget, count=2 * len(stages), others=others)
+            seeds = seed_sets(stages, budget, count=2 * len(stages), others=seeding.others)
         else:
-            seeds = sublayer_seeds(stages, others, budget, limit=config.trials // 2)
+            seeds = sublayer_seeds(seeding, budget, limit=config.trials // 2)
 
     # Seeding cost in forward passes over --sensitivity-tokens, for comparisons with warm starts.
     passes = (

@@ -34,7 +34,7 @@ from search.model.surgery import (
 from search.records import COMPLETE, StudyRecord, TrialRecord, calib_ppl_ratio
 from search.sampler import RemovalSetSampler, removal_set
 from search.seeding.greedy import Stage, seed_sets, staged_greedy
-from search.seeding.seed import attention_drop_seeds, layer_seeds, sublayer_seeds
+from search.seeding.seed import LayerSeeds, Seeding, attention_drop_seeds, layer_seeds, sublayer_seeds
 from search.space import Budget
 from search.study import RunConfig, prepare, run
 from tests.conftest import FAMILIES, VOCAB, tiny_model
@@ -105,10 +105,11 @@ def test_a_sublayer_study_also_starts_from_the_whole_layer_path():
         return {u: {6: 1.0, 2: 1.1}.get(u.layers[0], 2.0) for u in candidates}
 
     found, stages = layer_seeds(score, SUBLAYER)
-    seeds = dict(found)
     assert [s.removed for s in stages] == [Removal.of([6]), Removal.of([2, 6])]
-    assert seeds[Removal.of([6])] == "layer greedy stage 1"
-    assert seeds[Removal.of([2, 6])] == "layer greedy stage 2"
+    assert found.path == [(Removal.of([6]), "layer greedy stage 1"), (Removal.of([2, 6]), "layer greedy stage 2")]
+    assert found.rest and not {r for r, _ in found.path} & {r for r, _ in found.rest}
+    assert dict(found.rest)[Removal.of([2])] == "layer greedy stage 2 less 6"  # what a whole-layer study seeds
+    seeds = dict(found.path + found.rest)
     assert all(s.whole_layers_only and SUBLAYER.allows(s) for s in seeds)
     similar = {Removal.of(attention=[i]): 1.0 - i / 10 for i in range(8)} | {Removal.of(mlp=[0]): 0.0}
     drops = attention_drop_seeds(similar, SUBLAYER)
@@ -342,26 +343,30 @@ def test_sublayer_seeds_come_in_order_and_leave_half_the_trials_to_the_sampler()
         Stage(Removal.of(attention=[5, 6]), 1.0, {}),
         Stage(Removal.of(attention=[4, 5, 6]), 1.0, {}),
     ]
-    others = [
-        (Removal.of(attention=[1]), "attention drop top 1"),
-        (Removal.of([6]), "layer greedy stage 1"),
-        (Removal.of([0, 1, 2]), "far over budget"),
-        (Removal.of([5]), "layer neighbour of greedy stage 1"),
-        (Removal.of([3]), "layer greedy stage 1 less 6"),  # as layer_seeds names a neighbour: not the path
-        (Removal.of([6, 7]), "layer greedy stage 2"),
-    ]
-    seeds = sublayer_seeds(stages, others, SUBLAYER, limit=6)
-    # The whole-layer path, then the block path, before any neighbour: at 25 % the whole-layer path
-    # and its neighbours alone once filled the limit and the block path was never seeded.
+    layer = LayerSeeds(
+        path=[(Removal.of([6]), "layer greedy stage 1"), (Removal.of([6, 7]), "layer greedy stage 2")],
+        rest=[(Removal.of([5]), "layer neighbour of greedy stage 1"), (Removal.of([3]), "layer greedy stage 2 less 6")],
+    )
+    others = [(Removal.of(attention=[1]), "attention drop top 1"), (Removal.of([0, 1, 2]), "far over budget")]
+    seeding = Seeding(stages, others, passes=0, layer=layer)
+    seeds = sublayer_seeds(seeding, SUBLAYER, limit=6)
+    # The whole-layer path, then the block path, before anything around them: at 25 % the
+    # whole-layer path and its neighbours alone once filled the limit and the block path was never seeded.
     assert [reason for _, reason in seeds] == [
         "layer greedy stage 1",
         "layer greedy stage 2",
         "greedy stage 1",
         "greedy stage 2",
         "greedy stage 3",
-        "attention drop top 1",
+        "layer neighbour of greedy stage 1",
     ]
-    assert (
-        len(sublayer_seeds(stages, others, SUBLAYER, limit=40)) == 10
-    )  # + both neighbours and the last stage less a5 or a6 (less a4: stage 2)
-    assert len(sublayer_seeds(stages, others, SUBLAYER, limit=1)) == 3  # never fewer than the greedy path
+    # + the other neighbour, attention drop and the last stage less a5 or a6 (less a4: stage 2)
+    assert len(sublayer_seeds(seeding, SUBLAYER, limit=40)) == 10
+    # Never fewer than both paths: cut to half of the trials at 25 %, block greedy lost its largest sets.
+    assert [reason for _, reason in sublayer_seeds(seeding, SUBLAYER, limit=1)] == [
+        "layer greedy stage 1",
+        "layer greedy stage 2",
+        "greedy stage 1",
+        "greedy stage 2",
+        "greedy stage 3",
+    ]
