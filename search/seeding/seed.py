@@ -40,7 +40,7 @@ class LayerSeeds:
     """What a whole-layer study with the same `--heal` seeds, for a sub-layer study to start from."""
 
     path: Seeds  # its greedy path, stage by stage
-    rest: Seeds  # then the sets it seeds around the path: one-shot top k, one part short, neighbours
+    rest: Seeds  # then the rest it seeds: one-shot top k, one-pass criteria, one layer short, neighbours
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Seeding:
     """Where a new study's first trials come from, before they are ordered and cut to the seed slots."""
 
     stages: list[Stage]  # the greedy path over the budget's units (blocks in a sub-layer space)
-    others: Seeds  # other methods' picks: one-pass whole-layer criteria, attention drop, the unhealed path
+    others: Seeds  # other methods' picks: whole-layer one-pass criteria, attention drop, the unhealed path
     passes: int  # forward passes over the sensitivity tokens besides the greedy path's own
     layer: LayerSeeds = field(default_factory=lambda: LayerSeeds([], []))  # sub-layer studies only
 
@@ -98,14 +98,13 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
     picks = [(baselines.lowest(found.bi, k), f"block influence top {k}") for k in sizes]
     picks += [(baselines.angular_block(found.angular[k], k), f"angular block of {k}") for k in found.angular]
     picks += [(baselines.drop_last(budget.n_layers, k), f"last {k} before the final layer") for k in sizes]
-    others += [(Removal.of(chosen), reason) for chosen, reason in picks]  # whole layers: in either space
+    chosen = [(Removal.of(layers), reason) for layers, reason in picks]  # whole layers: in either space
     if budget.block_params is None:
-        return Seeding(stages, others, extra)
+        return Seeding(stages, [*others, *chosen], extra)
     similar = block_similarity(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size)
     # the path a whole-layer study with the same --heal walks: healed when the study heals
-    layers = budget.max_layers()
-    layer_score = healed_scores(evaluator, layers) if healing else scorer("layer greedy", layers)
-    layered, layer_stages = layer_seeds(layer_score, budget)
+    layer_score = healed_scores(evaluator, most_layers) if healing else scorer("layer greedy", most_layers)
+    layered, layer_stages = layer_seeds(layer_score, budget, chosen)
     extra += 1 + sum(criterion.passes(len(s.scores)) for s in layer_stages)
     return Seeding(stages, [*attention_drop_seeds(similar, budget), *others], extra, layered)
 
@@ -113,15 +112,15 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
 def sublayer_seeds(seeding: Seeding, budget: Budget, limit: int) -> Seeds:
     """A sub-layer study's seeds, distinct and feasible, in this order: the whole-layer greedy path
     and the block greedy path, both always whole; then, up to `limit` in all, the rest of what a
-    whole-layer study seeds (so the sub-layer study starts where one ends), `others` (attention drop,
-    the one-pass picks), and the last block stage less each of its parts.
+    whole-layer study seeds in its order (so the sub-layer study starts where one ends), `others`
+    (attention drop; healed, the unhealed block path), and the last block stage less each part.
 
-    Both paths are seeded whole because each is a method the study is measured against (the
-    whole-layer study stands on its path; block greedy is BlockPruner's rule), and cut to `limit` at
-    25 % the block path lost its two largest sets. Block greedy walks many small steps (one attention
-    block is a fraction of a layer), so the whole-layer rule of seeding every stage's neighbours would
-    fill a study with seeds; `limit` (half of `--trials`) leaves the rest to the sampler, whose moves
-    split and join them."""
+    Both paths are seeded whole: each is a method the study is measured against (the whole-layer
+    study stands on its path; block greedy is BlockPruner's rule), and a path cut short leaves its
+    largest sets unmeasured. Block greedy walks many small steps (one attention block is a fraction
+    of a layer), so the whole-layer rule of seeding every stage's neighbours would fill a study with
+    seeds; `limit` (half of `--trials`) leaves the rest to the sampler, whose moves split and join
+    them."""
     stages = seeding.stages
     paths = [*seeding.layer.path, *((stage.removed, f"greedy stage {n}") for n, stage in enumerate(stages, 1))]
     ordered = [*paths, *seeding.layer.rest, *seeding.others]
@@ -137,12 +136,14 @@ def sublayer_seeds(seeding: Seeding, budget: Budget, limit: int) -> Seeds:
     return list(seeds.items())
 
 
-def layer_seeds(score: ScoreFn, budget: Budget) -> tuple[LayerSeeds, list[Stage]]:
-    """A sub-layer study also starts from the whole-layer greedy path (and its sets one layer short and
-    shifted), so it begins where a whole-layer study ends; returns those seeds and the path."""
+def layer_seeds(score: ScoreFn, budget: Budget, picks: Seeds) -> tuple[LayerSeeds, list[Stage]]:
+    """A sub-layer study also starts from the whole-layer greedy path and what a whole-layer study
+    seeds around it, in its order (one-shot top k, the one-pass `picks`, sets one layer short,
+    neighbours), so it begins where a whole-layer study ends; returns those seeds and the path."""
     layers = replace(budget, block_params=None)
     stages = staged_greedy(score, layers, shortlist=SHORTLIST)
-    seeds = [(removal, f"layer {reason}") for removal, reason in seed_sets(stages, layers, count=2 * len(stages))]
+    found = seed_sets(stages, layers, count=2 * len(stages), others=picks)
+    seeds = [(removal, f"layer {reason}") for removal, reason in found]
     path = [(stage.removed, f"layer greedy stage {n}") for n, stage in enumerate(stages, 1)]
     return LayerSeeds(path, [seed for seed in seeds if seed[0] not in {removal for removal, _ in path}]), stages
 
@@ -244,6 +245,14 @@ def seed_study(
             seeds = seed_sets(stages, budget, count=2 * len(stages), others=seeding.others)
         else:
             seeds = sublayer_seeds(seeding, budget, limit=config.trials // 2)
+            if len(seeds) > config.trials // 2:
+                log.warning(
+                    "the two greedy paths are %d seed trials, more than half of --trials %d: "
+                    "--trials %d leaves the sampler as many trials as the seeds",
+                    len(seeds),
+                    config.trials,
+                    2 * len(seeds),
+                )
 
     # Seeding cost in forward passes over --sensitivity-tokens, for comparisons with warm starts.
     passes = (
