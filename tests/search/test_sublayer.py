@@ -364,7 +364,7 @@ def test_sublayer_seeds_come_in_order_and_leave_half_the_trials_to_the_sampler()
         "greedy stage 3",
         "layer neighbour of greedy stage 1",
     ]
-    # + the other neighbour, attention drop and the last stage less a5 or a6 (less a4: stage 2)
+    # + the rest of the layer seeds, attention drop and the last stage less a5 or a6 (less a4: stage 2)
     assert len(sublayer_seeds(seeding, SUBLAYER, limit=40)) == 10
     # Never fewer than both paths: cut to half of the trials at 25 %, block greedy lost its largest sets.
     assert [reason for _, reason in sublayer_seeds(seeding, SUBLAYER, limit=1)] == [
