@@ -37,7 +37,8 @@ CONFIRMED = 3  # candidates per healed greedy stage measured with the study's fi
 
 @dataclass(frozen=True)
 class LayerSeeds:
-    """What a whole-layer study with the same `--heal` seeds, for a sub-layer study to start from."""
+    """What a whole-layer study with the same `--heal` seeds, for a sub-layer study to start from (healed,
+    less the unhealed whole-layer path: a sub-layer study walks its unhealed path over blocks instead)."""
 
     path: Seeds  # its greedy path, stage by stage
     rest: Seeds  # then the rest it seeds: one-shot top k, one-pass criteria, one layer short, neighbours
@@ -144,8 +145,9 @@ def layer_seeds(score: ScoreFn, budget: Budget, picks: Seeds) -> tuple[LayerSeed
     stages = staged_greedy(score, layers, shortlist=SHORTLIST)
     found = seed_sets(stages, layers, count=2 * len(stages), others=picks)
     seeds = [(removal, f"layer {reason}") for removal, reason in found]
+    on_path = {stage.removed for stage in stages}
     path = [(stage.removed, f"layer greedy stage {n}") for n, stage in enumerate(stages, 1)]
-    return LayerSeeds(path, [seed for seed in seeds if seed[0] not in {removal for removal, _ in path}]), stages
+    return LayerSeeds(path, [seed for seed in seeds if seed[0] not in on_path]), stages
 
 
 def attention_drop_seeds(similar: dict[Removal, float], budget: Budget) -> Seeds:
