@@ -46,7 +46,7 @@ from search.model.surgery import (
     skip_blocks,
     total_param_count,
 )
-from search.records import StudyRecord, TrialRecord, calib_ppl_ratio, find_trial
+from search.records import StudyRecord, TrialRecord, calib_ppl_ratio, find_trial, latency_ratio, read_retiming
 from search.registry import Registry
 
 PPL_TOLERANCE = 0.01
@@ -203,7 +203,7 @@ def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
         "layers_after": n_layers - len(pruned.removal.layers),
         "params_reduction": measured.params_reduction,
         "ppl_ratio": calib_ppl_ratio(trial),
-        "latency_ratio": trial.values[1],
+        "latency_ratio": latency_ratio(trial, read_retiming(study)),
         "test_ppl_ratio": measured.test_ppl_ratio,
         "healing": pruned.healing,
         "settings": asdict(record.settings),

@@ -14,7 +14,18 @@ from optuna.trial import TrialState
 from evaluators.accuracy import TaskResult
 from search.errors import SearchError
 from search.model.removal import Removal
-from search.records import AccuracyKey, StudyRecord, TrialRecord, calib_ppl_ratio, read_accuracy, removal_key
+from search.records import (
+    COMPLETE,
+    AccuracyKey,
+    Retiming,
+    StudyRecord,
+    TrialRecord,
+    calib_ppl_ratio,
+    latency_ratio,
+    read_accuracy,
+    read_retiming,
+    removal_key,
+)
 from search.tables import cell, table
 
 FRONT_FIELDS = ("trial", "removed_layers", "layers", "params_reduction", "ppl_ratio", "latency_ratio", "test_ppl_ratio")
@@ -48,10 +59,8 @@ def _fields(report: dict) -> tuple[str, ...]:
 def front_report(study: optuna.Study) -> dict:
     """The documented JSON object: study, model, budget, baseline and the deduplicated front."""
     record = StudyRecord.read(study)
-    try:
-        best = study.best_trials  # feasible, non-dominated, COMPLETE trials
-    except (RuntimeError, ValueError):
-        best = []
+    retiming = read_retiming(study)
+    best = fastest_front(study, retiming)
     if not best:
         raise SearchError(f"study {study.study_name!r} has no finished trials yet")
     seen: set[Removal] = set()
@@ -73,7 +82,7 @@ def front_report(study: optuna.Study) -> dict:
                 "layers": measured.layers,
                 "params_reduction": measured.params_reduction,
                 "ppl_ratio": calib_ppl_ratio(trial),
-                "latency_ratio": trial.values[1],
+                "latency_ratio": latency_ratio(trial, retiming),
                 "test_ppl_ratio": measured.test_ppl_ratio,
                 # Present once measured: a second corpus (--eval-dataset), and with --heal the same set unhealed.
                 **{key: getattr(measured, key) for key in OPTIONAL_FIELDS if getattr(measured, key) is not None},
@@ -89,6 +98,8 @@ def front_report(study: optuna.Study) -> dict:
         "baseline": baseline,
         "front": front,
     }
+    if retiming is not None:
+        report["retimed_rounds"] = retiming.rounds
     if record.settings.heal != "none":  # the ratios are the healed model's (older studies: unhealed, no key)
         report["heal"] = record.settings.heal
     if record.settings.eval_dataset:
@@ -99,6 +110,30 @@ def front_report(study: optuna.Study) -> dict:
         report["confirmation"] = confirmation_summary(study)
     add_accuracy(study, report)
     return report
+
+
+def fastest_front(study: optuna.Study, retiming: Retiming | None) -> list[optuna.trial.FrozenTrial]:
+    """The finished trials no other beats on both the fitness and the latency ratio, each set's latency
+    as the study last measured it: retimed beside the rest of the front at the end of a run where it was
+    (search/retime.py), else as its trial recorded it (then Optuna's own front)."""
+    if retiming is None:
+        try:
+            return study.best_trials  # feasible, non-dominated, COMPLETE trials
+        except (RuntimeError, ValueError):
+            return []
+    done = [
+        (t, retiming.ratio(t))
+        for t in study.get_trials(deepcopy=False, states=COMPLETE)
+        if t.values and all(c <= 0 for c in t.constraints.values())  # within --budget, as Optuna's front
+    ]
+    return [
+        t
+        for t, fast in done
+        if not any(
+            o.values[0] <= t.values[0] and other <= fast and (o.values[0] < t.values[0] or other < fast)
+            for o, other in done
+        )
+    ]
 
 
 def smallest_front(study: optuna.Study, budget: float) -> list[optuna.trial.FrozenTrial]:
@@ -216,6 +251,12 @@ def format_table(report: dict) -> str:
             -1,
             f"confirmed on {c['tokens']} calibration tokens (margin {c['margin']} nats/token): {c['trials']} "
             f"trials, {c['seconds']:.0f} s; the front ranks confirmed_* figures",
+        )
+    if "retimed_rounds" in report:
+        title.insert(
+            -1,
+            f"latency: the front's shapes timed again side by side at the end of the run "
+            f"({report['retimed_rounds']} rounds)",
         )
     if "eval_ppl" in base:
         title.insert(2, f"second corpus {report.get('eval_dataset')}: baseline ppl {base['eval_ppl']:.3f}")

@@ -32,10 +32,13 @@ from search.model.removal import Removal
 from search.records import (
     COMPLETE,
     LatencyEntry,
+    Retiming,
     TrialRecord,
     calib_value,
+    latency_ratio,
     proposer_known,
     read_latency,
+    read_retiming,
     removal_attrs,
     write_latency,
     write_trial,
@@ -54,10 +57,10 @@ def dominated(values: Sequence[float], by: Sequence[float]) -> bool:
     return all(b <= v for b, v in zip(by, values)) and any(b < v for b, v in zip(by, values))
 
 
-def on_a_front(trial: optuna.Trial, values: Sequence[float], reduction: float) -> bool:
+def on_a_front(trial: optuna.Trial, values: Sequence[float], reduction: float, retiming: Retiming | None) -> bool:
     """No finished trial dominates (perplexity, latency), or none dominates (perplexity, parameters kept)."""
     finished = trial.study.get_trials(deepcopy=False, states=COMPLETE)
-    if not any(dominated(values, t.values) for t in finished):
+    if not any(dominated(values, (t.values[0], latency_ratio(t, retiming))) for t in finished if t.values):
         return True
     kept = (values[0], -reduction)
     return not any(
@@ -103,18 +106,24 @@ def claim(trial: optuna.Trial, removal: Removal, lock: Lock, **record: object) -
         optuna.storages.fail_stale_trials(trial.study)  # a worker elsewhere that died: failed after the grace period
 
 
-def latency_entry(latency: Latency) -> LatencyEntry:
+def latency_entry(latency: Latency, timed: str) -> LatencyEntry:
     return LatencyEntry(
-        latency.ratio, latency.candidate_ms, latency.baseline_ms, latency.measured_ms, latency.measured_baseline_ms
+        latency.ratio,
+        latency.candidate_ms,
+        latency.baseline_ms,
+        latency.measured_ms,
+        latency.measured_baseline_ms,
+        timed,
     )
 
 
 def shape_latency(study: optuna.Study, evaluator: CachingEvaluator, removal: Removal) -> LatencyEntry:
-    """The pruned shape's latency: from the study's table (timed at seeding), else timed now and stored."""
+    """The pruned shape's latency: from the study's table (timed at seeding, or again with the front at
+    the end of a run: search/retime.py), else timed now and stored."""
     shape = evaluator.shape(removal)
     entry = read_latency(study, shape)
     if entry is None:
-        entry = latency_entry(evaluator.latency(removal))
+        entry = latency_entry(evaluator.latency(removal), "alone")
         write_latency(study, shape, entry)
     return entry
 
@@ -151,7 +160,10 @@ def make_objective(
             t.number: max(calib_value(t, evaluator.fitness), t.values[0]) if evaluator.confirms else t.values[0]
             for t in measured
         }
-        finished = [(calib[t.number], t.values[1], TrialRecord.of(t).params_reduction or 0.0) for t in measured]
+        retiming = read_retiming(study)  # a resumed study: the front's latencies as last timed
+        finished = [
+            (calib[t.number], latency_ratio(t, retiming), TrialRecord.of(t).params_reduction or 0.0) for t in measured
+        ]
         ceiling = rejection_ceiling(finished, latency.ratio, reduction, evaluator.block_kinds is not None)
         if ceiling is not None and evaluator.confirms:  # within the noise of the best: measured again, not rejected
             ceiling = loosened(ceiling, evaluator.confirm_margin, evaluator.fitness)
@@ -206,7 +218,7 @@ def make_objective(
         )
         if evaluator.heal != "none":
             write_trial(trial, unhealed_runs=unreachable_runs(removed) or None)
-        if on_a_front(trial, values, reduction):
+        if on_a_front(trial, values, reduction, retiming):
             write_trial(trial, test_ppl_ratio=evaluator.test_ratio(removed))
             second = "eval" in evaluator.splits.measured  # --eval-dataset: another domain, never fitted on
             write_trial(trial, eval_ppl_ratio=evaluator.ratio(removed, "eval") if second else None)

@@ -9,7 +9,7 @@ import optuna
 
 from search.errors import SearchError
 from search.front import front_report
-from search.records import COMPLETE, calib_ppl_ratio
+from search.records import COMPLETE, calib_ppl_ratio, latency_ratio, read_retiming
 
 
 def plot_front(study: optuna.Study, path: Path) -> Path:
@@ -23,6 +23,7 @@ def plot_front(study: optuna.Study, path: Path) -> Path:
     report = front_report(study)
     front = sorted(report["front"], key=lambda p: p["latency_ratio"])
     trials = [t for t in study.get_trials(deepcopy=False, states=COMPLETE) if t.values]
+    retiming = read_retiming(study)
     ratios = [calib_ppl_ratio(t) or t.values[0] for t in trials]  # a KL study plots its perplexity ratios too
 
     # Destroyed models (ratios of 10 or 1000) would flatten the interesting part: clip, and say so.
@@ -30,7 +31,7 @@ def plot_front(study: optuna.Study, path: Path) -> Path:
     off = sum(r > top for r in ratios)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.scatter(
-        [t.values[1] for t in trials],
+        [latency_ratio(t, retiming) for t in trials],
         [min(r, top) for r in ratios],
         s=14,
         color="0.7",

@@ -74,6 +74,27 @@ class LatencyEntry:
     baseline_ms: float
     measured_ms: float | None = None  # with an additive fit, ms above is the fit and these the raw medians
     measured_baseline_ms: float | None = None
+    # How: "together" (every reachable shape in one round-robin, at seeding), "alone" (a trial's new
+    # shape against the baseline only), "front" (search/retime.py). Older stores: None.
+    timed: str | None = None
+
+    @property
+    def timed_together(self) -> bool:
+        """From the seeding table (older entries: those with the additive fit, which only it applies)."""
+        return self.timed == "together" or (self.timed is None and self.measured_ms is not None)
+
+
+@dataclass(frozen=True)
+class Retiming:
+    """The front's shapes timed again side by side at the end of a run (search/retime.py): each
+    front set's latency ratio by its removal key, and the timed rounds."""
+
+    rounds: int
+    ratios: dict[str, float]
+
+    def ratio(self, trial: optuna.trial.FrozenTrial) -> float:
+        """The trial's latency ratio: the retimed figure of its set, else what the trial recorded."""
+        return self.ratios.get(removal_key(TrialRecord.of(trial).removal), trial.values[1])
 
 
 @dataclass(frozen=True)
@@ -225,6 +246,20 @@ def read_latency(study: optuna.Study, shape: str) -> LatencyEntry | None:
 
 def write_latency(study: optuna.Study, shape: str, entry: LatencyEntry) -> None:
     study.set_user_attr(f"latency:{shape}", {k: v for k, v in asdict(entry).items() if v is not None})
+
+
+def read_retiming(study: optuna.Study) -> Retiming | None:
+    stored = study.user_attrs.get("retimed_front")
+    return None if stored is None else Retiming(**stored)
+
+
+def write_retiming(study: optuna.Study, retiming: Retiming) -> None:
+    study.set_user_attr("retimed_front", asdict(retiming))
+
+
+def latency_ratio(trial: optuna.trial.FrozenTrial, retiming: Retiming | None) -> float:
+    """A finished trial's latency ratio as the study last measured its set."""
+    return trial.values[1] if retiming is None else retiming.ratio(trial)
 
 
 # --- trials --------------------------------------------------------------------------------------

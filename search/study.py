@@ -39,6 +39,7 @@ from search.records import (
     set_feasible_sets,
 )
 from search.recovery import recover_interrupted, worker_id
+from search.retime import retime_front
 from search.sampler import SAMPLERS, tried_sets
 from search.seeding.criteria import CRITERIA
 from search.seeding.seed import seed_study
@@ -117,6 +118,7 @@ def run(config: RunConfig) -> optuna.Study:
         # from its own offset, so it does not replay the proposals of the runs before it.
         study.sampler = SAMPLERS[config.sampler](budget, config.seed + RUN_SEED_STRIDE * runs_before)
         optimize(study, cached, budget, target, lambda: exclusive(url, f"claim:{name}", announce=False))
+    retime_front(study, cached)  # the front's shapes that trials timed one at a time, now side by side
     return study
 
 

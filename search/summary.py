@@ -12,8 +12,10 @@ from search.records import (
     calib_ppl_ratio,
     counts_towards_trials,
     find_trial,
+    latency_ratio,
     read_accuracy,
     read_baseline,
+    read_retiming,
     read_settings,
     removal_key,
 )
@@ -52,6 +54,7 @@ def trial_details(study: optuna.Study, number: int) -> dict:
     r = TrialRecord.of(t)
     baseline = read_baseline(study)
     ratio = calib_ppl_ratio(t)
+    retiming = read_retiming(study)
     details = {
         "study": study.study_name,
         "trial": t.number,
@@ -65,7 +68,9 @@ def trial_details(study: optuna.Study, number: int) -> dict:
         "test_ppl": r.test_ppl_ratio * baseline.test_ppl if r.test_ppl_ratio is not None and baseline else None,
         **{key: getattr(r, key) for key in OPTIONAL_FIELDS if getattr(r, key) is not None},
         **({"unhealed_runs": [list(run) for run in r.unhealed_runs]} if r.unhealed_runs else {}),
-        "latency_ratio": t.values[1] if t.values else None,
+        "latency_ratio": latency_ratio(t, retiming) if t.values else None,
+        # The front's shapes are timed again side by side when a run ends (search/retime.py).
+        **({"latency_ratio_when_run": t.values[1]} if t.values and latency_ratio(t, retiming) != t.values[1] else {}),
         "latency_ms": r.latency_ms,
         "proposed_by": r.proposed_by,
         "duplicate_of": r.duplicate_of,

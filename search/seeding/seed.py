@@ -276,7 +276,7 @@ def seed_study(
         warm_start_from=config.warm_start_from,
     ).write(study)
     for shape, latency in zip(shapes, timed):
-        write_latency(study, shape, latency_entry(latency))
+        write_latency(study, shape, latency_entry(latency, "together"))
     present = {removal_set(t) for t in study.get_trials(deepcopy=False)}  # a crash mid-seeding left some
     for removal, reason in seeds:
         if removal not in present:

@@ -10,13 +10,22 @@ import optuna
 import pytest
 import torch
 
-from evaluators.latency import block_kinds, kv_cache_bytes, layer_kinds, measure_latencies, reachable_shapes, shape_key
+from evaluators.latency import (
+    Latency,
+    block_kinds,
+    kv_cache_bytes,
+    layer_kinds,
+    measure_latencies,
+    reachable_shapes,
+    shape_key,
+)
 from evaluators.perplexity import perplexity
 from evaluators.prefix import build_prefix_cache
 from evaluators.sensitivity import block_similarity
 from search import space
 from search.caching import CachingEvaluator
 from search.errors import SearchError
+from search.evaluator import Evaluator
 from search.export import expected_params, prune_trial
 from search.front import format_csv, front_report
 from search.methods import choose, measure
@@ -31,12 +40,13 @@ from search.model.surgery import (
     removal_applied,
     total_param_count,
 )
-from search.records import COMPLETE, StudyRecord, TrialRecord, calib_ppl_ratio
+from search.records import COMPLETE, StudyRecord, TrialRecord, calib_ppl_ratio, read_latency, read_retiming
 from search.sampler import RemovalSetSampler, removal_set
 from search.seeding.greedy import Stage, seed_sets, staged_greedy
 from search.seeding.seed import LayerSeeds, Seeding, attention_drop_seeds, layer_seeds, sublayer_seeds
 from search.space import Budget
 from search.study import RunConfig, prepare, run
+from search.summary import trial_details
 from tests.conftest import FAMILIES, VOCAB, tiny_model
 from tests.search.test_study import tiny_config
 
@@ -374,3 +384,53 @@ def test_sublayer_seeds_come_in_order_and_leave_half_the_trials_to_the_sampler()
         "greedy stage 2",
         "greedy stage 3",
     ]
+
+
+def _cost(removal: Removal) -> float:
+    """A deterministic stand-in for a tiny model's forward time: attention 1, MLP 2, a layer call 0.5."""
+    blocks = removal.blocks()
+    return sum(
+        ((i, "attention") not in blocks) + 2 * ((i, "mlp") not in blocks) + 0.5 * (i not in removal.layers)
+        for i in range(6)
+    )
+
+
+def test_front_shapes_timed_one_at_a_time_are_timed_again_side_by_side(tmp_path, tiny_model_dir, corpus, monkeypatch):
+    # As in a sub-layer study of a real model: too many shapes to time at seeding, so each trial times its
+    # own. Timed alone a shape drifts by up to 30 % either way; side by side it is timed right.
+    drift = iter([1.3, 0.7, 1.1, 0.9] * 100)
+    monkeypatch.setattr(Evaluator, "reachable_shapes", lambda self, allows, limit=64: None)
+    monkeypatch.setattr(Evaluator, "latency", lambda self, r=Removal(): Latency(21.0, _cost(r) * next(drift)))
+    monkeypatch.setattr(Evaluator, "latencies", lambda self, rs: [Latency(21.0, _cost(r)) for r in rs])
+    config = tiny_config(tmp_path, tiny_model_dir, corpus, granularity="sublayer", budget=0.25, trials=8)
+    study = run(config)
+    retiming = read_retiming(study)
+    assert retiming is not None and retiming.rounds == config.latency_repeats
+    _, evaluator, _ = prepare(config)
+    report = front_report(study)
+    assert report["retimed_rounds"] == config.latency_repeats
+    for point in report["front"]:
+        removal = Removal.from_json(point)
+        entry = read_latency(study, evaluator.shape(removal))
+        assert entry is not None and entry.timed == "front", point
+        assert point["latency_ratio"] == entry.ratio == retiming.ratios[removal.key] == _cost(removal) / 21
+    # Every trial of a retimed shape reads the shape's new figure; `show` keeps the one it ran with.
+    for trial in study.get_trials(states=COMPLETE):
+        removal = TrialRecord.of(trial).removal
+        entry = read_latency(study, evaluator.shape(removal))
+        assert entry is not None and entry.timed in ("front", "alone")
+        shown = trial_details(study, trial.number)
+        if entry.timed == "front":
+            assert shown["latency_ratio"] == entry.ratio == retiming.ratios[removal.key]
+            assert shown.get("latency_ratio_when_run", trial.values[1]) == trial.values[1]
+        else:
+            assert removal.key not in retiming.ratios and shown["latency_ratio"] == trial.values[1]
+    assert any("latency_ratio_when_run" in trial_details(study, p["trial"]) for p in report["front"])
+    # A resume with more trials times the front of then, the shapes retimed before among them, together again.
+    more = run(replace(config, trials=10))
+    assert {Removal.from_json(p).key for p in front_report(more)["front"]} <= set(read_retiming(more).ratios)
+
+
+def test_a_study_that_timed_every_shape_at_seeding_retimes_nothing(tmp_path, tiny_model_dir, corpus):
+    study = run(tiny_config(tmp_path, tiny_model_dir, corpus, trials=4))
+    assert read_retiming(study) is None and "retimed_rounds" not in front_report(study)
