@@ -49,7 +49,14 @@ from search.methods import choose, measure  # noqa: E402
 from search.model.numerics import apply_numerics  # noqa: E402
 from search.model.removal import Removal  # noqa: E402
 from search.model.surgery import removal_applied  # noqa: E402
-from search.records import StudyRecord, TrialRecord, counts_towards_trials, latency_ratio, read_retiming  # noqa: E402
+from search.records import (  # noqa: E402
+    StudyRecord,
+    TrialRecord,
+    calib_ppl_ratio,
+    counts_towards_trials,
+    latency_ratio,
+    read_retiming,
+)
 from search.retime import retime_front  # noqa: E402
 from search.space import parse_budget  # noqa: E402
 from search.store import open_storage  # noqa: E402
@@ -83,7 +90,7 @@ def study_points(config: RunConfig, say) -> tuple[list[dict], dict]:
         {
             "removal": TrialRecord.of(t).removal.key,
             "params_reduction": TrialRecord.of(t).params_reduction,
-            "ppl_ratio": t.values[0],
+            "ppl_ratio": calib_ppl_ratio(t),  # a KL study's objective is KL: compared by perplexity as the fronts
             "latency_ratio": latency_ratio(t, retiming),
             "test_ppl_ratio": TrialRecord.of(t).test_ppl_ratio,
         }

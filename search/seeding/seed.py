@@ -28,7 +28,7 @@ from search.seeding.greedy import ScoreFn, Seeds, Stage, parts, seed_sets, stage
 from search.space import Budget
 
 log = logging.getLogger("search")
-OBJECTIVES = ["ppl_ratio", "latency_ratio"]
+OBJECTIVES = ["ppl_ratio", "latency_ratio"]  # --fitness kl: the first is "kl", what it holds
 
 
 SHORTLIST = 6  # candidates per greedy stage after the first, besides the current set's neighbours
@@ -260,7 +260,7 @@ def seed_study(
     passes = (
         0 if transfer is not None else 1 + extra + sum(CRITERIA[config.criterion].passes(len(s.scores)) for s in stages)
     )
-    study.set_metric_names(OBJECTIVES)
+    study.set_metric_names(["kl", OBJECTIVES[1]] if config.objective_fitness == "kl" else OBJECTIVES)
     StudyRecord(
         settings=config.settings(),
         model_source=source,

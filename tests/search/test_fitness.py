@@ -90,6 +90,7 @@ def test_a_kl_study_minimises_kl_and_reports_perplexity(tmp_path, tiny_model_dir
     with pytest.raises(SearchError, match="created with other settings.*fitness"):
         run(replace(config, fitness="ppl"))
     plain = run(replace(config, fitness="ppl", study="plain"))  # same windows: perplexities from the cache
+    assert study.metric_names == ["kl", "latency_ratio"] and plain.metric_names == ["ppl_ratio", "latency_ratio"]
     by_set = {TrialRecord.of(t).removal: calib_ppl_ratio(t) for t in done}
     for t in plain.get_trials(states=COMPLETE):
         removal = TrialRecord.of(t).removal
