@@ -57,7 +57,6 @@ from search.records import (  # noqa: E402
     latency_ratio,
     read_retiming,
 )
-from search.retime import retime_front  # noqa: E402
 from search.space import parse_budget  # noqa: E402
 from search.store import open_storage  # noqa: E402
 from search.study import RunConfig, prepare, run  # noqa: E402
@@ -69,9 +68,6 @@ def study_points(config: RunConfig, say) -> tuple[list[dict], dict]:
     started = time.perf_counter()
     study = run(config)
     seconds = time.perf_counter() - started
-    if read_retiming(study) is None and config.granularity == "sublayer":  # finished before runs retimed
-        _, evaluator, _ = prepare(config)
-        retime_front(study, evaluator)
     trials = [t for t in study.get_trials(deepcopy=False) if counts_towards_trials(t)]
     measured = [t for t in trials if TrialRecord.of(t).duplicate_of is None]
     about = {

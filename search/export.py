@@ -46,7 +46,15 @@ from search.model.surgery import (
     skip_blocks,
     total_param_count,
 )
-from search.records import StudyRecord, TrialRecord, calib_ppl_ratio, find_trial, latency_ratio, read_retiming
+from search.records import (
+    StudyRecord,
+    TrialRecord,
+    calib_ppl_ratio,
+    find_trial,
+    latency_ratio,
+    measured_record,
+    read_retiming,
+)
 from search.registry import Registry
 
 PPL_TOLERANCE = 0.01
@@ -190,7 +198,8 @@ def prune_trial(
 
 def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
     """pruning.json: where the model came from, which layers went, what the study measured."""
-    record, trial, measured = pruned.record, pruned.trial, TrialRecord.of(pruned.trial)
+    record, trial, retiming = pruned.record, pruned.trial, read_retiming(study)
+    measured = measured_record(trial, retiming)
     n_layers = record.baseline.layers
     return {
         "source_model": record.model_source,
@@ -203,7 +212,7 @@ def pruning_record(study: optuna.Study, pruned: Pruned) -> dict:
         "layers_after": n_layers - len(pruned.removal.layers),
         "params_reduction": measured.params_reduction,
         "ppl_ratio": calib_ppl_ratio(trial),
-        "latency_ratio": latency_ratio(trial, read_retiming(study)),
+        "latency_ratio": latency_ratio(trial, retiming),
         "test_ppl_ratio": measured.test_ppl_ratio,
         "healing": pruned.healing,
         "settings": asdict(record.settings),
@@ -220,7 +229,7 @@ def export_trial(
 ) -> ExportReport:
     pruned = prune_trial(study, number, out, device, trust_remote_code, device_map)
     write_model(pruned.model, pruned.tokenizer, Path(out), pruning_record(study, pruned))
-    trial, expected = pruned.trial, expected_test_ppl(pruned.record, pruned.trial)
+    trial, expected = pruned.trial, expected_test_ppl(study, pruned.record, pruned.trial)
     del pruned
     return verify(Path(out), study, trial, device, expected, device_map=device_map)
 
@@ -277,9 +286,9 @@ def write_model(model, tokenizer, out: Path, record: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def expected_test_ppl(record: StudyRecord, trial: optuna.trial.FrozenTrial) -> float | None:
+def expected_test_ppl(study: optuna.Study, record: StudyRecord, trial: optuna.trial.FrozenTrial) -> float | None:
     """The held-out perplexity the study reported for `trial` (None: never measured held-out)."""
-    ratio = TrialRecord.of(trial).test_ppl_ratio
+    ratio = measured_record(trial, read_retiming(study)).test_ppl_ratio
     return None if ratio is None else ratio * record.baseline.test_ppl
 
 

@@ -22,6 +22,7 @@ from search.records import (
     TrialRecord,
     calib_ppl_ratio,
     latency_ratio,
+    measured_record,
     read_accuracy,
     read_retiming,
     removal_key,
@@ -70,7 +71,7 @@ def front_report(study: optuna.Study) -> dict:
         numbers = {t.number for t in best}
         best += [t for t in smallest_front(study, record.settings.budget) if t.number not in numbers]
     for trial in sorted(best, key=lambda t: t.number):
-        measured = TrialRecord.of(trial)
+        measured = measured_record(trial, retiming)
         if measured.removal in seen:  # a duplicate proposal answered from the store
             continue
         seen.add(measured.removal)
@@ -98,7 +99,7 @@ def front_report(study: optuna.Study) -> dict:
         "baseline": baseline,
         "front": front,
     }
-    if retiming is not None:
+    if retiming is not None and retiming.ratios:
         report["retimed_rounds"] = retiming.rounds
     if record.settings.heal != "none":  # the ratios are the healed model's (older studies: unhealed, no key)
         report["heal"] = record.settings.heal
@@ -116,7 +117,7 @@ def fastest_front(study: optuna.Study, retiming: Retiming | None) -> list[optuna
     """The finished trials no other beats on both the fitness and the latency ratio, each set's latency
     as the study last measured it: retimed beside the rest of the front at the end of a run where it was
     (search/retime.py), else as its trial recorded it (then Optuna's own front)."""
-    if retiming is None:
+    if retiming is None or not retiming.ratios:
         try:
             return study.best_trials  # feasible, non-dominated, COMPLETE trials
         except (RuntimeError, ValueError):

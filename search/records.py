@@ -8,7 +8,7 @@ so existing studies open, resume and export unchanged.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 import optuna
@@ -78,19 +78,25 @@ class LatencyEntry:
     # shape against the baseline only), "front" (search/retime.py). Older stores: None.
     timed: str | None = None
 
-    @property
-    def timed_together(self) -> bool:
-        """From the seeding table (older entries: those with the additive fit, which only it applies)."""
-        return self.timed == "together" or (self.timed is None and self.measured_ms is not None)
+    def timed_alone(self, seeding_baseline_ms: float) -> bool:
+        """Timed by a trial against the baseline only, not in the seeding table nor with the front
+        (older entries: the seeding table's all carry the baseline figure the study recorded)."""
+        if self.timed is not None:
+            return self.timed == "alone"
+        return self.baseline_ms != seeding_baseline_ms
 
 
 @dataclass(frozen=True)
 class Retiming:
     """The front's shapes timed again side by side at the end of a run (search/retime.py): each
-    front set's latency ratio by its removal key, and the timed rounds."""
+    retimed set's latency ratio by its removal key, the timed rounds, how many finished trials the
+    study had then, and held-out figures of sets that came onto a front only with the new figures
+    (a trial measures held-out when it finishes on a front, and a finished trial cannot be changed)."""
 
     rounds: int
     ratios: dict[str, float]
+    trials: int = 0
+    held_out: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def ratio(self, trial: optuna.trial.FrozenTrial) -> float:
         """The trial's latency ratio: the retimed figure of its set, else what the trial recorded."""
@@ -260,6 +266,32 @@ def write_retiming(study: optuna.Study, retiming: Retiming) -> None:
 def latency_ratio(trial: optuna.trial.FrozenTrial, retiming: Retiming | None) -> float:
     """A finished trial's latency ratio as the study last measured its set."""
     return trial.values[1] if retiming is None else retiming.ratio(trial)
+
+
+def measured_record(trial: optuna.trial.FrozenTrial, retiming: Retiming | None) -> TrialRecord:
+    """The trial's record, with the held-out figures a retiming measured for it where it had none."""
+    record = TrialRecord.of(trial)
+    found = retiming.held_out.get(removal_key(record.removal)) if retiming else None
+    if not found:
+        return record
+    return replace(record, **{k: v for k, v in found.items() if getattr(record, k) is None})
+
+
+def needs_retiming(study: optuna.Study) -> bool:
+    """Whether trials timed shapes alone since the last retiming (or it was interrupted): read from the
+    store only, so a finished study decides without loading the model."""
+    baseline = read_baseline(study)
+    if baseline is None:
+        return False
+    alone = any(
+        LatencyEntry(**value).timed_alone(baseline.latency_ms)
+        for key, value in study.user_attrs.items()
+        if key.startswith("latency:")
+    )
+    if not alone:
+        return False
+    retiming = read_retiming(study)
+    return retiming is None or retiming.trials < len(study.get_trials(deepcopy=False, states=COMPLETE))
 
 
 # --- trials --------------------------------------------------------------------------------------

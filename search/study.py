@@ -14,6 +14,7 @@ from typing import cast
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from evaluators.data import bos_to_prepend, eval_windows, make_splits
 from evaluators.forward import configure
@@ -34,6 +35,7 @@ from search.records import (
     enqueue,
     feasible_sets,
     is_seeded,
+    needs_retiming,
     read_baseline,
     read_fingerprints,
     set_feasible_sets,
@@ -72,8 +74,10 @@ def run(config: RunConfig) -> optuna.Study:
             seeded = is_seeded(study)
             if seeded and completed(study) >= min(config.trials, _target(study, config)):
                 recover_interrupted(study, requeue=False)  # done: only make sure nothing stays RUNNING
-                log.info("study %r already has %d finished trials; nothing to run", name, completed(study))
-                return study
+                if not needs_retiming(study):
+                    log.info("study %r already has %d finished trials; nothing to run", name, completed(study))
+                    return study
+                log.info("study %r is finished; its front's latency is still to be timed side by side", name)
 
     loaded, evaluator, budget = prepare(config)
     config = replace(config, dtype=loaded.dtype)  # `auto` resolved: the study records what ran
@@ -118,7 +122,9 @@ def run(config: RunConfig) -> optuna.Study:
         # from its own offset, so it does not replay the proposals of the runs before it.
         study.sampler = SAMPLERS[config.sampler](budget, config.seed + RUN_SEED_STRIDE * runs_before)
         optimize(study, cached, budget, target, lambda: exclusive(url, f"claim:{name}", announce=False))
-    retime_front(study, cached)  # the front's shapes that trials timed one at a time, now side by side
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # the last worker to finish
+        with exclusive(url, f"retime:{name}"):
+            retime_front(study, cached)  # the front's shapes that trials timed one at a time, side by side
     return study
 
 

@@ -8,11 +8,11 @@ from optuna.trial import TrialState
 from search.errors import SearchError
 from search.front import OPTIONAL_FIELDS, baseline_accuracy, front_report, point_accuracy
 from search.records import (
-    TrialRecord,
     calib_ppl_ratio,
     counts_towards_trials,
     find_trial,
     latency_ratio,
+    measured_record,
     read_accuracy,
     read_baseline,
     read_retiming,
@@ -51,10 +51,11 @@ def study_summaries(storage: optuna.storages.BaseStorage) -> list[dict]:
 
 def trial_details(study: optuna.Study, number: int) -> dict:
     t = find_trial(study, number)
-    r = TrialRecord.of(t)
+    retiming = read_retiming(study)
+    r = measured_record(t, retiming)  # with held-out figures a retiming measured
     baseline = read_baseline(study)
     ratio = calib_ppl_ratio(t)
-    retiming = read_retiming(study)
+    retimed = bool(t.values) and latency_ratio(t, retiming) != t.values[1]
     details = {
         "study": study.study_name,
         "trial": t.number,
@@ -69,9 +70,10 @@ def trial_details(study: optuna.Study, number: int) -> dict:
         **{key: getattr(r, key) for key in OPTIONAL_FIELDS if getattr(r, key) is not None},
         **({"unhealed_runs": [list(run) for run in r.unhealed_runs]} if r.unhealed_runs else {}),
         "latency_ratio": latency_ratio(t, retiming) if t.values else None,
-        # The front's shapes are timed again side by side when a run ends (search/retime.py).
-        **({"latency_ratio_when_run": t.values[1]} if t.values and latency_ratio(t, retiming) != t.values[1] else {}),
-        "latency_ms": r.latency_ms,
+        # The front's shapes are timed again side by side when a run ends (search/retime.py): then
+        # the figures the trial ran with are kept apart.
+        **({"latency_ratio_when_run": t.values[1], "latency_ms_when_run": r.latency_ms} if retimed else {}),
+        **({} if retimed else {"latency_ms": r.latency_ms}),
         "proposed_by": r.proposed_by,
         "duplicate_of": r.duplicate_of,
         "retry_of": t.system_attrs.get("failed_trial"),

@@ -40,7 +40,16 @@ from search.model.surgery import (
     removal_applied,
     total_param_count,
 )
-from search.records import COMPLETE, StudyRecord, TrialRecord, calib_ppl_ratio, read_latency, read_retiming
+from search.records import (
+    COMPLETE,
+    LatencyEntry,
+    StudyRecord,
+    TrialRecord,
+    calib_ppl_ratio,
+    read_latency,
+    read_retiming,
+    write_retiming,
+)
 from search.sampler import RemovalSetSampler, removal_set
 from search.seeding.greedy import Stage, seed_sets, staged_greedy
 from search.seeding.seed import LayerSeeds, Seeding, attention_drop_seeds, layer_seeds, sublayer_seeds
@@ -429,6 +438,24 @@ def test_front_shapes_timed_one_at_a_time_are_timed_again_side_by_side(tmp_path,
     # A resume with more trials times the front of then, the shapes retimed before among them, together again.
     more = run(replace(config, trials=10))
     assert {Removal.from_json(p).key for p in front_report(more)["front"]} <= set(read_retiming(more).ratios)
+    assert read_retiming(more).trials == len(more.get_trials(states=COMPLETE))
+    # A retiming that did not finish (or a study finished before runs retimed): the same command redoes it.
+    write_retiming(more, replace(read_retiming(more), ratios={}, trials=0))
+    again = run(replace(config, trials=10))
+    assert read_retiming(again).trials == len(again.get_trials(states=COMPLETE)) and read_retiming(again).ratios
+    # Every front point carries a held-out figure, also one the new figures brought onto the front.
+    assert all(p["test_ppl_ratio"] is not None for p in front_report(again)["front"])
+
+
+def test_which_latency_entries_were_timed_alone():
+    seeding = 12.5  # the baseline figure the seeding table recorded
+    assert not LatencyEntry(0.9, 11.0, 12.5, timed="together").timed_alone(seeding)
+    assert LatencyEntry(0.9, 11.0, 12.1, timed="alone").timed_alone(seeding)
+    assert not LatencyEntry(0.9, 11.0, 12.1, timed="front").timed_alone(seeding)
+    # Older stores say nothing: the seeding table's entries share its baseline, with or without the fit.
+    assert not LatencyEntry(0.9, 11.0, 12.5).timed_alone(seeding)
+    assert not LatencyEntry(0.9, 11.0, 12.5, 11.2, 12.4).timed_alone(seeding)
+    assert LatencyEntry(0.9, 11.0, 12.1).timed_alone(seeding)
 
 
 def test_a_study_that_timed_every_shape_at_seeding_retimes_nothing(tmp_path, tiny_model_dir, corpus):
