@@ -274,7 +274,12 @@ def measured_record(trial: optuna.trial.FrozenTrial, retiming: Retiming | None) 
     found = retiming.held_out.get(removal_key(record.removal)) if retiming else None
     if not found:
         return record
-    return replace(record, **{k: v for k, v in found.items() if getattr(record, k) is None})
+    test, second = record.test_ppl_ratio, record.eval_ppl_ratio
+    return replace(
+        record,
+        test_ppl_ratio=test if test is not None else found.get("test_ppl_ratio"),
+        eval_ppl_ratio=second if second is not None else found.get("eval_ppl_ratio"),
+    )
 
 
 def needs_retiming(study: optuna.Study) -> bool:

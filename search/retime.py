@@ -18,7 +18,6 @@ import optuna
 
 from evaluators.latency import Latency
 from search.caching import CachingEvaluator
-from search.evaluator import Evaluator
 from search.front import fastest_front, smallest_front
 from search.model.removal import Removal
 from search.objective import latency_entry
@@ -51,9 +50,7 @@ def front_trials(study: optuna.Study, retiming: Retiming | None) -> list[optuna.
     return front
 
 
-def front_shapes(
-    study: optuna.Study, evaluator: Evaluator | CachingEvaluator, retiming: Retiming | None
-) -> dict[str, Removal]:
+def front_shapes(study: optuna.Study, evaluator: CachingEvaluator, retiming: Retiming | None) -> dict[str, Removal]:
     """One set per front shape that a trial timed alone (or that an earlier retiming timed)."""
     baseline = StudyRecord.read(study).baseline
     shapes: dict[str, Removal] = {}
@@ -66,7 +63,7 @@ def front_shapes(
     return shapes
 
 
-def retime_front(study: optuna.Study, evaluator: Evaluator | CachingEvaluator) -> Retiming | None:
+def retime_front(study: optuna.Study, evaluator: CachingEvaluator) -> Retiming | None:
     """Time the front's shapes that trials timed alone again, side by side, and measure held-out for
     a set the new figures bring onto a front without one; None when no trial timed a shape alone.
 
