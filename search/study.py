@@ -3,7 +3,8 @@
 `run(RunConfig(...))` is the whole engine; the CLI only parses flags into a RunConfig.
 Re-running the same configuration resumes: the baseline, sensitivity and seeds are read back
 from the store, and only the missing trials run. A study whose trials are all done returns
-without loading the model.
+without loading the model, unless its front's latency is still to be timed side by side
+(search/retime.py: a run ends with that).
 """
 
 from __future__ import annotations
