@@ -6,11 +6,12 @@ subcommand does; `main` turns every failure into one `error:` line and an exit s
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from search.cli import commands
 from search.cli.parser import build_parser
-from search.errors import SearchError, first_line, redact
+from search.errors import SearchError, first_line, interrupted, redact
 
 COMMANDS = {
     "run": commands.run,
@@ -37,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished trials are saved; run the same command again to resume", file=sys.stderr)
-        return 130
+        return _interrupted()
     except Exception as exc:
+        if interrupted(exc):  # a failure while the interrupt unwound: the store is as a killed worker leaves it
+            logging.getLogger("search").debug("while interrupted: %s: %s", type(exc).__name__, first_line(exc))
+            return _interrupted()
         if args.debug:
             raise
         from search.failures import out_of_space
@@ -54,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _interrupted() -> int:
+    print("interrupted: finished trials are saved; run the same command again to resume", file=sys.stderr)
+    return 130
 
 
 __all__ = ["build_parser", "main"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from search.errors import SearchError
+from search.errors import SearchError, interrupted
 from search.failures import check_device, store_failure
 from tests.test_cli import ROOT, assert_one_line_error, cli, tiny_run_args
 
@@ -138,3 +138,19 @@ def test_window_longer_than_the_model_is_refused_before_reading_data(tmp_path, t
     result = cli(*tiny_run_args(tiny_model_dir, missing, tmp_path / "s.db", "--seq-len", "100000"), cwd=tmp_path)
     assert_one_line_error(result, "--seq-len 100000", "256 positions", "--seq-len 256 or less")
     assert not (tmp_path / "s.db").exists()
+
+
+def test_an_error_raised_while_an_interrupt_unwinds_is_the_interrupt():
+    def cleanup_that_fails():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("cleanup failed")  # as Optuna's `finally` does under Ctrl-C
+
+    with pytest.raises(RuntimeError) as caught:
+        cleanup_that_fails()
+    assert interrupted(caught.value)
+    wrapped = ValueError("outer")
+    wrapped.__cause__ = caught.value
+    assert interrupted(wrapped)
+    assert not interrupted(ValueError("an ordinary failure"))

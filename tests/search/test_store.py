@@ -129,7 +129,7 @@ def test_interrupt_mid_trial_then_resume(tmp_path, slow_model_dir, sig):
     if sig == signal.SIGKILL:
         interrupted = [t for t in trials(url) if t.state == TrialState.RUNNING]
     else:  # Ctrl-C: Optuna records the trial as failed, and the CLI says how to resume
-        assert proc.returncode == 130 and "run the same command again to resume" in first_err
+        assert proc.returncode == 130 and "run the same command again to resume" in first_err, first_err[-3000:]
         interrupted = [t for t in trials(url) if t.state == TrialState.FAIL]
     # The trial seen running may finish in the milliseconds before the signal lands (a repeated set is
     # answered from the store at once): then the signal stops the worker between trials and none is lost.
@@ -157,6 +157,23 @@ def test_interrupt_mid_trial_then_resume(tmp_path, slow_model_dir, sig):
         assert "interrupted" in err  # recovered at once: the dead worker proves it, no grace period
 
 
+# Ctrl-C while Optuna records trial 4's result (a signal landing in the store write): Optuna's `_run_trial`
+# then fails in its own `finally` (UnboundLocalError), an Exception whose context is the interrupt.
+CTRL_C_IN_TELL = """
+import os, signal, sys
+import optuna.study._optimize as optimize
+from search.cli import main
+tell, calls = optimize._tell_with_warning, []
+def interrupted(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGINT)
+    return tell(*args, **kwargs)
+optimize._tell_with_warning = interrupted
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_ctrl_c_inside_a_trial_fails_it_and_resume_runs_its_set_again(tmp_path, tiny_model_dir, corpus):
     url = f"sqlite:///{tmp_path / 'ctrl-c.db'}"
     stopped = worker(tiny_model_dir, corpus, url, "--trials", "8", program=("-c", CTRL_C_IN_TRIAL))
@@ -174,6 +191,23 @@ def test_ctrl_c_inside_a_trial_fails_it_and_resume_runs_its_set_again(tmp_path, 
     assert {n: after[n] for n in before} == before and len(after) == 8
     retried = [t for t in final if t.state == TrialState.COMPLETE and t.system_attrs.get("failed_trial") == lost.number]
     assert [t.params for t in retried] == [lost.params]
+
+
+def test_ctrl_c_while_a_result_is_recorded_is_an_interrupt_and_resume_completes(tmp_path, tiny_model_dir, corpus):
+    url = f"sqlite:///{tmp_path / 'tell.db'}"
+    stopped = worker(tiny_model_dir, corpus, url, "--trials", "8", program=("-c", CTRL_C_IN_TELL))
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 130 and "run the same command again to resume" in err, err[-2000:]
+    assert "error:" not in err  # no one-line failure beside the interrupt
+    before = completed_snapshot(url)
+    assert len(before) >= 3
+
+    resumed = worker(tiny_model_dir, corpus, url, "--trials", "8")
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    after, final = completed_snapshot(url), trials(url)
+    assert {n: after[n] for n in before} == before and len(after) == 8
+    assert not [t for t in final if t.state == TrialState.RUNNING]
 
 
 def test_kill_before_the_trial_names_its_worker_then_resume(tmp_path, tiny_model_dir, corpus):
