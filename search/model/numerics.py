@@ -39,13 +39,16 @@ STOCK_KERNELS = {"use_kernels": False}
 CANDIDATE = "bf16-mixed"
 MIN_SPEEDUP = 1.3  # below this, float32's exactness is worth more than the time saved
 REPEATS = 5
+# One bf16 product (its first, warm-up included) this many times a float32 one, plus SLACK_S, is emulated.
+EMULATED = 4
+SLACK_S = 0.25
 
 
-def _time_product(a: torch.Tensor, b: torch.Tensor, autocast: bool) -> float:
+def _time_product(a: torch.Tensor, b: torch.Tensor, autocast: bool, products: int = 2) -> float:
     with torch.inference_mode(), torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=autocast):
         _sync(a.device)
         start = time.perf_counter()
-        for _ in range(2):
+        for _ in range(products):
             a @ b
         _sync(a.device)
         return time.perf_counter() - start
@@ -66,8 +69,16 @@ def product_seconds(device: str | torch.device = "cpu", width: int = 1024, token
     variants = {"float32": (a, b, False), CANDIDATE: (a, b, True)}
     if device.type == "cuda":
         variants["bfloat16"] = (a.bfloat16(), b.bfloat16(), False)
-    for args in variants.values():  # warm-up: kernels, caches, clocks
-        _time_product(*args)
+    _time_product(*variants["float32"])  # warm-up: kernels, caches, clocks
+    first = _time_product(*variants[CANDIDATE], products=1)  # autocast's warm-up
+    if device.type == "cpu":
+        # A CPU without bf16 units emulates it at a few per cent of float32's speed (one product can take
+        # seconds): a first product that clearly cannot be faster decides, instead of minutes of repeats.
+        fp32 = _time_product(*variants["float32"])
+        if first > EMULATED * fp32 / 2 + SLACK_S:
+            return {"float32": fp32, CANDIDATE: 2 * first}
+    if "bfloat16" in variants:
+        _time_product(*variants["bfloat16"])  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(REPEATS):  # interleaved, so a slow moment hits all alike
         for name, args in variants.items():

@@ -22,6 +22,21 @@ def test_speedup_is_a_measured_positive_ratio():
     assert math.isfinite(speedup) and speedup > 0
 
 
+@pytest.mark.parametrize("bf16_product_s, products", [(5.0, 1), (0.004, 1 + 2 * search.model.numerics.REPEATS)])
+def test_a_cpu_emulating_bf16_is_decided_by_its_first_product(monkeypatch, bf16_product_s, products):
+    """Emulated bf16 (seconds per product on some CPUs) is not timed again and again: minutes at every start."""
+    calls = []
+
+    def timed(a, b, autocast, products=2):
+        calls.extend([autocast] * products)
+        return products * (bf16_product_s if autocast else 0.01)
+
+    monkeypatch.setattr(search.model.numerics, "_time_product", timed)
+    seconds = search.model.numerics.product_seconds("cpu")
+    assert calls.count(True) == products
+    assert search.model.numerics.decide(seconds) == ("float32" if bf16_product_s > 0.01 else "bf16-mixed")
+
+
 @pytest.mark.parametrize("speedup, expected", [(0.27, "float32"), (1.1, "float32"), (2.2, "bf16-mixed")])
 def test_auto_takes_bf16_only_where_it_is_clearly_faster(monkeypatch, speedup, expected):
     monkeypatch.setattr(search.model.numerics, "product_seconds", measured(speedup))
