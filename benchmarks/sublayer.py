@@ -5,8 +5,9 @@
 
 Per budget (default 12 % and 25 %) and healing (default unhealed and `--heal linear`), on the default
 model and corpus (or --model/--dataset), with the Wikipedia sample as the second domain:
-1. the whole-layer study (`run --budget B`), and the sub-layer study (`run --budget B --granularity
-   sublayer --trials N`), each on a fresh store; their fronts with held-out and second-domain ratios;
+1. the sub-layer study (`run --budget B --granularity sublayer --trials N`), and the whole-layer study
+   (`run --budget B`; not with --skip-whole-layer), each on a fresh store; their fronts with held-out
+   and second-domain ratios;
 2. block-level staged greedy (BlockPruner's rule, `method block_greedy`) and attention-only removal
    by the one-pass similarity criterion (LLM-Drop's rule, `method attention_drop`) at every size the
    budget allows, measured the same way (same windows, same evaluation cache as the sub-layer study);
@@ -297,8 +298,11 @@ def benchmark(budget: float, heal: str, args, scratch: Path, say) -> dict:
         granularity="sublayer",
         trials=args.trials,
     )
-    layer_front, layer_about = study_points(layer, say)
     sub_front, sub_about = study_points(sub, say)
+    if args.skip_whole_layer:  # its rows and the long-context check stay empty; a later run resumes the stores
+        layer_front, layer_about = [], {"seconds": 0.0, "evaluations": 0, "trials": 0, "measured": []}
+    else:
+        layer_front, layer_about = study_points(layer, say)
     blocky = [p for p in sub_front if p.get("removed_attention") or p.get("removed_mlp")]
     # Spread over the front (smallest, largest, between): small removals gain little time to measure.
     chosen = sorted({round(i * (len(blocky) - 1) / max(1, args.exports - 1)) for i in range(args.exports)})
@@ -459,6 +463,12 @@ def main() -> None:
         "--studies-only",
         action="store_true",
         help="only the two studies and their fronts compared: no methods, long-context timings or exports",
+    )
+    parser.add_argument(
+        "--skip-whole-layer",
+        action="store_true",
+        help="no whole-layer study (the sub-layer study against the block methods only); run again without it, "
+        "with the same --stores, to add it",
     )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None)
