@@ -33,20 +33,29 @@ Trial.__init__ = dying
 sys.exit(main(sys.argv[1:]))
 """
 
-# Ctrl-C inside trial 4's evaluation, after its removal set was decided: no race with a trial ending.
-CTRL_C_IN_TRIAL = """
+
+def ctrl_c_on_call(module: str, name: str, call: int = 4) -> str:
+    """A worker program that sends itself SIGINT on the `call`-th call of `module.name`."""
+    return f"""
 import os, signal, sys
-import search.objective as objective
+import {module} as patched
 from search.cli import main
-measure, calls = objective.shape_latency, []
+original, calls = patched.{name}, []
 def interrupted(*args, **kwargs):
     calls.append(1)
-    if len(calls) == 4:
+    if len(calls) == {call}:
         os.kill(os.getpid(), signal.SIGINT)
-    return measure(*args, **kwargs)
-objective.shape_latency = interrupted
+    return original(*args, **kwargs)
+patched.{name} = interrupted
 sys.exit(main(sys.argv[1:]))
 """
+
+
+# Ctrl-C inside trial 4's evaluation, after its removal set was decided: no race with a trial ending.
+CTRL_C_IN_TRIAL = ctrl_c_on_call("search.objective", "shape_latency")
+# Ctrl-C while Optuna records trial 4's result (a signal landing in the store write): Optuna's `_run_trial`
+# then fails in its own `finally` (UnboundLocalError), an Exception whose context is the interrupt.
+CTRL_C_IN_TELL = ctrl_c_on_call("optuna.study._optimize", "_tell_with_warning")
 
 
 def worker(model_dir, corpus, url, *extra, program=("-m", "search")) -> subprocess.Popen:
@@ -157,56 +166,35 @@ def test_interrupt_mid_trial_then_resume(tmp_path, slow_model_dir, sig):
         assert "interrupted" in err  # recovered at once: the dead worker proves it, no grace period
 
 
-# Ctrl-C while Optuna records trial 4's result (a signal landing in the store write): Optuna's `_run_trial`
-# then fails in its own `finally` (UnboundLocalError), an Exception whose context is the interrupt.
-CTRL_C_IN_TELL = """
-import os, signal, sys
-import optuna.study._optimize as optimize
-from search.cli import main
-tell, calls = optimize._tell_with_warning, []
-def interrupted(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 4:
-        os.kill(os.getpid(), signal.SIGINT)
-    return tell(*args, **kwargs)
-optimize._tell_with_warning = interrupted
-sys.exit(main(sys.argv[1:]))
-"""
+def ctrl_c_then_resume(url, model_dir, corpus, program):
+    """Run `program` (a worker that interrupts itself) towards 8 trials, then the plain command again, which
+    must finish them with every trial completed before the stop untouched: the stopped worker's stderr,
+    the trials it left, and every trial after the resume."""
+    stopped = worker(model_dir, corpus, url, "--trials", "8", program=("-c", program))
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 130 and "run the same command again to resume" in err, err[-2000:]
+    left, before = trials(url), completed_snapshot(url)
+    assert len(before) >= 3
+
+    resumed = worker(model_dir, corpus, url, "--trials", "8")
+    _, resumed_err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, resumed_err
+    after = completed_snapshot(url)
+    assert {n: after[n] for n in before} == before and len(after) == 8
+    return err, left, trials(url)
 
 
 def test_ctrl_c_inside_a_trial_fails_it_and_resume_runs_its_set_again(tmp_path, tiny_model_dir, corpus):
-    url = f"sqlite:///{tmp_path / 'ctrl-c.db'}"
-    stopped = worker(tiny_model_dir, corpus, url, "--trials", "8", program=("-c", CTRL_C_IN_TRIAL))
-    _, err = stopped.communicate(timeout=120)
-    assert stopped.returncode == 130 and "run the same command again to resume" in err
-    (lost,) = [t for t in trials(url) if t.state == TrialState.FAIL]
+    _, left, final = ctrl_c_then_resume(f"sqlite:///{tmp_path / 'ctrl-c.db'}", tiny_model_dir, corpus, CTRL_C_IN_TRIAL)
+    (lost,) = [t for t in left if t.state == TrialState.FAIL]
     assert len(lost.params) > 0  # its set was decided before the signal
-    before = completed_snapshot(url)
-    assert len(before) >= 3
-
-    resumed = worker(tiny_model_dir, corpus, url, "--trials", "8")
-    _, err = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, err
-    after, final = completed_snapshot(url), trials(url)
-    assert {n: after[n] for n in before} == before and len(after) == 8
     retried = [t for t in final if t.state == TrialState.COMPLETE and t.system_attrs.get("failed_trial") == lost.number]
     assert [t.params for t in retried] == [lost.params]
 
 
 def test_ctrl_c_while_a_result_is_recorded_is_an_interrupt_and_resume_completes(tmp_path, tiny_model_dir, corpus):
-    url = f"sqlite:///{tmp_path / 'tell.db'}"
-    stopped = worker(tiny_model_dir, corpus, url, "--trials", "8", program=("-c", CTRL_C_IN_TELL))
-    _, err = stopped.communicate(timeout=120)
-    assert stopped.returncode == 130 and "run the same command again to resume" in err, err[-2000:]
+    err, _, final = ctrl_c_then_resume(f"sqlite:///{tmp_path / 'tell.db'}", tiny_model_dir, corpus, CTRL_C_IN_TELL)
     assert "error:" not in err  # no one-line failure beside the interrupt
-    before = completed_snapshot(url)
-    assert len(before) >= 3
-
-    resumed = worker(tiny_model_dir, corpus, url, "--trials", "8")
-    _, err = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, err
-    after, final = completed_snapshot(url), trials(url)
-    assert {n: after[n] for n in before} == before and len(after) == 8
     assert not [t for t in final if t.state == TrialState.RUNNING]
 
 
