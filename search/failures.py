@@ -115,6 +115,13 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether `exc` was raised while a Ctrl-C was being handled: a library's own cleanup can fail under the
+    interrupt (Optuna's trial loop does when the signal lands while it records a result), and then the
+    interrupt, not that failure, is what happened."""
+    return any(isinstance(link, KeyboardInterrupt) for link in _chain(exc))
+
+
 def _database_error(exc: BaseException | None) -> BaseException | None:
     """The driver-level error behind an Optuna/SQLAlchemy wrapper, if the failure came from the store."""
     import sqlalchemy

@@ -11,7 +11,8 @@ import sys
 
 from search.cli import commands
 from search.cli.parser import build_parser
-from search.errors import SearchError, first_line, interrupted, redact
+from search.errors import SearchError, first_line, redact
+from search.failures import interrupted
 
 COMMANDS = {
     "run": commands.run,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from search.errors import SearchError, interrupted
-from search.failures import check_device, store_failure
+from search.errors import SearchError
+from search.failures import check_device, interrupted, store_failure
 from tests.test_cli import ROOT, assert_one_line_error, cli, tiny_run_args
 
 
