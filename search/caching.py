@@ -30,6 +30,9 @@ class CachingEvaluator:
     evaluator: Evaluator
     stores: dict[str, EvalCache] = field(default_factory=dict)  # split -> the store's evaluation cache
     healed_stores: dict[str, EvalCache] = field(default_factory=dict)  # the same for healed models (--heal)
+    # healed models fitted the other way (a sequential study's screens fit every run on the unpruned
+    # model): kept under that fit's own key, so a resumed seeding need not screen again
+    screen_stores: dict[str, EvalCache] = field(default_factory=dict)
     hits: int = 0  # perplexities answered by the cache instead of a forward pass
 
     def __getattr__(self, name: str) -> Any:
@@ -60,16 +63,15 @@ class CachingEvaluator:
         sequential: bool | None = None,
     ) -> float:
         healing = self.evaluator.heal != "none" and not unhealed and bool(removal)
-        if healing and sequential is not None and sequential != self.evaluator.sequential:
-            return self.evaluator.ppl(removal, split, ceiling, cap, unhealed, sequential)  # a screen: not stored
-        store = (self.healed_stores if healing else self.stores).get(split)
+        screen = healing and sequential is not None and sequential != self.evaluator.sequential
+        store = (self.screen_stores if screen else self.healed_stores if healing else self.stores).get(split)
         cached = store.get(removal) if store is not None else None
         if cached is not None:
             self.hits += 1
             return cached
         started, built = time.perf_counter(), self.evaluator.has_prefix(split)
         try:
-            ppl = self.evaluator.ppl(removal, split, ceiling, cap, unhealed)
+            ppl = self.evaluator.ppl(removal, split, ceiling, cap, unhealed, sequential if screen else None)
         finally:
             if store is not None and not built and self.evaluator.has_prefix(split):
                 store.put(Removal(), self.evaluator.prefix(split).base_ppl)  # the unpruned pass, in these numerics
@@ -131,6 +133,7 @@ def with_store(
     numerics = f"{dtype}@{placement_label(evaluator.model)}/b{evaluator.batch_size}"
     splits = evaluator.splits
     healed = f"{numerics}/{heal_key(evaluator)}"
+    screened = f"{numerics}/{heal_key(evaluator, sequential=not evaluator.sequential)}"
 
     def caches(numerics: str) -> dict[str, EvalCache]:
         found = {
@@ -144,7 +147,9 @@ def with_store(
             found[kl_key(split)] = replace(found[split], numerics=f"{numerics}/kl{DEFAULT_TOP_K}")
         return found
 
-    return CachingEvaluator(evaluator, caches(numerics), caches(healed) if evaluator.heal != "none" else {})
+    if evaluator.heal == "none":
+        return CachingEvaluator(evaluator, caches(numerics))
+    return CachingEvaluator(evaluator, caches(numerics), caches(healed), caches(screened))
 
 
 def kl_key(split: str) -> str:
@@ -163,12 +168,13 @@ def placement_label(model: torch.nn.Module) -> str:
     return f"{per_layer[0]}+{hashlib.sha256(','.join(per_layer).encode()).hexdigest()[:8]}"
 
 
-def heal_key(evaluator: Evaluator) -> str:
+def heal_key(evaluator: Evaluator, sequential: bool | None = None) -> str:
     """What a healed figure also depends on: the method, its settings and its fitting windows (short: the
-    store's numerics column is bounded)."""
+    store's numerics column is bounded); `sequential` overrides the evaluator's fit (a screen's key)."""
+    sequential = evaluator.sequential if sequential is None else sequential
     fit = evaluator.splits.fit
     fitted = windows_fingerprint(fit, evaluator.splits.bos_id) if fit is not None else "-"
-    spec = f"{evaluator.heal}:{evaluator.ridge}:{evaluator.sequential}:{fitted}"
-    if evaluator.sequential:  # since the streamed fit: later runs start from fitting states stored in the compute dtype
+    spec = f"{evaluator.heal}:{evaluator.ridge}:{sequential}:{fitted}"
+    if sequential:  # since the streamed fit: later runs start from fitting states stored in the compute dtype
         spec += ":streamed"
     return f"h:{evaluator.heal}:{hashlib.sha256(spec.encode()).hexdigest()[:12]}"

@@ -170,7 +170,8 @@ def healed_scores(evaluator: CachingEvaluator, most: int) -> ScoreFn:
     run, so candidates are screened with every run fitted on the unpruned model (no pass; the study's
     fit itself for a single run) and the `CONFIRMED` best are measured again with the study's fit,
     which picks the stage's set. An evaluation stops once it provably cannot beat the best so far (its
-    score is then the proven lower bound, enough to rank it for the next stage's shortlist)."""
+    score is then the proven lower bound, enough to rank it for the next stage's shortlist). Screens and
+    confirmations are both stored, each under its own fit's key, so a resumed seeding reads them back."""
 
     base: list[float] = []  # the unpruned model on these windows (from the evaluation cache on a redo)
 

@@ -1,6 +1,7 @@
 """The evaluator: perplexity ratios that stop early when provably out, and the caching wrapper."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -79,6 +80,33 @@ def test_the_caching_wrapper_answers_from_the_store_and_records_what_it_measures
     assert second.baseline() == base
     assert second.calib_ratio(Removal.of([2, 3])) == ratio and second.hits == 1
     assert second.n_layers == 6  # everything else is the wrapped evaluator's
+
+
+def test_a_screen_is_cached_under_its_own_fit_and_a_resume_reads_it_back(tmp_path):
+    """Healed greedy screens a sequential study's candidates with every run fitted on the unpruned model:
+    a figure of the other fit, stored under that fit's key (never as the study's), so a resumed seeding
+    answers its screens from the store."""
+
+    def healed_evaluator() -> Evaluator:
+        evaluator = tiny_evaluator()
+        evaluator.splits = replace(evaluator.splits, fit=torch.randint(3, VOCAB, (8, 16)))
+        evaluator.heal, evaluator.max_run = "linear", 6
+        return evaluator
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'e.db'}")
+    two_runs = Removal.of([1, 4])
+    first = with_store(healed_evaluator(), storage, "model", "float32")
+    first.baseline()
+    screened = first.ppl(two_runs, "calib", sequential=False)
+    assert first.healed_stores["calib"].get(two_runs) is None  # not the study's own (sequential) figure
+    assert first.screen_stores["calib"].get(two_runs) == screened
+    study_fit = first.ppl(two_runs, "calib")
+    assert study_fit != screened and first.healed_stores["calib"].get(two_runs) == study_fit
+    second = with_store(healed_evaluator(), storage, "model", "float32")
+    second.evaluator.model = None  # nothing may run a forward pass or a fit now
+    second.evaluator._prefix = {}
+    assert second.ppl(two_runs, "calib", sequential=False) == screened and second.hits == 1
+    assert second.ppl(two_runs, "calib", sequential=True) == study_fit and second.hits == 2  # the study's fit
 
 
 def test_a_study_baseline_is_not_recorded_under_this_runs_numerics_but_a_measured_one_is(tmp_path):
