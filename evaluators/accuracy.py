@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import sys
 import time
@@ -77,7 +78,19 @@ def task_manager(include: Sequence[Path] = (), defaults: bool = True):
     from lm_eval.tasks import TaskManager
 
     quiet_harness()
+    if defaults and not include:
+        return _harness_tasks()
     return TaskManager(include_path=[str(p) for p in include] or None, include_defaults=defaults)
+
+
+@functools.cache
+def _harness_tasks():
+    """The harness's own registry, built once per process: building it parses every task YAML the
+    harness ships (tens of thousands; 20 s on a slow CPU), and they do not change while it runs.
+    A registry is only read after it is built (`load` makes new task objects each time)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=True)
 
 
 def check_names(manager, names: Sequence[str], others: Sequence[str] = ()) -> None:
