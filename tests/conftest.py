@@ -20,6 +20,22 @@ from transformers import PreTrainedTokenizerFast
 WORDS = [f"word{i}" for i in range(90)]
 VOCAB = 128
 
+# `pytest -n auto` (pytest-xdist): one process per core, so each computes on one thread (two workers of
+# two threads each on a 2-core machine would fight over the cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+# Modules whose tests start fleets of worker processes or load the real model: they run one after
+# another on one xdist worker (`--dist loadgroup`), so two of them never share the cores and
+# stretch each other's deadlines, while the other workers take the light tests.
+HEAVY = {"test_store.py", "test_real_model.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in HEAVY:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+
 
 def _config(family: str, layers: int):
     import transformers as tf
