@@ -25,16 +25,18 @@ VOCAB = 128
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-# Modules whose tests start fleets of worker processes or load the real model: they run one after
-# another on one xdist worker (`--dist loadgroup`), so two of them never share the cores and
-# stretch each other's deadlines, while the other workers take the light tests.
-HEAVY = {"test_store.py", "test_real_model.py"}
+# The tests that start fleets of worker processes run one after another on one xdist worker
+# (`--dist loadgroup`: the largest group is handed out first), so two fleets never share the cores
+# and stretch each other's deadlines. The real-model tests, the longest single ones, are collected
+# first of the rest, so the other worker starts on them instead of finishing the run with them.
+FLEETS, REAL_MODEL = "test_store.py", "test_real_model.py"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in HEAVY:
-            item.add_marker(pytest.mark.xdist_group("heavy"))
+        if item.path.name == FLEETS:
+            item.add_marker(pytest.mark.xdist_group("fleets"))
+    items.sort(key=lambda item: item.path.name not in (FLEETS, REAL_MODEL))  # stable: each part keeps its order
 
 
 def _config(family: str, layers: int):
