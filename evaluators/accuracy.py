@@ -86,7 +86,7 @@ def task_manager(include: Sequence[Path] = (), defaults: bool = True):
 @functools.cache
 def _harness_tasks():
     """The harness's own registry, built once per process: building it parses every task YAML the
-    harness ships (tens of thousands; 20 s on a slow CPU), and they do not change while it runs.
+    harness ships (tens of thousands of files), and they do not change while it runs.
     A registry is only read after it is built (`load` makes new task objects each time)."""
     from lm_eval.tasks import TaskManager
 
