@@ -80,7 +80,7 @@ from search.model.removal import Removal
 loaded = load_model(None, {dtype!r}, "cpu", False)
 splits = make_splits(loaded.tokenizer, None, 4096, 4096, 512, {tokens})
 evaluator = Evaluator(loaded.model, splits, torch.zeros(1, 8, dtype=torch.long),
-                      layer_kinds=layer_kinds(loaded.model), heal="linear", max_run=4)
+                      layer_kinds=layer_kinds(loaded.model), heal="linear")
 evaluator.baseline()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()

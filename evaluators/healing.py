@@ -16,8 +16,12 @@ never towards deleting the MLP. Windows: the fitting windows are their own token
 corpus beside the calibration windows and never from the held-out ones.
 
 No token's activations are held in memory beyond one batch: the least-squares problem only needs
-MᵀM and MᵀY, so `collect_fit_stats` sums them batch by batch (float64) for every run a study can
-remove, and fitting a run that the unpruned model leads into is a solve. Runs are fitted in order;
+MᵀM and MᵀY (float64, d² each whatever the number of tokens). `collect_fit_stats` writes the unpruned
+stream and block outputs to scratch files; the sums of a run are taken from them the first time a fit
+needs that run (`add_pairs`: one read of the files, no forward pass), and at most SUMS_BYTES of them are
+kept, least recently used first out. Summing every run a study could remove up front would hold one d²
+matrix per (block, run length): tens of them per block in a sub-layer space, far more than fits a GPU
+at d = 4096. Fitting a run that the unpruned model leads into is then a solve. Runs are fitted in order;
 with `sequential`, each later run is fitted on the model already pruned and healed before it (the
 errors it must correct), which only a pass of that model over the fitting windows shows. That pass
 is progressive: it starts after the previous run, fed the state its fit left (the unpruned stream
@@ -33,7 +37,7 @@ layer boundaries (`blocks=False`: what is summed and kept on disk is what it was
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +57,7 @@ from search.model.surgery import decoder_layers, removal_applied
 
 DEFAULT_RIDGE = 1e-2  # relative to the mean diagonal of M^T M
 CAPTURES = 16  # captures kept per fitting set (on disk, two batches' worth of tensors per fitting batch each)
+SUMS_BYTES = 2 << 30  # unpruned-model sums kept in memory between fits (each run's is summed again from disk)
 
 
 def attention_block(layer: int) -> int:
@@ -221,18 +226,23 @@ class FitStats:
     """What the maps are solved from, over the fitting windows (the held-out windows never enter):
     for the unpruned stack, Σ MᵀM of block p's output (`gram`) and Σ Mᵀ(S_b - S_p+1), S_x the
     residual stream at boundary x (`cross`), in float64, O(d²) each whatever the number of tokens;
-    and, for sequential fits, the stream at every boundary and every block's output a fit can start
-    from, per batch on disk (`states`: keys "s<x>" and "m<p>"), read back one batch at a time: layer
-    boundaries and MLP outputs, and with `blocks` the mid-layer boundaries and attention outputs too."""
+    and the stream at every boundary and every block's output, per batch on disk (`states`: keys "s<x>"
+    and "m<p>"), read back one batch at a time: what those sums are summed from when a fit first needs
+    them, and what sequential fits of later runs start from. Layer boundaries and MLP outputs, and with
+    `blocks` the mid-layer boundaries and attention outputs too.
+    `narrow`: the streams are stored in a narrower dtype than the residual's (bf16 under bf16-mixed), so
+    a run's target S_b - S_p+1, summed again from disk, is the sum of the block outputs between (stored
+    in the dtype they were computed in, every block's), not a difference of two rounded streams."""
 
     windows: torch.Tensor
     bos_id: int | None
     batch_size: int
     tokens: int  # fitted positions over all fitting windows
-    gram: dict[int, torch.Tensor]
-    cross: dict[Pair, torch.Tensor]
+    gram: OrderedDict[int, torch.Tensor]
+    cross: OrderedDict[Pair, torch.Tensor]
     states: Scratch | None = None
     blocks: bool = False
+    narrow: bool = False
     # (ridge, runs before a layer, that layer) -> its capture on the model healed that far: sets sharing those
     # runs (a greedy stage's candidates, a sampler's neighbours) continue from it instead of running again.
     captures: OrderedDict[tuple, _Capture] = field(default_factory=OrderedDict, repr=False)
@@ -271,12 +281,15 @@ def collect_fit_stats(
     layers = decoder_layers(model)
     n = len(layers)
     blocks = blocks or any(p % 2 == 0 or b % 2 for p, b in pairs)
-    stats = FitStats(windows, bos_id, batch_size, 0, {}, {}, Scratch() if keep_states else None, blocks)
     # On disk in the dtype the layers compute in (bf16 under bf16-mixed: half the bytes to write and read
     # back; measured to move healed ratios by at most 0.001), read back into the residual stream's dtype.
     weights = next(model.parameters()).dtype
     stored = mixed_precision(model) or weights
-    every = range(2 * n) if blocks else [mlp_block(i) for i in range(n)]
+    narrow = keep_states and stored != weights
+    stats = FitStats(
+        windows, bos_id, batch_size, 0, OrderedDict(), OrderedDict(), Scratch() if keep_states else None, blocks, narrow
+    )
+    every = range(2 * n) if blocks or narrow else [mlp_block(i) for i in range(n)]
     sources = set(every) if keep_states else {p for p, _ in pairs}
     targets: dict[int, list[int]] = {}  # b -> the p paired with it
     for p, b in sorted(pairs):
@@ -353,13 +366,64 @@ def collect_fit_stats(
 
 
 def add_pairs(model: nn.Module, stats: FitStats, pairs: set[Pair]) -> None:
-    """Sum the statistics of `pairs` the first pass did not (a run longer than it was told to expect)."""
+    """Sum the statistics of `pairs` not summed yet: from the fitting states on disk where the first pass
+    kept them (the same operands the pass would have multiplied), else by another pass of the unpruned
+    model. Those asked for become the most recently used."""
     missing = {pair for pair in pairs if pair not in stats.cross}
-    if missing:
+    if missing and stats.states is None:
         more = collect_fit_stats(model, stats.windows, stats.bos_id, stats.batch_size, missing, False, stats.blocks)
         stats.cross.update(more.cross)
         for p, gram in more.gram.items():
             stats.gram.setdefault(p, gram)
+    elif missing:
+        _sum_from_states(model, stats, missing)
+    for p, b in sorted(pairs):
+        stats.cross.move_to_end((p, b))
+        stats.gram.move_to_end(p)
+
+
+@torch.inference_mode()
+def _sum_from_states(model: nn.Module, stats: FitStats, pairs: set[Pair]) -> None:
+    """Σ MᵀM and Σ Mᵀ(S_b - S_p+1) of `pairs` from the scratch files, batch by batch, under the model's
+    numerics: the products `collect_fit_stats` takes in its pass, on the tensors it wrote (the streams
+    themselves, or with `narrow` the block outputs that make up their difference)."""
+    assert stats.states is not None
+    states, device = stats.states, next(model.parameters()).device
+    residual = next(model.parameters()).dtype
+    grams = {p for p, _ in pairs if p not in stats.gram}
+    for index in range(stats.batches):
+        outputs = {p: states.get(f"m{p}", index, device) for p in sorted({p for p, _ in pairs})}
+        with numerics(model):
+            for p in sorted(grams):
+                _add(stats.gram, p, _product(outputs[p], outputs[p]))
+            for p, b in sorted(pairs):
+                _add(stats.cross, (p, b), _product(outputs[p], _target(stats, p, b, index, device, residual)))
+
+
+def _target(stats: FitStats, p: int, b: int, index: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """S_b - S_p+1 of batch `index` in the residual's dtype: what the blocks p+1..b-1 added to the stream."""
+    assert stats.states is not None
+    read = partial(stats.states.get, index=index, device=device)
+    if not stats.narrow:
+        return read(f"s{b}").to(dtype) - read(f"s{p + 1}").to(dtype)
+    total = read(f"m{p + 1}").to(dtype)
+    for x in range(p + 2, b):
+        total += read(f"m{x}").to(dtype)
+    return total
+
+
+def _trim_sums(stats: FitStats) -> None:
+    """Drop the least recently used sums past SUMS_BYTES (after a fit: none in use is dropped under it);
+    a block's MᵀM goes with the last of its runs."""
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    held = sum(size(t) for t in [*stats.gram.values(), *stats.cross.values()])
+    runs_of = Counter(p for p, _ in stats.cross)
+    while held > SUMS_BYTES and stats.cross:
+        (p, _), cross = stats.cross.popitem(last=False)
+        held -= size(cross)
+        runs_of[p] -= 1
+        if not runs_of[p] and p in stats.gram:
+            held -= size(stats.gram.pop(p))
 
 
 @dataclass
@@ -489,16 +553,18 @@ def fit_healing(
     states on disk after the first run, the previous pass's after later ones)."""
     if not removal.whole_layers_only and sequential and not stats.blocks:
         raise ValueError("runs of lone blocks start mid-layer: collect_fit_stats(blocks=True)")
-    add_pairs(model, stats, run_pairs(removal))
     device, residual = next(model.parameters()).device, next(model.parameters()).dtype
     states = stats.states
     if sequential and states is None:
         raise ValueError("sequential fits need the fitting states (collect_fit_stats(keep_states=True))")
+    found = runs(removed_blocks(removal))
+    # The runs solved from the unpruned model's sums: every one, or sequentially only the first.
+    direct = found if not sequential else found[:1]
+    add_pairs(model, stats, {(first - 1, last + 1) for first, last in direct if first > 0})
     maps: dict[int, torch.Tensor] = {}
     unhealed: list[tuple[int, int]] = []
     state: Callable[[int], torch.Tensor] | None = None  # batch -> the stream after the last run; None: unchanged
     end = 0  # the last block of the previous run
-    found = runs(removed_blocks(removal))
     for number, (first, last) in enumerate(found):
         block, target = first - 1, last + 1  # the kept block before the run, the boundary after it
         if first == 0:
@@ -520,6 +586,7 @@ def fit_healing(
         end = last
     while len(stats.captures) > CAPTURES:  # after the fit: a capture in use is never closed under it
         stats.captures.pop(next(iter(stats.captures))).close()
+    _trim_sums(stats)
     return Healing(maps, tuple(unhealed))
 
 

@@ -20,6 +20,7 @@ from evaluators.data import windows_fingerprint
 from evaluators.divergence import DEFAULT_TOP_K, Divergence
 from search.evaluations import EvalCache, device_label
 from search.evaluator import Evaluator, Fitness, capped_fitness, capped_ratio
+from search.model.numerics import mixed_precision
 from search.model.placement import layer_device
 from search.model.removal import Removal
 from search.model.surgery import decoder_layers
@@ -177,4 +178,6 @@ def heal_key(evaluator: Evaluator, sequential: bool | None = None) -> str:
     spec = f"{evaluator.heal}:{evaluator.ridge}:{sequential}:{fitted}"
     if sequential:  # since the streamed fit: later runs start from fitting states stored in the compute dtype
         spec += ":streamed"
+    if mixed_precision(evaluator.model):  # since sums on demand: summed from the block outputs, in another order
+        spec += ":on-demand"
     return f"h:{evaluator.heal}:{hashlib.sha256(spec.encode()).hexdigest()[:12]}"

@@ -17,13 +17,12 @@ from torch import nn
 
 from evaluators.data import Splits
 from evaluators.divergence import DenseReference, Divergence, bounded_kl, dense_reference, nll_and_kl
-from evaluators.healing import DEFAULT_RIDGE, FitStats, Healing, all_pairs, collect_fit_stats, healed
+from evaluators.healing import DEFAULT_RIDGE, FitStats, Healing, collect_fit_stats, healed
 from evaluators.latency import BlockKinds, Latency, kv_cache_bytes, measure_latencies, reachable_shapes, shape_key
 from evaluators.perplexity import bounded_perplexity, check_cap, target_count
 from evaluators.prefix import PrefixCache, build_prefix_cache
 from search.healing import HEALINGS
 from search.model.removal import Removal
-from search.model.surgery import decoder_layers
 
 if TYPE_CHECKING:
     from search.caching import CachingEvaluator
@@ -45,7 +44,6 @@ class Evaluator:
     heal: str = "none"  # search/healing.py: HEALINGS; what `ppl` measures unless told otherwise
     ridge: float = DEFAULT_RIDGE
     sequential: bool = True
-    max_run: int = 1  # the longest run of removed layers the statistics are summed for up front (the budget's)
     sensitivity_tokens: int = 2048  # the "sensitivity" split: the first calibration tokens, which greedy scores on
     fitness: str = "ppl"  # what the study minimises on calibration: "ppl" (ratio) or "kl" (mean KL from the unpruned)
     confirm_margin: float = 0.0  # --confirm-margin: nats per token (search/confirmation.py); used with `splits.more`
@@ -91,27 +89,21 @@ class Evaluator:
         return self.base_ppl
 
     def healing(self, removal: Removal, sequential: bool | None = None) -> Healing:
-        """The maps that heal `removal` (fitted once per set; the fitting statistics summed on first use);
-        `sequential=False` fits every run on the unpruned model's sums (free: no pass), whatever the study's."""
+        """The maps that heal `removal` (fitted once per set; the fitting states written on first use);
+        `sequential=False` fits every run on the unpruned model's sums (no pass of the model: they come from
+        the fitting states), whatever the study's."""
         sequential = self.sequential if sequential is None else sequential
         key = (removal, sequential)
         if key not in self._healings:
             fit = HEALINGS[self.heal]
             if fit is None:
                 return Healing({})
-            if self._fit is None or (sequential and self._fit.states is None):
+            if self._fit is None:
                 if self.splits.fit is None:
                     raise ValueError("healing needs fitting windows (make_splits(fit_tokens=...))")
-                if self._fit is not None:
-                    self._fit.close()
+                # The fitting states only: each run's sums are taken from them when a fit first needs it.
                 self._fit = collect_fit_stats(
-                    self.model,
-                    self.splits.fit,
-                    self.splits.bos_id,
-                    self.batch_size,
-                    all_pairs(len(decoder_layers(self.model)), self.max_run, self.blocks),
-                    keep_states=sequential or self.sequential,
-                    blocks=self.blocks,
+                    self.model, self.splits.fit, self.splits.bos_id, self.batch_size, set(), True, self.blocks
                 )
             if len(self._healings) >= 64:
                 self._healings.pop(next(iter(self._healings)))

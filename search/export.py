@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 import torch
 
-from evaluators.healing import DEFAULT_RIDGE, collect_fit_stats, fold_permanently, run_pairs
+from evaluators.healing import DEFAULT_RIDGE, collect_fit_stats, fold_permanently
 from evaluators.perplexity import perplexity
 from search.errors import SearchError, first_line
 from search.front import front_report, ranked_ratio
@@ -249,7 +249,8 @@ def _heal(model, tokenizer, record: StudyRecord, removal: Removal) -> dict | Non
     # refitted on the float32 weights that are saved (its verification tolerance covers the difference).
     apply_numerics(model, settings.dtype)
     sequential = settings.heal_fit != "parallel"
-    stats = collect_fit_stats(model, splits.fit, splits.bos_id, 4, run_pairs(removal), sequential, blocks)
+    # As the study fitted: the fitting states, each run's sums taken from them when first needed.
+    stats = collect_fit_stats(model, splits.fit, splits.bos_id, 4, set(), True, blocks)
     try:
         healing = fit(model, stats, removal, DEFAULT_RIDGE, sequential)
     finally:

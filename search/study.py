@@ -177,7 +177,6 @@ def prepare(config: RunConfig) -> tuple[LoadedModel, Evaluator, Budget]:
         max_ppl_ratio=config.max_ppl_ratio,
         heal=config.heal,
         sequential=config.heal_fit == "sequential",
-        max_run=budget.max_layers(),
         sensitivity_tokens=config.sensitivity_tokens,
         fitness=config.objective_fitness,
         confirm_margin=config.confirmation_margin,

@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+import evaluators.healing
 from evaluators.healing import (
     DEFAULT_RIDGE,
     Healing,
+    add_pairs,
     all_pairs,
     collect_fit_stats,
     fit_healing,
@@ -19,6 +21,7 @@ from evaluators.healing import (
     healed,
     output_projection,
     removed_blocks,
+    run_pairs,
     runs,
     solve,
     unreachable_runs,
@@ -27,6 +30,7 @@ from evaluators.perplexity import perplexity
 from evaluators.prefix import build_prefix_cache
 from search.errors import SearchError
 from search.healing import check_healable
+from search.model.numerics import apply_numerics
 from search.model.removal import Removal
 from search.model.surgery import decoder_layers, removal_applied
 from tests.conftest import FAMILIES, VOCAB, tiny_model
@@ -178,7 +182,9 @@ def test_streamed_progressive_fit_equals_the_fit_on_held_activations(family, seq
     model = tiny_model(family, layers=8).double()
     windows = torch.randint(3, VOCAB, (7, 24))
     for blocks, sets in ((False, LAYER_SETS), (True, BLOCK_SETS)):
-        stats = collect_fit_stats(model, windows, None, 3, all_pairs(8, 2, blocks), sequential, blocks)
+        # Sums for no run up front: each is taken when a fit needs it, from the states on disk (as a study
+        # does) or, without them, from another pass of the model.
+        stats = collect_fit_stats(model, windows, None, 3, set(), sequential, blocks)
         try:
             # [2, 3, 5] and [2, 3, 5, 6] continue from the capture [2, 3, 5, 7] left at layer 4 (another target)
             for removal in sets:
@@ -215,14 +221,83 @@ def test_block_statistics_heal_whole_layers_as_layer_statistics_do():
         blocks.close()
 
 
-def test_a_run_longer_than_the_summed_ones_is_summed_on_demand():
+@pytest.mark.parametrize("keep_states", [True, False], ids=["from-states", "from-a-pass"])
+def test_a_run_longer_than_the_summed_ones_is_summed_on_demand(keep_states):
     model = tiny_model("llama", layers=6)
     windows = torch.randint(3, VOCAB, (4, 20))
-    stats = collect_fit_stats(model, windows, None, 4, all_pairs(6, 1), keep_states=True)
+    stats = collect_fit_stats(model, windows, None, 4, all_pairs(6, 1), keep_states=keep_states)
     try:
-        healing = fit_healing(model, stats, Removal.of([1, 2, 3]))  # a run of 3 with sums for runs of 1 only
+        # A run of 3 with sums for runs of 1 only.
+        healing = fit_healing(model, stats, Removal.of([1, 2, 3]), sequential=keep_states)
         full = collect_fit_stats(model, windows, None, 4, all_pairs(6, 3), keep_states=False)
         assert torch.allclose(healing.maps[1], solve(full.gram[1], full.cross[(1, 8)], DEFAULT_RIDGE))
+    finally:
+        stats.close()
+
+
+@pytest.mark.parametrize("family", FOLDABLE)
+@pytest.mark.parametrize("blocks", [False, True], ids=["layers", "blocks"])
+def test_sums_from_the_states_on_disk_are_the_sums_of_the_pass(family, blocks):
+    """What a study fits from (each run's sums read back from the fitting states when first needed) is
+    what summing every run during the pass gave: the same operands, multiplied the same way."""
+    model = tiny_model(family, layers=6)
+    windows = torch.randint(3, VOCAB, (7, 24))
+    pairs = all_pairs(6, 2, blocks)
+    summed = collect_fit_stats(model, windows, None, 3, pairs, keep_states=True, blocks=blocks)
+    lazy = collect_fit_stats(model, windows, None, 3, set(), keep_states=True, blocks=blocks)
+    try:
+        assert not lazy.cross and not lazy.gram
+        add_pairs(model, lazy, pairs)
+        assert set(lazy.cross) == pairs and set(lazy.gram) == set(summed.gram)
+        for key, cross in summed.cross.items():
+            assert torch.allclose(lazy.cross[key], cross, rtol=1e-6, atol=1e-9 * cross.abs().max().item()), key
+        for p, gram in summed.gram.items():
+            assert torch.allclose(lazy.gram[p], gram, rtol=1e-6, atol=1e-9 * gram.abs().max().item()), p
+    finally:
+        summed.close()
+        lazy.close()
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["layers", "blocks"])
+def test_sums_from_bf16_states_are_the_sums_of_the_pass_to_bf16_rounding(blocks):
+    """Under bf16-mixed the streams are stored in bf16, so a run's target is summed from the block outputs
+    between (stored exactly as computed), not taken as a difference of two rounded streams: the sums
+    match the pass's to the rounding of its own bf16 products (a difference of stored streams misses a
+    short run's target by several per cent of it)."""
+    model = tiny_model("llama", layers=8)
+    apply_numerics(model, "bf16-mixed")
+    windows = torch.randint(3, VOCAB, (8, 32))
+    pairs = all_pairs(8, 1, blocks)
+    summed = collect_fit_stats(model, windows, None, 4, pairs, keep_states=True, blocks=blocks)
+    lazy = collect_fit_stats(model, windows, None, 4, set(), keep_states=True, blocks=blocks)
+    try:
+        assert lazy.narrow
+        add_pairs(model, lazy, pairs)
+        assert all(torch.equal(lazy.gram[p], gram) for p, gram in summed.gram.items())
+        for key, cross in summed.cross.items():
+            assert (lazy.cross[key] - cross).norm() < 2**-8 * cross.norm(), key
+    finally:
+        summed.close()
+        lazy.close()
+
+
+def test_the_sums_kept_between_fits_stay_under_their_bound(monkeypatch):
+    """Sums past SUMS_BYTES go, least recently used first, and a fit that needs one again sums it again."""
+    model = tiny_model("llama", layers=6).double()
+    windows = torch.randint(3, VOCAB, (4, 20))
+    one = 32 * 32 * 8  # a d x d float64 sum
+    monkeypatch.setattr(evaluators.healing, "SUMS_BYTES", 4 * one)
+    stats = collect_fit_stats(model, windows, None, 4, set(), keep_states=True, blocks=True)
+    try:
+        # Two runs each (two d x d sums a run: its cross and its gram): room for one set's sums.
+        sets = [Removal.of(attention=[a], mlp=[m]) for a, m in ((1, 3), (2, 4), (3, 5), (1, 3))]
+        first = fit_healing(model, stats, sets[0], sequential=False)
+        for removal in sets[1:]:
+            assert not run_pairs(removal) & set(stats.cross)
+            healing = fit_healing(model, stats, removal, sequential=False)
+            held = sum(t.numel() * t.element_size() for t in [*stats.gram.values(), *stats.cross.values()])
+            assert held <= 4 * one and set(stats.cross) == run_pairs(removal)
+        assert all(torch.equal(healing.maps[k], first.maps[k]) for k in first.maps)  # summed again, the same
     finally:
         stats.close()
 

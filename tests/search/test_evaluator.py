@@ -90,7 +90,7 @@ def test_a_screen_is_cached_under_its_own_fit_and_a_resume_reads_it_back(tmp_pat
     def healed_evaluator() -> Evaluator:
         evaluator = tiny_evaluator()
         evaluator.splits = replace(evaluator.splits, fit=torch.randint(3, VOCAB, (8, 16)))
-        evaluator.heal, evaluator.max_run = "linear", 6
+        evaluator.heal = "linear"
         return evaluator
 
     storage = open_storage(f"sqlite:///{tmp_path / 'e.db'}")
