@@ -15,18 +15,19 @@ The fit is least squares with a ridge on A: it shrinks towards leaving the model
 never towards deleting the MLP. Windows: the fitting windows are their own tokens, taken from the
 corpus beside the calibration windows and never from the held-out ones.
 
-No token's activations are held in memory beyond one batch: the least-squares problem only needs
-MᵀM and MᵀY (float64, d² each whatever the number of tokens). `collect_fit_stats` writes the unpruned
+No token's activations are held in memory beyond one batch: the least-squares problem only needs MᵀM
+and MᵀY (float64, d² each whatever the number of tokens). `collect_fit_stats` writes the unpruned
 stream and block outputs to scratch files; the sums of a run are taken from them the first time a fit
-needs that run (`add_pairs`: one read of the files, no forward pass), and at most SUMS_BYTES of them are
-kept, least recently used first out. Summing every run a study could remove up front would hold one d²
-matrix per (block, run length): tens of them per block in a sub-layer space, far more than fits a GPU
-at d = 4096. Fitting a run that the unpruned model leads into is then a solve. Runs are fitted in order;
-with `sequential`, each later run is fitted on the model already pruned and healed before it (the
-errors it must correct), which only a pass of that model over the fitting windows shows. That pass
-is progressive: it starts after the previous run, fed the state its fit left (the unpruned stream
-plus the previous map's output, read back from scratch files on disk, evaluators/scratch.py), and
-runs only the kept layers up to the next run, not the stack from the first changed layer again.
+needs that run (`add_pairs`: one read of the files, no forward pass), and at most SUMS_BYTES of them
+are kept, least recently used first out, counting those of the passes sequential fits continue from
+(below). Summing every run a study could remove up front would hold one d² matrix per (block, run
+length): tens of them per block in a sub-layer space, far more than fits a GPU at d = 4096. Fitting a
+run that the unpruned model leads into is then a solve. Runs are fitted in order; with `sequential`,
+each later run is fitted on the model already pruned and healed before it (the errors it must correct),
+which only a pass of that model over the fitting windows shows. That pass is progressive: it starts
+after the previous run, fed the state its fit left (the unpruned stream plus the previous map's output,
+read back from scratch files on disk, evaluators/scratch.py), and runs only the kept layers up to the
+next run, not the stack from the first changed layer again.
 
 A run that starts at block 0 has no preceding block and stays unhealed (reported, never faked). A
 family whose block outputs pass through a norm before the residual add cannot fold a map exactly:
@@ -413,10 +414,18 @@ def _target(stats: FitStats, p: int, b: int, index: int, device: torch.device, d
 
 
 def _trim_sums(stats: FitStats) -> None:
-    """Drop the least recently used sums past SUMS_BYTES (after a fit: none in use is dropped under it);
-    a block's MᵀM goes with the last of its runs."""
+    """Drop sums past SUMS_BYTES (after a fit: none in use is dropped under it), each summed again from
+    disk when a fit needs it: first the captures' (least recently used capture first), then the unpruned
+    model's (least recently used run first; a block's MᵀM goes with the last of its runs)."""
     size = lambda t: t.numel() * t.element_size()  # noqa: E731
     held = sum(size(t) for t in [*stats.gram.values(), *stats.cross.values()])
+    held += sum(size(t) for capture in stats.captures.values() for t in capture.sums())
+    for capture in stats.captures.values():
+        if held <= SUMS_BYTES:
+            break
+        held -= sum(size(t) for t in capture.sums())
+        capture.gram = None
+        capture.cross.clear()
     runs_of = Counter(p for p, _ in stats.cross)
     while held > SUMS_BYTES and stats.cross:
         (p, _), cross = stats.cross.popitem(last=False)
@@ -433,8 +442,12 @@ class _Capture:
     block, its map is a solve from here, and the run after it continues from here."""
 
     scratch: Scratch  # "m", "out" per batch
-    gram: torch.Tensor  # Σ M'ᵀM'
+    gram: torch.Tensor | None  # Σ M'ᵀM' (None: dropped under SUMS_BYTES, summed again from "m" when needed)
     cross: dict[int, torch.Tensor]  # boundary b -> Σ M'ᵀ(S_b - out')
+    device: torch.device  # where the block ran (its layer's device), and where its sums are taken
+
+    def sums(self) -> list[torch.Tensor]:
+        return [*([] if self.gram is None else [self.gram]), *self.cross.values()]
 
     def close(self) -> None:
         self.scratch.close()
@@ -477,7 +490,7 @@ def _capture(
     causal_lm: Any = model
     projection, layer_module = output_projection(model, block), decoder_layers(model)[block // 2]
     before = Removal.of([*range(start // 2), *removal.layers], removal.attention, removal.mlp)
-    found = _Capture(Scratch(), torch.zeros(()), {})
+    found = _Capture(Scratch(), None, {}, device)
     gram: torch.Tensor | None = None
     try:
         with removal_applied(model, before):
@@ -505,8 +518,21 @@ def _capture(
         found.close()
         raise
     assert gram is not None, "the fitting windows have at least one batch"
-    found.gram = gram
+    found.gram, found.device = gram, gram.device
     return found
+
+
+def _gram(stats: FitStats, capture: _Capture) -> torch.Tensor:
+    """Σ M'ᵀM' over the fitting windows: kept from the capture's pass, or summed again from its files
+    (the same operands in the same order, so the same sum)."""
+    if capture.gram is None:
+        total: torch.Tensor | None = None
+        for index in range(stats.batches):
+            m = capture.scratch.get("m", index, capture.device)
+            total = _product(m, m) if total is None else total + _product(m, m)
+        capture.gram = total
+    assert capture.gram is not None, "the fitting windows have at least one batch"
+    return capture.gram
 
 
 def _cross(stats: FitStats, capture: _Capture, target: int, device: torch.device) -> torch.Tensor:
@@ -581,7 +607,7 @@ def fit_healing(
             if capture is None:
                 capture = stats.captures[key] = _capture(model, stats, removal, end + 1, state, block)
             stats.captures.move_to_end(key)
-            maps[block] = solve(capture.gram, _cross(stats, capture, target, capture.gram.device), ridge)
+            maps[block] = solve(_gram(stats, capture), _cross(stats, capture, target, capture.device), ridge)
             state = partial(_state, capture.scratch, "out", "m", maps[block], device, residual)
         end = last
     while len(stats.captures) > CAPTURES:  # after the fit: a capture in use is never closed under it

@@ -66,20 +66,20 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
     criterion = CRITERIA[config.criterion]
     most = budget.max_units()
 
-    def scorer(path: str, most: int) -> ScoreFn:
+    def scorer(path: str, most: int, units: Budget) -> ScoreFn:
         def score(removed: Removal, candidates: list[Removal]) -> dict[Removal, float]:
-            stage = len(list(removed.parts())) + 1
+            stage = len(parts(removed, units)) + 1
             return criterion.score(scoring, removed, candidates, f"{path} stage {stage}/{most} ({config.criterion})")
 
         return score
 
-    score = scorer("greedy", most)
+    score = scorer("greedy", most, budget)
     extra = 0
 
     healing = evaluator.heal != "none"
     others: Seeds = []
     if healing:
-        stages = staged_greedy(healed_scores(evaluator, most), budget, shortlist=SHORTLIST)
+        stages = staged_greedy(healed_scores(evaluator, most, budget), budget, shortlist=SHORTLIST)
         # The unhealed path seeds too: greedy-then-healed's sets. Healed greedy can walk past one of them
         # (a set safe to remove unhealed may heal better than the healed path's own next step), and a
         # study that never measures them can lose to that baseline (docs/benchmarks.md, "Healing").
@@ -104,7 +104,10 @@ def greedy_seeds(evaluator: CachingEvaluator, budget: Budget, config: RunConfig)
         return Seeding(stages, [*others, *chosen], extra)
     similar = block_similarity(evaluator.model, windows, evaluator.splits.bos_id, evaluator.batch_size)
     # the path a whole-layer study with the same --heal walks: healed when the study heals
-    layer_score = healed_scores(evaluator, most_layers) if healing else scorer("layer greedy", most_layers)
+    layers = replace(budget, block_params=None)
+    layer_score = (
+        healed_scores(evaluator, most_layers, layers) if healing else scorer("layer greedy", most_layers, layers)
+    )
     layered, layer_stages = layer_seeds(layer_score, budget, chosen)
     extra += 1 + sum(criterion.passes(len(s.scores)) for s in layer_stages)
     return Seeding(stages, [*attention_drop_seeds(similar, budget), *others], extra, layered)
@@ -164,7 +167,7 @@ def attention_drop_seeds(similar: dict[Removal, float], budget: Budget) -> Seeds
     return seeds
 
 
-def healed_scores(evaluator: CachingEvaluator, most: int) -> ScoreFn:
+def healed_scores(evaluator: CachingEvaluator, most: int, units: Budget) -> ScoreFn:
     """Score a stage's candidates by the healed ratio on the first `--sensitivity-tokens` calibration
     tokens, as unhealed greedy scores. A sequential fit costs a pass over the fitting windows per later
     run, so candidates are screened with every run fitted on the unpruned model (no pass; the study's
@@ -189,7 +192,7 @@ def healed_scores(evaluator: CachingEvaluator, most: int) -> ScoreFn:
     def score(removed: Removal, candidates: list[Removal]) -> dict[Removal, float]:
         sets = {unit: removed | unit for unit in candidates}
         screened: dict[Removal, float] = {}
-        bar = tqdm(candidates, desc=f"healed greedy stage {len(list(removed.parts())) + 1}/{most}", leave=False)
+        bar = tqdm(candidates, desc=f"healed greedy stage {len(parts(removed, units)) + 1}/{most}", leave=False)
         for unit in bar:
             screened[unit] = measure(sets[unit], min(screened.values(), default=None), screen=True)
         scores = dict(screened)

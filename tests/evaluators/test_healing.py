@@ -302,6 +302,32 @@ def test_the_sums_kept_between_fits_stay_under_their_bound(monkeypatch):
         stats.close()
 
 
+def test_the_captures_sums_count_towards_the_bound_and_are_summed_again_the_same(monkeypatch):
+    """Sequential fits of later runs keep a capture's MᵀM and MᵀY under SUMS_BYTES as well: dropped after
+    the fit, and summed again from the capture's files to the same bits when a fit reuses the capture."""
+    model = tiny_model("llama", layers=8).double()
+    windows = torch.randint(3, VOCAB, (7, 24))
+    sets = [*LAYER_SETS, *BLOCK_SETS, *LAYER_SETS]  # the second round reuses every capture of the first
+    stats = collect_fit_stats(model, windows, None, 3, set(), True, True)
+    try:
+        expected = [fit_healing(model, stats, removal).maps for removal in sets]
+        assert any(capture.sums() for capture in stats.captures.values())
+    finally:
+        stats.close()
+    monkeypatch.setattr(evaluators.healing, "SUMS_BYTES", 0)
+    stats = collect_fit_stats(model, windows, None, 3, set(), True, True)
+    try:
+        for removal, maps in zip(sets, expected):
+            healing = fit_healing(model, stats, removal)
+            assert healing.maps.keys() == maps.keys()
+            assert all(torch.equal(healing.maps[k], v) for k, v in maps.items())
+            assert not stats.gram and not stats.cross
+            assert not any(capture.sums() for capture in stats.captures.values())
+        assert stats.captures  # kept on disk: only their sums went
+    finally:
+        stats.close()
+
+
 def test_a_run_from_block_0_is_left_unhealed_and_reported():
     model = tiny_model("llama", layers=6)
     stats = collect_fit_stats(model, torch.randint(3, VOCAB, (4, 20)), None, 4, all_pairs(6, 2, True), blocks=True)

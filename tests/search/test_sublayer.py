@@ -260,7 +260,9 @@ def test_a_healed_sublayer_study_exports_its_folded_maps_and_verifies(
 
     paths = []  # the greedy paths scored healed: how many stages each may take
     real = search.seeding.seed.healed_scores
-    monkeypatch.setattr(search.seeding.seed, "healed_scores", lambda ev, most: paths.append(most) or real(ev, most))
+    monkeypatch.setattr(
+        search.seeding.seed, "healed_scores", lambda ev, most, units: paths.append(most) or real(ev, most, units)
+    )
     config = tiny_config(
         tmp_path,
         tiny_model_dir,
