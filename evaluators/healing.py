@@ -58,7 +58,7 @@ from search.model.surgery import decoder_layers, removal_applied
 
 DEFAULT_RIDGE = 1e-2  # relative to the mean diagonal of M^T M
 CAPTURES = 16  # captures kept per fitting set (on disk, two batches' worth of tensors per fitting batch each)
-SUMS_BYTES = 2 << 30  # unpruned-model sums kept in memory between fits (each run's is summed again from disk)
+SUMS_BYTES = 2 << 30  # sums kept in memory between fits, the captures' included (each summed again from disk)
 
 
 def attention_block(layer: int) -> int:

@@ -302,10 +302,16 @@ def test_the_sums_kept_between_fits_stay_under_their_bound(monkeypatch):
         stats.close()
 
 
-def test_the_captures_sums_count_towards_the_bound_and_are_summed_again_the_same(monkeypatch):
+@pytest.mark.parametrize("dtype", ["float64", "bf16-mixed"])
+def test_the_captures_sums_count_towards_the_bound_and_are_summed_again_the_same(monkeypatch, dtype):
     """Sequential fits of later runs keep a capture's MᵀM and MᵀY under SUMS_BYTES as well: dropped after
-    the fit, and summed again from the capture's files to the same bits when a fit reuses the capture."""
-    model = tiny_model("llama", layers=8).double()
+    the fit, and summed again from the capture's files to the same bits when a fit reuses the capture
+    (under bf16-mixed too: the files hold the block outputs as computed)."""
+    model = tiny_model("llama", layers=8)
+    if dtype == "float64":
+        model = model.double()
+    else:
+        apply_numerics(model, dtype)
     windows = torch.randint(3, VOCAB, (7, 24))
     sets = [*LAYER_SETS, *BLOCK_SETS, *LAYER_SETS]  # the second round reuses every capture of the first
     stats = collect_fit_stats(model, windows, None, 3, set(), True, True)
