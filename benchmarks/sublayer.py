@@ -15,8 +15,9 @@ model and corpus (or --model/--dataset), with the Wikipedia sample as the second
    over that many tokens), with its KV-cache ratio measured after that prefill;
 4. the sub-layer front points that remove lone blocks (up to --exports of them), exported, reloaded
    as a user would (`from_pretrained(dir, trust_remote_code=True)`, the study's numerics) and timed
-   round-robin against the unpruned model on the study's latency input: the exported model's
-   latency ratio beside the one the study recorded for its shape.
+   against the unpruned model on the study's latency input by the study's protocol: the exported
+   model's latency ratio beside the one the study recorded for its shape (read into memory with
+   `disable_mmap=True`, as the unpruned model is held, and as mapped from the file by default).
 
 The comparisons are in the JSON: for each whole-layer front point, the sub-layer front point (and,
 separately, any sub-layer trial with a held-out figure) with at least its parameter reduction and
@@ -29,11 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -42,7 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluators.latency import kv_cache_bytes, latency_input, measure_latencies, time_forward  # noqa: E402
+from evaluators.latency import (  # noqa: E402
+    interleaved_timings,
+    kv_cache_bytes,
+    latency_input,
+    measure_latencies,
+    time_forward,
+)
 from search.caching import with_store  # noqa: E402
 from search.export import export_trial  # noqa: E402
 from search.front import front_report  # noqa: E402
@@ -138,11 +143,14 @@ def long_context(config: RunConfig, removals: list[Removal], tokens: int, repeat
 
 
 def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats: int, say) -> list[dict]:
-    """Each point exported, reloaded with its modeling file, and timed round-robin against the unpruned
-    model and against the study's own pruned model (its blocks skipped in memory, as the study times a
-    shape), in one run: warm-up, then `repeats` rounds in an order rotated and reversed each round,
-    medians. The in-memory ratio measured beside the export's tells the machine's noise from a slower
-    export; the study's recorded ratio was timed earlier, in another run."""
+    """Each point exported, reloaded with its modeling file, and timed against the unpruned model beside
+    the study's own pruned model (its blocks skipped in memory, as the study times a shape), in one run
+    and by the study's protocol (evaluators/latency.py: each timing over the unpruned model's either
+    side of it, `repeats` rounds, medians). The in-memory ratio measured beside the export's tells the
+    machine's noise from a slower export; the study's recorded ratio was timed earlier, in another run.
+
+    The export is timed as loaded with `disable_mmap=True`, its weights in process memory like the
+    unpruned model's, and also as `from_pretrained` leaves it by default, mapped from the file."""
     from transformers import AutoModelForCausalLM
 
     study = optuna.load_study(study_name=config.study, storage=config.storage)
@@ -153,27 +161,29 @@ def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats
         out = scratch / f"{config.study}-export-{point['trial']}"
         shutil.rmtree(out, ignore_errors=True)  # a stopped run's export is written again
         report = export_trial(study, point["trial"], out)
-        exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-        apply_numerics(exported, loaded.dtype)
+        # Read into memory as the unpruned model is (converted from its bf16 checkpoint), and as
+        # from_pretrained leaves a float32 checkpoint by default: mapped from the file, slower on a CPU.
+        exported, mapped = (
+            apply_numerics(
+                AutoModelForCausalLM.from_pretrained(
+                    out, trust_remote_code=True, dtype=torch.float32, disable_mmap=disable
+                ).eval(),
+                loaded.dtype,
+            )
+            for disable in (True, False)
+        )
         removal = Removal.parse(point["removal"])
-        variants = [
-            lambda: removal_applied(loaded.model, Removal()),
-            lambda: removal_applied(loaded.model, removal),
-            lambda: nullcontext(exported),
-        ]
 
-        def timed(index: int) -> float:
-            with variants[index]() as model:
-                return time_forward(model, ids)
+        def in_memory(removal: Removal) -> float:
+            with removal_applied(loaded.model, removal):
+                return time_forward(loaded.model, ids)
 
-        times: list[list[float]] = [[], [], []]  # unpruned, pruned in memory, export
-        for index in range(3):
-            timed(index)
-        for round_ in range(repeats):
-            order = [(round_ + i) % 3 for i in range(3)]
-            for index in reversed(order) if round_ % 2 else order:
-                times[index].append(timed(index))
-        base, memory, export = (statistics.median(t) for t in times)
+        _, (memory, export, export_mapped) = interleaved_timings(
+            lambda: in_memory(Removal()),
+            [lambda: in_memory(removal), lambda: time_forward(exported, ids), lambda: time_forward(mapped, ids)],
+            1,
+            repeats,
+        )
         rows.append(
             {
                 "removal": point["removal"],
@@ -181,16 +191,17 @@ def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats
                 "verified": report.ok,
                 "params": report.params,
                 "study_latency_ratio": point["latency_ratio"],
-                "memory_latency_ratio": memory / base,
-                "export_latency_ratio": export / base,
-                "rel_diff": export / base / point["latency_ratio"] - 1,
+                "memory_latency_ratio": memory,
+                "export_latency_ratio": export,
+                "export_mapped_latency_ratio": export_mapped,
+                "rel_diff": export / point["latency_ratio"] - 1,
                 "rel_diff_memory": export / memory - 1,
                 "repeats": repeats,
             }
         )
         say(
-            f"export of {point['removal']}: latency {export / base:.3f} "
-            f"(in memory {memory / base:.3f}, study {point['latency_ratio']:.3f})"
+            f"export of {point['removal']}: latency {export:.3f} "
+            f"(in memory {memory:.3f}, study {point['latency_ratio']:.3f}, memory-mapped {export_mapped:.3f})"
         )
     return rows
 
@@ -286,10 +297,11 @@ def benchmark(budget: float, heal: str, args, scratch: Path, say) -> dict:
         dataset=args.dataset,
         latency_repeats=args.latency_repeats,
         latency_tokens=args.latency_tokens,
-        confirm_tokens=0,  # as the published results were measured
+        confirm_tokens=None if args.confirm else 0,  # 0: as the published tables were measured
     )
     tag = f"b{round(budget * 100)}" + ("" if heal == "none" else f"-{heal}")
     tag += "" if args.latency_tokens == RunConfig().latency_tokens else f"-t{args.latency_tokens}"
+    tag += "-confirm" if args.confirm else ""
     layer = RunConfig(**base, study=f"layer-{tag}", storage=f"sqlite:///{scratch}/layer-{tag}.db")
     sub = RunConfig(
         **base,
@@ -432,6 +444,7 @@ def _checks(block: dict) -> list[str]:
             f"- export of `{e['removal']}` (verified: {e['verified']}): latency {e['export_latency_ratio']:.3f}, "
             f"in memory {e.get('memory_latency_ratio', float('nan')):.3f} beside it, "
             f"study {e['study_latency_ratio']:.3f}"
+            + (f", memory-mapped {e['export_mapped_latency_ratio']:.3f}" if "export_mapped_latency_ratio" in e else "")
         )
     return lines
 
@@ -441,6 +454,12 @@ def main() -> None:
     parser.add_argument("--budgets", default="12%,25%", help="comma-separated budgets (default: 12%%,25%%)")
     parser.add_argument("--heals", default="none,linear", help="comma-separated --heal values (default: none,linear)")
     parser.add_argument("--trials", type=int, default=96, help="trials of each sub-layer study (default: 96)")
+    parser.add_argument(
+        "--confirm",
+        action="store_true",
+        help="studies confirm close calls on more calibration tokens, as `run` does by default (the published "
+        "tables were measured without: --confirm-tokens 0); their stores are named *-confirm",
+    )
     parser.add_argument(
         "--latency-tokens",
         type=int,
@@ -457,7 +476,7 @@ def main() -> None:
         help="with --stores of finished studies: only the timed checks (exports, the long-context check retimed)",
     )
     parser.add_argument(
-        "--check-repeats", type=int, default=15, help="timed rounds of the exports and the retimed check (default: 15)"
+        "--check-repeats", type=int, default=60, help="timed rounds of the exports and the retimed check (default: 60)"
     )
     parser.add_argument(
         "--studies-only",

@@ -1,16 +1,19 @@
 """Measured latency of a pruned model relative to the unpruned one, in the same process.
 
-Protocol: one fixed input; a warm-up pass of every variant; then rounds that time the baseline
-and every variant once each, in an order rotated and reversed from round to round, so slow
-drift of the machine (thermal, other load) hits all variants alike; ratios of medians are
-reported. Removing layers or blocks is a pointer swap (`removal_applied`), so switching variants
+Protocol: one fixed input; a warm-up pass of every variant; then rounds that time every variant
+once each, in an order rotated and reversed from round to round, with the unpruned model timed
+before the first variant and after every one. A variant's ratio is the median over rounds of its
+time over the mean of the two baseline timings either side of it. Why paired: on a shared machine
+the speed of the whole process drifts within a round (a round of 35 shapes takes seconds), so a
+ratio of two medians taken seconds apart carries that drift; a time over the baseline timed next to
+it does not. Removing layers or blocks is a pointer swap (`removal_applied`), so switching variants
 costs nothing measurable, and a removed block is not computed: what is timed is the smaller model.
 
-Given each layer's kind, the medians are then smoothed by a least-squares fit of
-time = fixed part + per-layer cost x kept layers, per kind (the arithmetic is additive in
-layers). On a noisy machine one shape's median can be off by more than a layer's cost (more
-kept layers timed faster than fewer); a mis-ordered table makes the best set of that size look
-dominated and drops it from the front. The raw medians are kept beside the fit.
+Given each layer's kind, the ratios are then smoothed by a least-squares fit of
+ratio = 1 - per-layer cost x layers removed, per kind (the arithmetic is additive in layers, and the
+unpruned model is exactly 1). On a noisy machine one shape's figure can be off by more than a layer's
+cost (more kept layers timed faster than fewer); a mis-ordered table makes the best set of that size
+look dominated and drops it from the front. The raw figures are kept beside the fit.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ from search.model.placement import devices_of
 from search.model.removal import KINDS, Removal
 from search.model.surgery import block_param_counts, layer_param_counts, removal_applied
 
+PROTOCOL = "paired"  # how measure_latencies times (before: "medians", a ratio of two medians)
+
 
 @dataclass(frozen=True)
 class Latency:
     baseline_ms: float
     candidate_ms: float
-    measured_ms: float | None = None  # the candidate's raw median when the figures above are fitted
+    # With the additive fit, candidate_ms above is the fit and these the raw figure (ratio x baseline).
+    measured_ms: float | None = None
     measured_baseline_ms: float | None = None
 
     @property
@@ -141,21 +147,56 @@ def latency_input(windows: torch.Tensor, tokens: int, device: torch.device) -> t
     return flat.view(1, -1).to(device)
 
 
-def fit_additive(counts: Sequence[Sequence[int]], medians: Sequence[float]) -> list[float] | None:
-    """Least-squares `medians` ~ fixed + sum of cost[kind] x counts[kind]; None when that cannot smooth.
+def fit_additive(counts: Sequence[Sequence[int]], ratios: Sequence[float]) -> list[float] | None:
+    """Least-squares `ratios` ~ 1 - sum of cost[kind] x (counts[0][kind] - counts[kind]): row 0 is the
+    unpruned model (ratio 1, exactly); None when that cannot smooth.
 
-    Needs more variants than unknowns and a positive cost for every kind whose count varies.
+    A kind whose cost comes out negative or zero (a layer call with a block skipped costs next to
+    nothing, and noise can put it below zero) is taken to cost nothing and the fit is made again
+    without it. Needs more pruned variants than costs, separable kinds, and at least one cost left.
     """
     x = torch.tensor(counts, dtype=torch.float64).reshape(len(counts), -1)
-    x = x[:, (x != x[:1]).any(dim=0)]  # kinds whose count never changes are part of the fixed time
-    x = torch.cat([torch.ones(len(counts), 1, dtype=torch.float64), x], dim=1)
-    y = torch.tensor(medians, dtype=torch.float64).unsqueeze(1)
-    if len(counts) <= x.shape[1] or int(torch.linalg.matrix_rank(x)) < x.shape[1]:
-        return None
-    coef = torch.linalg.lstsq(x, y).solution.squeeze(1)
-    if (coef[1:] <= 0).any():
-        return None
-    return (x @ coef).tolist()
+    x = (x[:1] - x)[1:]  # of each kind, how many each variant removes
+    y = 1 - torch.tensor(ratios[1:], dtype=torch.float64).unsqueeze(1)
+    kept = [k for k in range(x.shape[1]) if bool((x[:, k] != 0).any())]
+    while kept:
+        xs = x[:, kept]
+        if len(xs) <= xs.shape[1] or int(torch.linalg.matrix_rank(xs)) < xs.shape[1]:
+            return None
+        coef = torch.linalg.lstsq(xs, y).solution.squeeze(1)
+        if (coef > 0).all():
+            return [1.0, *(1 - xs @ coef).tolist()]
+        kept = [k for k, c in zip(kept, coef.tolist()) if c > 0]
+    return None
+
+
+def interleaved_timings(
+    baseline: Callable[[], float], variants: Sequence[Callable[[], float]], warmup: int = 1, repeats: int = 5
+) -> tuple[float, list[float]]:
+    """The baseline's median milliseconds and each variant's ratio to it, paired as the module says:
+    each round times the variants in an order rotated (and reversed every other round) with the
+    baseline before the first and after each."""
+    for _ in range(warmup):
+        baseline()
+        for variant in variants:
+            variant()
+    base_times: list[float] = []
+    ratios: list[list[float]] = [[] for _ in variants]
+    before = baseline()
+    base_times.append(before)
+    for round_ in range(repeats):
+        order = list(range(len(variants)))
+        shift = round_ % len(order) if order else 0
+        order = order[shift:] + order[:shift]
+        if round_ % 2:
+            order.reverse()
+        for index in order:
+            took = variants[index]()
+            after = baseline()
+            base_times.append(after)
+            ratios[index].append(2 * took / (before + after))
+            before = after
+    return statistics.median(base_times), [statistics.median(r) for r in ratios]
 
 
 def measure_latencies(
@@ -167,44 +208,31 @@ def measure_latencies(
     layer_kinds: Sequence[str] = (),
     blocks: BlockKinds = None,
 ) -> list[Latency]:
-    """Median forward time of the unpruned model and of each pruned variant, all timed round-robin.
+    """Each pruned variant's forward time against the unpruned model's, paired and interleaved as the
+    module says. With `layer_kinds` (one per layer), the ratios are replaced by the additive fit where
+    it applies. A variant's milliseconds are its ratio times the baseline's median."""
 
-    Every round times the baseline and every variant once, in an order rotated each round, so
-    drift and bursts of load spread over all variants instead of landing on one. With
-    `layer_kinds` (one per layer), the medians are replaced by the additive fit where it applies.
-    """
-    variants: list[Removal] = [Removal(), *removals]
-    times: list[list[float]] = [[] for _ in variants]
+    def timed(removal: Removal) -> Callable[[], float]:
+        def run() -> float:
+            with removal_applied(model, removal):
+                return time_forward(model, input_ids)
 
-    def timed(index: int) -> float:
-        with removal_applied(model, variants[index]):
-            return time_forward(model, input_ids)
+        return run
 
-    for _ in range(warmup):
-        for index in range(len(variants)):
-            timed(index)
-    for round_ in range(repeats):
-        order = list(range(len(variants)))
-        shift = round_ % len(order)
-        order = order[shift:] + order[:shift]
-        if round_ % 2:
-            order.reverse()
-        for index in order:
-            times[index].append(timed(index))
-    medians = [statistics.median(t) for t in times]
-    kept = [kept_kinds(layer_kinds, v, blocks) for v in variants] if layer_kinds else []
+    base_ms, ratios = interleaved_timings(timed(Removal()), [timed(r) for r in removals], warmup, repeats)
+    kept = [kept_kinds(layer_kinds, v, blocks) for v in [Removal(), *removals]] if layer_kinds else []
     kinds = sorted(set().union(*kept)) if kept else []
     counts = [[c[kind] for kind in kinds] for c in kept]
-    fitted = fit_additive(counts, medians) if kinds else None
+    fitted = fit_additive(counts, [1.0, *ratios]) if kinds else None
     if fitted is None:
-        return [Latency(medians[0], m) for m in medians[1:]]
-    return [Latency(fitted[0], f, m, medians[0]) for f, m in zip(fitted[1:], medians[1:])]
+        return [Latency(base_ms, base_ms * r) for r in ratios]
+    return [Latency(base_ms, base_ms * f, base_ms * r, base_ms) for f, r in zip(fitted[1:], ratios)]
 
 
 def measure_latency(
     model: nn.Module, removal: Removal, input_ids: torch.Tensor, warmup: int = 1, repeats: int = 5
 ) -> Latency:
-    """Median forward time of the unpruned model and of the model without `removal`, interleaved."""
+    """The model without `removal` against the unpruned model, paired and interleaved (no fit)."""
     return measure_latencies(model, [removal], input_ids, warmup, repeats)[0]
 
 

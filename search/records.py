@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from evaluators.accuracy import TaskResult
 from evaluators.data import Splits, make_splits
+from evaluators.latency import PROTOCOL
 from search.errors import SearchError
 from search.model.removal import Removal
 
@@ -72,7 +73,7 @@ class LatencyEntry:
     ratio: float
     ms: float
     baseline_ms: float
-    measured_ms: float | None = None  # with an additive fit, ms above is the fit and these the raw medians
+    measured_ms: float | None = None  # with an additive fit, ms above is the fit and these the raw figures
     measured_baseline_ms: float | None = None
     # How: "together" (every reachable shape in one round-robin, at seeding), "alone" (a trial's new
     # shape against the baseline only), "front" (search/retime.py). Older stores: None.
@@ -91,12 +92,14 @@ class Retiming:
     """The front's shapes timed again side by side at the end of a run (search/retime.py): each
     retimed set's latency ratio by its removal key, the timed rounds, how many finished trials the
     study had then, and held-out figures of sets that came onto a front only with the new figures
-    (a trial measures held-out when it finishes on a front, and a finished trial cannot be changed)."""
+    (a trial measures held-out when it finishes on a front, and a finished trial cannot be changed),
+    and the protocol it was timed with (evaluators/latency.py; stores retimed before pairing: "medians")."""
 
     rounds: int
     ratios: dict[str, float]
     trials: int = 0
     held_out: dict[str, dict[str, float]] = field(default_factory=dict)
+    protocol: str = "medians"
 
     def ratio(self, trial: optuna.trial.FrozenTrial) -> float:
         """The trial's latency ratio: the retimed figure of its set, else what the trial recorded."""
@@ -296,7 +299,9 @@ def needs_retiming(study: optuna.Study) -> bool:
     if not alone:
         return False
     retiming = read_retiming(study)
-    return retiming is None or retiming.trials < len(study.get_trials(deepcopy=False, states=COMPLETE))
+    if retiming is None or retiming.protocol != PROTOCOL:  # a retiming of before pairing is redone
+        return True
+    return retiming.trials < len(study.get_trials(deepcopy=False, states=COMPLETE))
 
 
 # --- trials --------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ its own minutes of the machine's life. Two such figures a few per cent apart are
 model exported later, timed beside its in-memory twin, can disagree with the figure the study recorded
 for its shape by more than the shapes differ. So when a run ends, every front shape timed that way is
 timed again, all together round-robin with the baseline (the seeding table's protocol), and those
-figures are what the shape table, the front, `show` and `export` report from then on.
+figures are what the shape table, the front, `show` and `export` report from then on. That protocol
+pairs each timing with the baseline timed next to it (evaluators/latency.py); a store retimed before
+it did is retimed by its next run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import replace
 
 import optuna
 
-from evaluators.latency import Latency
+from evaluators.latency import PROTOCOL, Latency
 from search.caching import CachingEvaluator
 from search.front import fastest_front, smallest_front
 from search.model.removal import Removal
@@ -75,7 +77,9 @@ def retime_front(study: optuna.Study, evaluator: CachingEvaluator) -> Retiming |
     trials = [t for t in study.get_trials(deepcopy=False, states=COMPLETE) if t.values]
     shapes = front_shapes(study, evaluator, previous)
     timed: dict[str, Latency] = {}
-    retiming = Retiming(evaluator.latency_repeats, dict(previous.ratios) if previous else {}, len(trials))
+    retiming = Retiming(
+        evaluator.latency_repeats, dict(previous.ratios) if previous else {}, len(trials), protocol=PROTOCOL
+    )
     for attempt in range(PASSES if shapes else 0):
         log.info("timing the front's %d shapes again, side by side (%d rounds)", len(shapes), evaluator.latency_repeats)
         timed = dict(zip(shapes, evaluator.latencies(list(shapes.values()))))
@@ -85,7 +89,7 @@ def retime_front(study: optuna.Study, evaluator: CachingEvaluator) -> Retiming |
             latency = timed.get(evaluator.shape(removal))
             if latency is not None:
                 ratios[removal_key(removal)] = latency.ratio
-        retiming = Retiming(evaluator.latency_repeats, ratios, len(trials))
+        retiming = Retiming(evaluator.latency_repeats, ratios, len(trials), protocol=PROTOCOL)
         joined = {shape: r for shape, r in front_shapes(study, evaluator, retiming).items() if shape not in timed}
         if not joined or attempt == PASSES - 1:
             break

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from evaluators.latency import (
+    PROTOCOL,
     Latency,
     block_kinds,
     kv_cache_bytes,
@@ -46,6 +47,7 @@ from search.records import (
     StudyRecord,
     TrialRecord,
     calib_ppl_ratio,
+    needs_retiming,
     read_latency,
     read_retiming,
     write_retiming,
@@ -448,6 +450,11 @@ def test_front_shapes_timed_one_at_a_time_are_timed_again_side_by_side(tmp_path,
     assert read_retiming(again).trials == len(again.get_trials(states=COMPLETE)) and read_retiming(again).ratios
     # Every front point carries a held-out figure, also one the new figures brought onto the front.
     assert all(p["test_ppl_ratio"] is not None for p in front_report(again)["front"])
+    # A store retimed before pairing (it records no protocol): the same command times its front again, paired.
+    stored = {k: v for k, v in again.user_attrs["retimed_front"].items() if k != "protocol"}
+    again.set_user_attr("retimed_front", stored)
+    assert read_retiming(again).protocol == "medians" and needs_retiming(again)
+    assert read_retiming(run(replace(config, trials=10))).protocol == PROTOCOL
 
 
 def test_which_latency_entries_were_timed_alone():
