@@ -62,8 +62,14 @@ def medians_protocol(model, removals, ids, repeats, kinds, blocks) -> tuple[list
     names = sorted(set().union(*kept))
     x = torch.tensor([[c[k] for k in names] for c in kept], dtype=torch.float64)
     x = torch.cat([torch.ones(len(x), 1, dtype=torch.float64), x[:, (x != x[:1]).any(dim=0)]], dim=1)
-    fit = (x @ torch.linalg.lstsq(x, torch.tensor(medians, dtype=torch.float64).unsqueeze(1)).solution).squeeze(1)
-    return [m / medians[0] for m in medians[1:]], [f / float(fit[0]) for f in fit[1:].tolist()]
+    raw = [m / medians[0] for m in medians[1:]]
+    if len(x) <= x.shape[1] or int(torch.linalg.matrix_rank(x)) < x.shape[1]:
+        return raw, raw  # as studies did then: raw medians where the fit could not smooth
+    coef = torch.linalg.lstsq(x, torch.tensor(medians, dtype=torch.float64).unsqueeze(1)).solution
+    if (coef[1:] <= 0).any():
+        return raw, raw
+    fit = (x @ coef).squeeze(1)
+    return raw, [f / float(fit[0]) for f in fit[1:].tolist()]
 
 
 def draw_shapes(evaluator, budget, count: int, seed: int) -> list[Removal]:

@@ -170,7 +170,7 @@ def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats
                 ).eval(),
                 loaded.dtype,
             )
-            for disable in (True, False)
+            for disable in (True, None)  # None: from_pretrained's default
         )
         removal = Removal.parse(point["removal"])
 

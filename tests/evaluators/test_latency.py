@@ -58,6 +58,10 @@ def test_additive_fit_takes_a_kind_that_noise_makes_cheaper_than_free_as_free():
     assert fitted is not None
     by_a = {a: f for (a, _), f in zip(counts, fitted)}
     assert fitted[1] == pytest.approx(fitted[5])  # the cost is a's alone: same a, same figure
+    # Fitted again on a alone (least squares through the unpruned model), not a's first cost kept as it was.
+    removed_a = [10 - a for a, _ in counts[1:]]
+    cost = sum(r * (1 - y) for r, y in zip(removed_a, ratios[1:])) / sum(r * r for r in removed_a)
+    assert fitted[1:] == pytest.approx([1 - cost * r for r in removed_a]) and cost != pytest.approx(0.01)
     assert all(by_a[a] > by_a[a - 1] for a in (10, 9, 8, 7))
 
 
@@ -66,7 +70,7 @@ def test_additive_fit_declines_what_it_cannot_smooth():
 
     assert fit_additive([[30], [29]], [1.0, 68 / 70]) is None  # as many unknowns as variants
     assert fit_additive([[30], [29], [28]], [1.0, 65 / 60, 70 / 60]) is None  # removing layers made it slower
-    assert fit_additive([[3, 1], [2, 2], [1, 3]], [1.0, 1.0, 1.0]) is None  # kinds not separable
+    assert fit_additive([[4, 4], [3, 3], [2, 2], [1, 1]], [1.0, 0.9, 0.8, 0.7]) is None  # kinds not separable
 
 
 def test_pairing_with_the_baseline_cancels_drift():
