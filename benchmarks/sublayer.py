@@ -21,8 +21,8 @@ model and corpus (or --model/--dataset), with the Wikipedia sample as the second
 
 The comparisons are in the JSON: for each whole-layer front point, the sub-layer front point (and,
 separately, any sub-layer trial with a held-out figure) with at least its parameter reduction and
-the best calibration ratio; for each block-method point, the same against the sub-layer front and
-trials.
+the best calibration ratio as the study ranks it (with --confirm, on the calibration and confirmation
+tokens together); for each block-method point, the same against the sub-layer front and trials.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from evaluators.latency import (  # noqa: E402
 )
 from search.caching import with_store  # noqa: E402
 from search.export import export_trial  # noqa: E402
-from search.front import front_report  # noqa: E402
+from search.front import front_report, ranked_ratio  # noqa: E402
 from search.methods import choose, measure  # noqa: E402
 from search.model.numerics import apply_numerics  # noqa: E402
 from search.model.removal import Removal  # noqa: E402
@@ -93,6 +93,8 @@ def study_points(config: RunConfig, say) -> tuple[list[dict], dict]:
             "removal": TrialRecord.of(t).removal.key,
             "params_reduction": TrialRecord.of(t).params_reduction,
             "ppl_ratio": calib_ppl_ratio(t),  # a KL study's objective is KL: compared by perplexity as the fronts
+            # what a confirming study ranks it by (search/front.py ranked_ratio); absent where it does not
+            **({"confirmed_ppl_ratio": ratio} if (ratio := TrialRecord.of(t).confirmed_ppl_ratio) else {}),
             "latency_ratio": latency_ratio(t, retiming),
             "test_ppl_ratio": TrialRecord.of(t).test_ppl_ratio,
         }
@@ -206,16 +208,17 @@ def export_latency(config: RunConfig, points: list[dict], scratch: Path, repeats
     return rows
 
 
-def best_covering(point: dict, candidates: list[dict], calib_key: str) -> dict | None:
-    """The candidate with at least `point`'s parameter reduction and the best calibration ratio."""
+def best_covering(point: dict, candidates: list[dict]) -> dict | None:
+    """The candidate with at least `point`'s parameter reduction and the best calibration ratio, as its
+    study ranks it: on the calibration and confirmation tokens where the study confirms."""
     found = [c for c in candidates if c["params_reduction"] >= point["params_reduction"] - 1e-12]
-    return min(found, key=lambda c: c["ppl_ratio"]) if found else None
+    return min(found, key=ranked_ratio) if found else None
 
 
 def compare(rows: list[dict], against: list[dict], calib_key: str) -> list[dict]:
     out = []
     for point in rows:
-        match = best_covering(point, against, calib_key)
+        match = best_covering(point, against)
         out.append(
             {
                 "point": point["removal"],
@@ -224,6 +227,7 @@ def compare(rows: list[dict], against: list[dict], calib_key: str) -> list[dict]
                 "test": point["test_ppl_ratio"],
                 "match": match and match["removal"],
                 "match_calib": match and match["ppl_ratio"],
+                "match_confirmed": match and match.get("confirmed_ppl_ratio"),
                 "match_test": match and match["test_ppl_ratio"],
                 "test_gain": match and point["test_ppl_ratio"] / match["test_ppl_ratio"] - 1,
             }
